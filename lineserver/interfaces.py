@@ -83,6 +83,13 @@ class IConnection(Interface):
         Send one C{ERR <code> [detail]} line and close the connection.
         """
 
+    def producer(reason: str) -> object:
+        """
+        @return: an IPushProducer whose pause stops reading from this
+            connection for C{reason} (and whose resume releases only that
+            reason), to register with whatever this connection feeds.
+        """
+
 
 class ILineHandler(Interface):
     """

@@ -1,0 +1,70 @@
+"""lineserver: a supervised, flow-controlled line server on Twisted.
+
+The public API, for embedding the server in another Twisted application;
+see docs/embedding.md.
+"""
+
+from lineserver.connections import ConnectionRegistry
+from lineserver.errors import ErrorCode, error_line
+from lineserver.flow import PauseGate, SinkQueue
+from lineserver.framing import Frames, LineFramer, LineTooLong
+from lineserver.handlers import (
+    EchoHandler,
+    EchoHandlerFactory,
+    LineFailed,
+    PerLineHandler,
+    SinkHandler,
+    SinkHandlerFactory,
+)
+from lineserver.interfaces import (
+    IConnection,
+    ILineHandler,
+    ILineHandlerFactory,
+    ISink,
+    ISinkFactory,
+    ISupervisor,
+)
+from lineserver.listener import ListenerService
+from lineserver.protocol import LineFactory, LineProtocol, ProtocolSettings
+from lineserver.server import DEFAULT_PORT, LineServer, ServerConfig
+from lineserver.sink_service import SinkService
+from lineserver.sinks import SinkURL, SinkURLError, sink_factory_from_url
+from lineserver.stats import Stats
+from lineserver.supervisor import ChildSpec, Supervisor
+
+__all__ = [
+    "DEFAULT_PORT",
+    "ChildSpec",
+    "ConnectionRegistry",
+    "EchoHandler",
+    "EchoHandlerFactory",
+    "ErrorCode",
+    "Frames",
+    "IConnection",
+    "ILineHandler",
+    "ILineHandlerFactory",
+    "ISink",
+    "ISinkFactory",
+    "ISupervisor",
+    "LineFactory",
+    "LineFailed",
+    "LineFramer",
+    "LineProtocol",
+    "LineServer",
+    "LineTooLong",
+    "ListenerService",
+    "PauseGate",
+    "PerLineHandler",
+    "ProtocolSettings",
+    "ServerConfig",
+    "SinkHandler",
+    "SinkHandlerFactory",
+    "SinkQueue",
+    "SinkService",
+    "SinkURL",
+    "SinkURLError",
+    "Stats",
+    "Supervisor",
+    "error_line",
+    "sink_factory_from_url",
+]

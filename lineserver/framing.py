@@ -1,0 +1,153 @@
+"""Pure line framing: bytes in, complete lines (or one error) out.
+
+No sockets, no reactor: the rules of the protocol live here so that they can
+be tested exhaustively.  The framer works on whole reads: one C{feed} call
+finds every complete line of the read with C-level C{bytes} operations, so
+the per-line cost in Python is nil.
+
+Rules:
+  - A line ends with LF.  One CR right before the LF is part of the
+    terminator and is stripped; a CR anywhere else is data.
+  - A line's length is counted without its terminator; a line of exactly
+    C{max_line_length} bytes is accepted, one byte more is an error.
+  - A partial line is an error as soon as it passes the limit by more than
+    the one byte a pending CR may need, before its terminator arrives, so
+    memory stays near the limit.
+  - Bytes are never decoded: NUL, invalid UTF-8 and binary junk are data.
+  - After an error the framer is spent: a client that broke the limit is
+    disconnected, and nothing it sends afterwards is framed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LF = b"\n"
+CR = b"\r"
+CRLF = b"\r\n"
+
+_NOTHING: list[bytes] = []
+
+
+class LineTooLong(Exception):
+    """
+    A line (complete or still arriving) is longer than the limit.
+    """
+
+    def __init__(self, length: int, limit: int) -> None:
+        super().__init__(f"line of {length}+ bytes exceeds the limit of {limit}")
+        self.length = length
+        self.limit = limit
+
+
+@dataclass(frozen=True, slots=True)
+class Frames:
+    """
+    What one read produced.
+
+    @ivar lines: the complete lines, terminators stripped.
+    @ivar raw: the same complete lines exactly as received, terminators
+        included (echo replies with these bytes).
+    @ivar error: the reason the framer stopped, or None.
+    """
+
+    lines: list[bytes]
+    raw: bytes
+    error: LineTooLong | None = None
+
+
+EMPTY = Frames(_NOTHING, b"")
+
+
+class LineFramer:
+    """
+    Incremental framer for one connection.
+
+    The unterminated tail is kept as a list of chunks, joined only when its
+    terminator arrives, so a long line that trickles in costs linear time
+    rather than the quadratic append-then-split of C{LineReceiver}.
+    """
+
+    __slots__ = ("_chunks", "_failed", "_pending", "max_line_length")
+
+    def __init__(self, max_line_length: int) -> None:
+        if max_line_length < 1:
+            raise ValueError("max_line_length must be at least 1")
+        self.max_line_length = max_line_length
+        self._chunks: list[bytes] = []
+        self._pending = 0
+        self._failed = False
+
+    @property
+    def pending(self) -> int:
+        """
+        The number of bytes of the unterminated tail.
+        """
+        return self._pending
+
+    @property
+    def tail(self) -> bytes:
+        """
+        The unterminated tail itself (for diagnostics; this joins chunks).
+        """
+        return b"".join(self._chunks)
+
+    def feed(self, data: bytes) -> Frames:
+        """
+        Add one read's bytes.
+
+        @return: the lines that this read completed and, if a line broke the
+            limit, the error; lines before the offending one are returned too.
+        """
+        if self._failed:
+            return EMPTY
+        end = data.rfind(LF)
+        if end < 0:
+            return self._hold(data)
+        if self._chunks:
+            self._chunks.append(data[: end + 1])
+            head = b"".join(self._chunks)
+        else:
+            head = data[: end + 1] if end + 1 < len(data) else data
+        rest = data[end + 1 :]
+        self._chunks = [rest] if rest else []
+        self._pending = len(rest)
+
+        lines = (head.replace(CRLF, LF) if CR in head else head).split(LF)
+        lines.pop()
+        limit = self.max_line_length
+        if max(map(len, lines)) > limit:
+            return self._cut(head, lines)
+        if self._pending > limit + 1:
+            # A further line, still unterminated, is over the limit already.
+            self._fail()
+            return Frames(lines, head, LineTooLong(len(rest), limit))
+        return Frames(lines, head)
+
+    def _hold(self, data: bytes) -> Frames:
+        if not data:
+            return EMPTY
+        self._chunks.append(data)
+        self._pending += len(data)
+        if self._pending > self.max_line_length + 1:
+            length = self._pending
+            self._fail()
+            return Frames(_NOTHING, b"", LineTooLong(length, self.max_line_length))
+        return EMPTY
+
+    def _cut(self, head: bytes, lines: list[bytes]) -> Frames:
+        """
+        Keep the lines before the first over-long one; the error path only.
+        """
+        limit = self.max_line_length
+        bad = next(i for i, line in enumerate(lines) if len(line) > limit)
+        offset = 0
+        for _ in range(bad):
+            offset = head.index(LF, offset) + 1
+        self._fail()
+        return Frames(lines[:bad], head[:offset], LineTooLong(len(lines[bad]), limit))
+
+    def _fail(self) -> None:
+        self._failed = True
+        self._chunks = []
+        self._pending = 0

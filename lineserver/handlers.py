@@ -1,0 +1,125 @@
+"""Line handlers: what a connection does with its complete lines.
+
+A handler is per connection and is built by a handler factory, so that a
+handler that fails can be replaced by a fresh one (as the Elixir sink
+recreated its crashed Buffer process) while the connection goes on.
+"""
+
+from __future__ import annotations
+
+from typing_extensions import override
+from zope.interface import implementer
+
+from lineserver.flow import SinkQueue
+from lineserver.interfaces import IConnection, ILineHandler, ILineHandlerFactory
+
+
+class LineFailed(Exception):
+    """
+    Raised by a handler to say which line of a batch failed.
+
+    The lines before C{index} were handled; the one at C{index} is counted
+    as failed; the ones after it are handed to a fresh handler.
+    """
+
+    def __init__(self, index: int, reason: BaseException) -> None:
+        super().__init__(f"line {index} of the batch failed: {reason!r}")
+        self.index = index
+        self.reason = reason
+
+
+@implementer(ILineHandler)
+class EchoHandler:
+    """
+    Write every line back exactly as it came, terminator included.
+
+    The reply is one write of the read's raw bytes; the transport's
+    producer registration pauses reading when the client does not read.
+    """
+
+    __slots__ = ("_connection",)
+
+    def __init__(self, connection: IConnection) -> None:
+        self._connection = connection
+
+    def lines_received(self, lines: list[bytes], raw: bytes) -> None:
+        self._connection.write(raw)
+
+    def connection_lost(self) -> None:
+        pass
+
+
+@implementer(ILineHandler)
+class SinkHandler:
+    """
+    Hand every batch of lines to the sink queue, unchanged.
+
+    The connection registers with the queue as a producer, so a full queue
+    pauses it.
+    """
+
+    __slots__ = ("_producer", "_queue")
+
+    def __init__(self, connection: IConnection, queue: SinkQueue) -> None:
+        self._queue = queue
+        self._producer = connection.producer("sink")
+        queue.register(self._producer)  # type: ignore[arg-type]
+
+    def lines_received(self, lines: list[bytes], raw: bytes) -> None:
+        self._queue.put(lines, len(raw))
+
+    def connection_lost(self) -> None:
+        self._queue.unregister(self._producer)  # type: ignore[arg-type]
+
+
+class PerLineHandler:
+    """
+    A base for handlers that want one call per line, like C{lineReceived}.
+
+    Subclasses implement L{line_received}; a line that raises is reported as
+    L{LineFailed} so that only that line is counted as failed.
+    """
+
+    def line_received(self, line: bytes) -> None:
+        raise NotImplementedError
+
+    def lines_received(self, lines: list[bytes], raw: bytes) -> None:
+        for index, line in enumerate(lines):
+            try:
+                self.line_received(line)
+            except Exception as error:
+                raise LineFailed(index, error) from error
+
+    def connection_lost(self) -> None:
+        pass
+
+
+@implementer(ILineHandlerFactory)
+class EchoHandlerFactory:
+    """
+    Builds an L{EchoHandler} per connection (C{--mode echo}).
+    """
+
+    def __call__(self, connection: IConnection) -> ILineHandler:
+        return EchoHandler(connection)
+
+    @override
+    def __repr__(self) -> str:
+        return "echo"
+
+
+@implementer(ILineHandlerFactory)
+class SinkHandlerFactory:
+    """
+    Builds a L{SinkHandler} per connection, all feeding one queue.
+    """
+
+    def __init__(self, queue: SinkQueue) -> None:
+        self.queue = queue
+
+    def __call__(self, connection: IConnection) -> ILineHandler:
+        return SinkHandler(connection, self.queue)
+
+    @override
+    def __repr__(self) -> str:
+        return "sink"

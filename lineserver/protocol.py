@@ -1,0 +1,336 @@
+"""LineProtocol, the per-connection protocol, and the factory that makes it.
+
+LineProtocol is a C{LineReceiver}: it keeps C{sendLine}, C{MAX_LENGTH},
+C{lineLengthExceeded}, C{pauseProducing} at a line boundary and
+C{lineReceived} for subclasses that want single lines.  Its hot path does
+not call C{lineReceived} per line, though: each read goes through the pure
+L{LineFramer} at once and the whole batch goes to the handler in one call.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from typing_extensions import override
+from zope.interface import implementer
+
+from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import ServerFactory
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
+
+from lineserver.errors import ErrorCode, error_line
+from lineserver.flow import PauseGate
+from lineserver.framing import LF, LineFramer
+from lineserver.handlers import LineFailed
+from lineserver.interfaces import IConnection, ILineHandler, ILineHandlerFactory
+from lineserver.stats import Stats
+
+if TYPE_CHECKING:
+    from lineserver.connections import ConnectionRegistry
+
+log = Logger(namespace="lineserver.protocol")
+
+
+@dataclass(frozen=True)
+class ProtocolSettings:
+    """
+    Per-connection limits.
+
+    @ivar max_line_length: longest line in bytes, terminator not counted.
+    @ivar idle_timeout: seconds without any byte before C{ERR idle-timeout},
+        or None for no limit.
+    @ivar line_timeout: seconds a line may stay incomplete before
+        C{ERR line-timeout} (slowloris), or None for no limit.
+    @ivar close_timeout: seconds a closing connection may take to flush its
+        last bytes before it is aborted (a peer that does not read would
+        otherwise keep it forever).
+    """
+
+    max_line_length: int = 65536
+    idle_timeout: float | None = None
+    line_timeout: float | None = None
+    close_timeout: float = 5.0
+
+
+def describe_address(address: IAddress) -> str:
+    """
+    @return: C{host:port} for IP addresses, else the address's own text.
+    """
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is not None and port is not None:
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    name = getattr(address, "name", None)
+    if name is not None:
+        return f"unix:{name!r}" if isinstance(name, bytes) else f"unix:{name}"
+    return str(address)
+
+
+def _after_lines(raw: bytes, count: int) -> bytes:
+    """
+    @return: C{raw} without its first C{count} lines.
+    """
+    offset = 0
+    for _ in range(count):
+        offset = raw.index(LF, offset) + 1
+    return raw[offset:]
+
+
+@implementer(IConnection)
+class LineProtocol(LineReceiver):
+    """
+    One client connection.
+
+    @ivar handler: the current handler; replaced if it raises.
+    @ivar gate: the pause gate in front of the transport's reading.
+    """
+
+    delimiter = LF
+    factory: LineFactory
+
+    def __init__(self, factory: LineFactory, peer: IAddress, number: int) -> None:
+        self.factory = factory
+        self.peer = peer
+        self.number = number
+        self.identity = f"#{number} {describe_address(peer)}"
+        self.tls_subject: str | None = None
+        self.MAX_LENGTH = factory.settings.max_line_length
+        self._framer = LineFramer(self.MAX_LENGTH)
+        self._stats = factory.stats
+        self._per_line = type(self).lineReceived is not LineProtocol.lineReceived
+        self._held: list[bytes] = []
+        self._closing = False
+        self._abort_call: IDelayedCall | None = None
+        self.handler: ILineHandler | None = None
+        self.gate = PauseGate(self._pause_transport, self._resume_transport)
+
+    @override
+    def __repr__(self) -> str:
+        return f"<LineProtocol {self.identity}>"
+
+    # -- Twisted's protocol contract ------------------------------------
+
+    @override
+    def connectionMade(self) -> None:
+        self.transport.registerProducer(self.gate.producer("output"), True)
+        self.factory.registry.admit(self)
+
+    def start_serving(self) -> None:
+        """
+        The registry admitted this connection: build its handler.
+        """
+        self.handler = self.factory.handler_factory(self)
+
+    @override
+    def dataReceived(self, data: bytes) -> None:
+        frames = self._framer.feed(data)
+        if frames.lines:
+            lines = frames.lines
+            self._stats.incr("lines.received", len(lines))
+            if self._per_line or self._held:
+                self._deliver_each(lines)
+            else:
+                self._deliver(lines, frames.raw)
+        if frames.error is not None:
+            self._stats.incr("lines.too_long")
+            self.lineLengthExceeded(b"")
+
+    @override
+    def lineReceived(self, line: bytes) -> None:
+        """
+        Hand one line to the handler; subclasses may override this to take
+        lines one at a time, as with any C{LineReceiver}.
+        """
+        self._deliver([line], line + LF)
+
+    @override
+    def lineLengthExceeded(self, line: bytes) -> None:
+        """
+        A line broke C{MAX_LENGTH}: say so and close (lines before it were
+        delivered already).  C{line} is empty: the framer keeps only length.
+        """
+        log.info(
+            "closing {conn}: line longer than {limit} bytes",
+            conn=self.identity,
+            limit=self.MAX_LENGTH,
+        )
+        self.send_error(ErrorCode.LINE_TOO_LONG, f"limit {self.MAX_LENGTH}")
+
+    @override
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
+        self._abort_call = None
+        if self._framer.pending:
+            self._stats.incr("lines.partial_discarded")
+            log.debug(
+                "{conn} closed with {n} bytes of an unterminated line; "
+                "discarded (a line is accepted only with its terminator)",
+                conn=self.identity,
+                n=self._framer.pending,
+            )
+        if self.handler is not None:
+            try:
+                self.handler.connection_lost()
+            except Exception:
+                log.failure("handler of {conn} failed on close", conn=self.identity)
+        self.factory.registry.remove(self)
+
+    # -- LineReceiver's producer contract: pause at a line boundary ------
+
+    @override
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self.gate.hold("protocol")
+
+    @override
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.gate.release("protocol")
+        if self._held:
+            self._deliver_each([])
+
+    @override
+    def stopProducing(self) -> None:
+        self.paused = True
+        self.transport.stopProducing()
+
+    # -- IConnection -------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def producer(self, reason: str) -> IPushProducer:
+        return self.gate.producer(reason)
+
+    def send_error(self, code: ErrorCode | str, detail: str = "") -> None:
+        """
+        Send one C{ERR} line, stop reading, and close; abort if the peer
+        does not take the last bytes within the close timeout.
+        """
+        if self._closing:
+            return
+        self._closing = True
+        code_text = code.value if isinstance(code, ErrorCode) else code
+        self._stats.incr(f"errors.{code_text}")
+        self.gate.hold("closing")
+        self.sendLine(error_line(code, detail))
+        self.close()
+
+    def close(self) -> None:
+        """
+        Close after the pending output; abort after the close timeout.
+        """
+        self._closing = True
+        self.transport.loseConnection()
+        if self._abort_call is None:
+            self._abort_call = self.factory.clock.callLater(
+                self.factory.settings.close_timeout, self._abort
+            )
+
+    def _abort(self) -> None:
+        self._abort_call = None
+        log.info("aborting {conn}: it did not take its last bytes", conn=self.identity)
+        self._stats.incr("connections.aborted")
+        self.transport.abortConnection()
+
+    # -- delivery ------------------------------------------------------------
+
+    @property
+    def pending_bytes(self) -> int:
+        """
+        Bytes of an unterminated line held by the framer.
+        """
+        return self._framer.pending
+
+    def _deliver(self, lines: list[bytes], raw: bytes) -> None:
+        handler = self.handler
+        if handler is None:
+            return
+        try:
+            handler.lines_received(lines, raw)
+        except LineFailed as failed:
+            self._handler_failed(Failure(failed.reason), 1)
+            rest = failed.index + 1
+            if rest < len(lines):
+                self._deliver(lines[rest:], _after_lines(raw, rest))
+        except Exception:
+            self._handler_failed(Failure(), len(lines))
+
+    def _deliver_each(self, lines: list[bytes]) -> None:
+        """
+        One call per line, stopping at a line boundary when paused.
+        """
+        held = self._held + lines if self._held else lines
+        index = 0
+        while index < len(held) and not self.paused and not self._closing:
+            line = held[index]
+            index += 1
+            try:
+                self.lineReceived(line)
+            except Exception:
+                self._handler_failed(Failure(), 1)
+        self._held = held[index:]
+
+    def _handler_failed(self, reason: Failure, failed_lines: int) -> None:
+        self._stats.incr("handler.failures")
+        self._stats.incr("lines.failed", failed_lines)
+        log.failure(
+            "handler of {conn} failed; {n} line(s) counted as failed; "
+            "handler recreated",
+            reason,
+            conn=self.identity,
+            n=failed_lines,
+        )
+        old = self.handler
+        if old is not None:
+            try:
+                old.connection_lost()
+            except Exception:
+                log.failure("failed handler of {conn} failed on close", conn=self.identity)
+        self.handler = self.factory.handler_factory(self)
+
+    def _pause_transport(self) -> None:
+        self.transport.pauseProducing()
+
+    def _resume_transport(self) -> None:
+        if not self._closing:
+            self.transport.resumeProducing()
+
+
+class LineFactory(ServerFactory):
+    """
+    Makes a L{LineProtocol} per connection; shared by every listener.
+
+    @ivar registry: tracks live connections and applies the limits.
+    """
+
+    protocol = LineProtocol  # type: ignore[assignment]
+    noisy = False
+
+    def __init__(
+        self,
+        handler_factory: ILineHandlerFactory,
+        registry: ConnectionRegistry,
+        clock: IReactorTime,
+        settings: ProtocolSettings | None = None,
+        stats: Stats | None = None,
+        protocol_class: Callable[[LineFactory, IAddress, int], LineProtocol]
+        | None = None,
+    ) -> None:
+        self.handler_factory = handler_factory
+        self.registry = registry
+        self.clock = clock
+        self.settings = settings or ProtocolSettings()
+        self.stats = stats if stats is not None else Stats()
+        self._make = protocol_class or LineProtocol
+        self._numbers = itertools.count(1)
+
+    @override
+    def buildProtocol(self, addr: IAddress) -> LineProtocol:
+        return self._make(self, addr, next(self._numbers))

@@ -1,0 +1,46 @@
+"""The null sink: takes every line and keeps none (for tests and benches)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from zope.interface import implementer
+
+from twisted.internet.defer import Deferred, succeed
+
+from lineserver.interfaces import ISink, ISinkFactory
+from lineserver.sinks import SinkURL
+
+
+@implementer(ISink)
+class NullSink:
+    """
+    Counts what it is given, so tests can see that lines arrived.
+    """
+
+    def __init__(self) -> None:
+        self.lines = 0
+        self.batches = 0
+
+    def open(self) -> Deferred[None]:
+        return succeed(None)
+
+    def write(self, lines: list[bytes]) -> Deferred[None]:
+        self.lines += len(lines)
+        self.batches += 1
+        return succeed(None)
+
+    def close(self) -> Deferred[None]:
+        return succeed(None)
+
+
+@implementer(ISinkFactory)
+class NullSinkFactory:
+    description = "null:"
+
+    def __call__(self) -> NullSink:
+        return NullSink()
+
+
+def null_scheme(url: SinkURL, reactor: Any) -> ISinkFactory:
+    return NullSinkFactory()

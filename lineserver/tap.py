@@ -1,0 +1,264 @@
+"""The twistd plugin's options and service maker: C{twistd -n lineserver}.
+
+Options are only parsed and checked here (no side effects in
+C{postOptions}); C{makeService} builds the service tree from them.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import re
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from typing_extensions import override
+
+from twisted.application.service import IService
+from twisted.python import usage
+from twisted.python.failure import Failure
+from twisted.logger import Logger
+
+from lineserver.connections import OVERFLOW_CHOICES
+from lineserver.protocol import ProtocolSettings
+from lineserver.server import DEFAULT_PORT, HANDLERS, LineServer, ServerConfig
+from lineserver.sinks import SinkURLError, sink_factory_from_url
+
+log = Logger(namespace="lineserver.tap")
+
+#: Exit status when the supervisor gives up (sysexits' EX_SOFTWARE).
+EXIT_ESCALATED = 70
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """
+    C{65536}, C{64K}, C{4M}, C{1GiB}: bytes, with binary multiples.
+
+    @raise ValueError: for anything else.
+    """
+    match = _SIZE.match(text)
+    if match is None:
+        raise ValueError(f"expected a size in bytes like 65536, 64K or 4M, got {text!r}")
+    unit = (match.group(2) or "").lower()[:1]
+    return int(match.group(1)) * _UNITS[unit]
+
+
+def default_port(environ: dict[str, str] | None = None) -> str:
+    """
+    The default endpoint; a C{PORT} environment variable sets its port.
+    """
+    env = os.environ if environ is None else environ
+    port = env.get("PORT")
+    if port is None:
+        return DEFAULT_PORT
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise usage.UsageError(f"PORT environment variable: not a port number: {port!r}")
+    return f"tcp:{port}:interface=127.0.0.1"
+
+
+def with_backlog(description: str, backlog: int) -> str:
+    """
+    Add C{backlog=N} to a stream endpoint that has none (Twisted's default
+    of 50 drops clients in a burst long before we are busy).
+    """
+    kind = description.split(":", 1)[0].lower()
+    if kind in {"tcp", "tcp6", "ssl", "unix"} and "backlog=" not in description:
+        return f"{description}:backlog={backlog}"
+    return description
+
+
+class Options(usage.Options):
+    """
+    Command line of C{twistd lineserver}; every option shows its default.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "A supervised, flow-controlled line server. Each newline-terminated "
+        "line is echoed back (--mode echo) or handed unchanged to a sink "
+        "(--mode sink). Sizes take K, M, G suffixes; times are seconds."
+    )
+
+    optParameters: list[list[Any]] = [
+        ["mode", "m", "sink", "What to do with lines: echo or sink."],
+        ["sink", "s", "file:lines.log", "Where lines go in sink mode: file:PATH, stdout:, null:."],
+        ["max-line-length", None, "65536", "Longest line in bytes, terminator not counted."],
+        ["max-connections", None, None, "Most connections at once (default: no limit)."],
+        ["max-connections-per-peer", None, None, "Most connections from one address (default: no limit)."],
+        ["overflow", None, "wait", "At --max-connections: wait (stop accepting) or reject (ERR and close)."],
+        ["backlog", None, "1024", "Listen backlog for endpoints that do not set backlog=."],
+        ["idle-timeout", None, None, "Close a connection silent this long (default: never)."],
+        ["line-timeout", None, None, "Close a connection whose line stays incomplete this long (default: never)."],
+        ["shutdown-timeout", None, "10", "Seconds a clean stop may take to drain and flush."],
+        ["high-watermark", None, "4M", "Queued bytes at which connections are paused."],
+        ["low-watermark", None, "1M", "Queued bytes below which paused connections resume."],
+        ["max-restarts", None, "5", "Restarts of a part within --restart-period before giving up."],
+        ["restart-period", None, "10", "Window in seconds for --max-restarts."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["ports"] = []
+
+    def opt_port(self, description: str) -> None:
+        """
+        Listen on this endpoint, e.g. tcp:4040:interface=127.0.0.1,
+        tcp6:4040:interface=\\:\\:1, unix:/run/lines.sock; repeatable.
+        [default: tcp:4040:interface=127.0.0.1, or $PORT's port]
+        """
+        self["ports"].append(description)
+
+    opt_p = opt_port
+
+    @override
+    def postOptions(self) -> None:
+        self["ports"] = list(self["ports"]) or [default_port()]
+        if self["mode"] not in HANDLERS:
+            raise usage.UsageError(
+                f"--mode: expected one of {', '.join(sorted(HANDLERS))}, got {self['mode']!r}"
+            )
+        if self["overflow"] not in OVERFLOW_CHOICES:
+            raise usage.UsageError(
+                f"--overflow: expected wait or reject, got {self['overflow']!r}"
+            )
+        self["max-line-length"] = _convert("max-line-length", self, parse_size, minimum=1)
+        self["high-watermark"] = _convert("high-watermark", self, parse_size, minimum=1)
+        self["low-watermark"] = _convert("low-watermark", self, parse_size, minimum=0)
+        if self["low-watermark"] >= self["high-watermark"]:
+            raise usage.UsageError(
+                "--low-watermark: must be below --high-watermark "
+                f"({self['low-watermark']} >= {self['high-watermark']})"
+            )
+        for name in ("max-connections", "max-connections-per-peer"):
+            self[name] = _convert(name, self, _whole, minimum=1)
+        self["backlog"] = _convert("backlog", self, _whole, minimum=1)
+        self["max-restarts"] = _convert("max-restarts", self, _whole, minimum=0)
+        for name in ("idle-timeout", "line-timeout", "shutdown-timeout", "restart-period"):
+            self[name] = _convert(name, self, _seconds, minimum=0)
+        if self["mode"] == "sink":
+            self._check_sink()
+
+    def _check_sink(self) -> None:
+        try:
+            sink_factory_from_url(self["sink"], reactor=None)
+        except SinkURLError as error:
+            raise usage.UsageError(f"--sink: {error}") from None
+        if self["sink"].lower().startswith("stdout:") and _logs_to_stdout(self.parent):
+            raise usage.UsageError(
+                "--sink stdout: lines would mix with the log on standard output; "
+                "send the log elsewhere with twistd --logfile=FILE (or --syslog), "
+                "or twist --log-file=FILE"
+            )
+
+
+def _logs_to_stdout(parent: Any) -> bool:
+    """
+    Would the log go to standard output under this twistd or twist command?
+    """
+    if parent is None:
+        return False
+    options = getattr(parent, "opts", parent)
+    if "log-file" in options:  # twist
+        target = options.get("log-file")
+        return target is None or getattr(target, "name", None) == "<stdout>" or target is sys.stdout
+    if "logfile" in options:  # twistd
+        if options.get("syslog"):
+            return False
+        logfile = options.get("logfile")
+        return logfile in (None, "-") if options.get("nodaemon") else logfile == "-"
+    return False
+
+
+def _whole(text: str) -> int:
+    if not text.strip().isdigit():
+        raise ValueError(f"expected a whole number, got {text!r}")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"expected a number of seconds, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"expected a finite number of seconds, got {text!r}")
+    return value
+
+
+def _convert(
+    name: str, options: Options, convert: Callable[[str], Any], minimum: float
+) -> Any:
+    raw = options[name]
+    if raw is None:
+        return None
+    try:
+        value = convert(str(raw))
+    except ValueError as error:
+        raise usage.UsageError(f"--{name}: {error}") from None
+    if value < minimum:
+        raise usage.UsageError(f"--{name}: must be at least {minimum}, got {raw!r}")
+    return value
+
+
+def config_from_options(options: Options) -> ServerConfig:
+    settings = ProtocolSettings(
+        max_line_length=options["max-line-length"],
+        idle_timeout=options["idle-timeout"] or None,
+        line_timeout=options["line-timeout"] or None,
+    )
+    return ServerConfig(
+        ports=[with_backlog(port, options["backlog"]) for port in options["ports"]],
+        settings=settings,
+        max_connections=options["max-connections"],
+        max_connections_per_peer=options["max-connections-per-peer"],
+        overflow=options["overflow"],
+        shutdown_timeout=options["shutdown-timeout"],
+        high_watermark=options["high-watermark"],
+        low_watermark=options["low-watermark"],
+        max_restarts=options["max-restarts"],
+        restart_period=options["restart-period"],
+    )
+
+
+def exit_after_stop(reactor: Any, status: int = EXIT_ESCALATED) -> Callable[[Failure], None]:
+    """
+    @return: an escalation handler that stops the reactor and makes the
+        process exit with C{status} once twistd has cleaned up.
+    """
+
+    def escalate(reason: Failure) -> None:
+        log.critical(
+            "lineserver gives up: restart intensity exceeded ({reason}); "
+            "exiting with status {status}",
+            reason=reason.getErrorMessage(),
+            status=status,
+        )
+        atexit.register(_hard_exit, status)
+        if reactor.running:
+            reactor.stop()
+
+    return escalate
+
+
+def _hard_exit(status: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def makeService(options: Options) -> IService:  # noqa: N802 (twistd's name)
+    from twisted.internet import reactor
+
+    return LineServer(
+        config_from_options(options),
+        reactor,
+        handler=options["mode"],
+        sink=sink_factory_from_url(options["sink"], reactor)
+        if options["mode"] == "sink"
+        else None,
+        on_escalate=exit_after_stop(reactor),
+    )
