@@ -103,6 +103,18 @@ class ListenerService(Service):
         self._retry_call: IDelayedCall | None = None
         self._listening: Deferred[Any] | None = None
         self._stopping = False
+        self._waiters: list[Deferred[IListeningPort]] = []
+
+    def when_listening(self) -> Deferred[IListeningPort]:
+        """
+        @return: a Deferred that fires with the port once listening (at
+            once if it is); useful with port 0 and in tests.
+        """
+        if self.port is not None:
+            return succeed(self.port)
+        waiter: Deferred[IListeningPort] = Deferred()
+        self._waiters.append(waiter)
+        return waiter
 
     @override
     def __repr__(self) -> str:
@@ -145,6 +157,9 @@ class ListenerService(Service):
         )
         if self.on_listening is not None:
             self.on_listening(self)
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(port)
 
     def _listen_failed(self, reason: Failure) -> None:
         self._listening = None

@@ -22,7 +22,7 @@ from typing import Any
 
 from typing_extensions import override
 
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -165,6 +165,24 @@ class LineServer(Supervisor):
     @property
     def listeners(self) -> list[ListenerService]:
         return [s for s in self if isinstance(s, ListenerService)]
+
+    def when_listening(self) -> Deferred[list[Any]]:
+        """
+        @return: a Deferred that fires with every listening port, once all
+            listeners listen (with C{tcp:0}, read the real port from it).
+        """
+        waiting = gatherResults([listener.when_listening() for listener in self.listeners])
+        return waiting
+
+    def port_numbers(self) -> list[int]:
+        """
+        @return: the port number of each listening IP listener.
+        """
+        return [
+            listener.port.getHost().port  # type: ignore[attr-defined]
+            for listener in self.listeners
+            if listener.port is not None
+        ]
 
     @property
     def sink_service(self) -> SinkService | None:
