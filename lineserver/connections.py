@@ -157,9 +157,9 @@ class ConnectionRegistry:
         elif conn in self.waiting:
             self.waiting.remove(conn)
         if not self._all:
-            waiters, self._empty = self._empty, []
-            for waiter in waiters:
-                waiter.callback(None)
+            empty_waiters, self._empty = self._empty, []
+            for empty in empty_waiters:
+                empty.callback(None)
 
     def when_empty(self) -> Deferred[None]:
         """

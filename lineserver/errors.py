@@ -7,10 +7,10 @@ lower-case words; the detail is free text for humans.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class ErrorCode(str, Enum):
+class ErrorCode(StrEnum):
     """
     The codes of C{ERR} lines; C{docs/protocol.md} lists what each means.
     """

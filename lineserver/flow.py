@@ -12,10 +12,9 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 
+from twisted.internet.interfaces import IPushProducer
 from typing_extensions import override
 from zope.interface import implementer
-
-from twisted.internet.interfaces import IPushProducer
 
 
 class PauseGate:
@@ -28,7 +27,7 @@ class PauseGate:
     left.  Without this, one party's resume would undo another's pause.
     """
 
-    __slots__ = ("_reasons", "_resume", "_pause")
+    __slots__ = ("_pause", "_reasons", "_resume")
 
     def __init__(self, pause: Callable[[], None], resume: Callable[[], None]) -> None:
         self._pause = pause

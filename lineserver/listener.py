@@ -15,8 +15,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from typing_extensions import override
-
 from twisted.application.internet import backoffPolicy
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -26,6 +24,7 @@ from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from typing_extensions import override
 
 from lineserver.connections import ConnectionRegistry
 from lineserver.flow import PauseGate
@@ -196,7 +195,7 @@ class ListenerService(Service):
         self.port = None
 
     @override
-    def stopService(self) -> Deferred[None]:
+    def stopService(self) -> Deferred[None]:  # type: ignore[override]
         """
         Stop accepting; existing connections are not touched.
         """
@@ -211,8 +210,8 @@ class ListenerService(Service):
         self._forget_port()
         if port is None:
             return succeed(None)
-        stopped: Deferred[None] = maybeDeferred(port.stopListening)
-        return stopped
+        stopped: Deferred[Any] = maybeDeferred(port.stopListening)
+        return stopped.addCallback(lambda _: None)
 
 
 def _nothing() -> None:

@@ -12,16 +12,20 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from typing_extensions import override
-from zope.interface import implementer
-
-from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer, IReactorTime
-from twisted.internet.protocol import ServerFactory
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IPushProducer,
+    IReactorTime,
+)
+from twisted.internet.protocol import ServerFactory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
+from typing_extensions import override
+from zope.interface import implementer
 
 from lineserver.errors import ErrorCode, error_line
 from lineserver.flow import PauseGate
@@ -92,6 +96,9 @@ class LineProtocol(LineReceiver):
 
     delimiter = LF
     factory: LineFactory
+    #: A TCP, TLS or UNIX transport; ITransport alone lacks the producer
+    #: and abort methods that every one of them has.
+    transport: Any
 
     def __init__(self, factory: LineFactory, peer: IAddress, number: int) -> None:
         self.factory = factory
@@ -162,7 +169,7 @@ class LineProtocol(LineReceiver):
         self.send_error(ErrorCode.LINE_TOO_LONG, f"limit {self.MAX_LENGTH}")
 
     @override
-    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._abort_call is not None and self._abort_call.active():
             self._abort_call.cancel()
         self._abort_call = None
@@ -292,7 +299,9 @@ class LineProtocol(LineReceiver):
             try:
                 old.connection_lost()
             except Exception:
-                log.failure("failed handler of {conn} failed on close", conn=self.identity)
+                log.failure(
+                    "failed handler of {conn} failed on close", conn=self.identity
+                )
         self.handler = self.factory.handler_factory(self)
 
     def _pause_transport(self) -> None:
@@ -332,5 +341,6 @@ class LineFactory(ServerFactory):
         self._numbers = itertools.count(1)
 
     @override
-    def buildProtocol(self, addr: IAddress) -> LineProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> LineProtocol:  # type: ignore[override]
+        assert addr is not None
         return self._make(self, addr, next(self._numbers))

@@ -20,12 +20,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from typing_extensions import override
-
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from typing_extensions import override
 
 from lineserver.connections import ConnectionRegistry, Overflow
 from lineserver.flow import SinkQueue
@@ -145,7 +144,9 @@ class LineServer(Supervisor):
             self.add_child(ChildSpec("sink", self._make_sink_service))
         for index, description in enumerate(config.ports):
             self.add_child(
-                ChildSpec(f"listener {index} {description}", self._listener_maker(description))
+                ChildSpec(
+                    f"listener {index} {description}", self._listener_maker(description)
+                )
             )
 
     def _make_sink_service(self) -> SinkService:
@@ -171,7 +172,9 @@ class LineServer(Supervisor):
         @return: a Deferred that fires with every listening port, once all
             listeners listen (with C{tcp:0}, read the real port from it).
         """
-        waiting = gatherResults([listener.when_listening() for listener in self.listeners])
+        waiting = gatherResults(
+            [listener.when_listening() for listener in self.listeners]
+        )
         return waiting
 
     def port_numbers(self) -> list[int]:
@@ -218,8 +221,7 @@ class LineServer(Supervisor):
         stopped.addCallback(lambda _: self._flush_sink(deadline))
         stopped.addCallback(lambda _: self._close_connections(deadline))
         stopped.addCallback(lambda _: super(LineServer, self).stopService())
-        stopped.addCallback(self._stopped)
-        return stopped
+        return stopped.addCallback(self._stopped)
 
     def _drain_input(self, deadline: float) -> Deferred[None]:
         """

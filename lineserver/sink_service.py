@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from typing_extensions import override
-
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from typing_extensions import override
 
 from lineserver.flow import SinkQueue
 from lineserver.interfaces import ISink, ISinkFactory, ISupervisor

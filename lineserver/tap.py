@@ -13,12 +13,11 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from typing_extensions import override
-
 from twisted.application.service import IService
+from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
-from twisted.logger import Logger
+from typing_extensions import override
 
 from lineserver.connections import OVERFLOW_CHOICES
 from lineserver.protocol import ProtocolSettings
@@ -42,7 +41,9 @@ def parse_size(text: str) -> int:
     """
     match = _SIZE.match(text)
     if match is None:
-        raise ValueError(f"expected a size in bytes like 65536, 64K or 4M, got {text!r}")
+        raise ValueError(
+            f"expected a size in bytes like 65536, 64K or 4M, got {text!r}"
+        )
     unit = (match.group(2) or "").lower()[:1]
     return int(match.group(1)) * _UNITS[unit]
 
@@ -56,7 +57,9 @@ def default_port(environ: dict[str, str] | None = None) -> str:
     if port is None:
         return DEFAULT_PORT
     if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise usage.UsageError(f"PORT environment variable: not a port number: {port!r}")
+        raise usage.UsageError(
+            f"PORT environment variable: not a port number: {port!r}"
+        )
     return f"tcp:{port}:interface=127.0.0.1"
 
 
@@ -85,18 +88,74 @@ class Options(usage.Options):
 
     optParameters: list[list[Any]] = [
         ["mode", "m", "sink", "What to do with lines: echo or sink."],
-        ["sink", "s", "file:lines.log", "Where lines go in sink mode: file:PATH, stdout:, null:."],
-        ["max-line-length", None, "65536", "Longest line in bytes, terminator not counted."],
-        ["max-connections", None, None, "Most connections at once (default: no limit)."],
-        ["max-connections-per-peer", None, None, "Most connections from one address (default: no limit)."],
-        ["overflow", None, "wait", "At --max-connections: wait (stop accepting) or reject (ERR and close)."],
-        ["backlog", None, "1024", "Listen backlog for endpoints that do not set backlog=."],
-        ["idle-timeout", None, None, "Close a connection silent this long (default: never)."],
-        ["line-timeout", None, None, "Close a connection whose line stays incomplete this long (default: never)."],
-        ["shutdown-timeout", None, "10", "Seconds a clean stop may take to drain and flush."],
+        [
+            "sink",
+            "s",
+            "file:lines.log",
+            "Where lines go in sink mode: file:PATH, stdout:, null:.",
+        ],
+        [
+            "max-line-length",
+            None,
+            "65536",
+            "Longest line in bytes, terminator not counted.",
+        ],
+        [
+            "max-connections",
+            None,
+            None,
+            "Most connections at once (default: no limit).",
+        ],
+        [
+            "max-connections-per-peer",
+            None,
+            None,
+            "Most connections from one address (default: no limit).",
+        ],
+        [
+            "overflow",
+            None,
+            "wait",
+            "At --max-connections: wait (stop accepting) or reject (ERR and close).",
+        ],
+        [
+            "backlog",
+            None,
+            "1024",
+            "Listen backlog for endpoints that do not set backlog=.",
+        ],
+        [
+            "idle-timeout",
+            None,
+            None,
+            "Close a connection silent this long (default: never).",
+        ],
+        [
+            "line-timeout",
+            None,
+            None,
+            "Close a connection whose line stays incomplete this long "
+            "(default: never).",
+        ],
+        [
+            "shutdown-timeout",
+            None,
+            "10",
+            "Seconds a clean stop may take to drain and flush.",
+        ],
         ["high-watermark", None, "4M", "Queued bytes at which connections are paused."],
-        ["low-watermark", None, "1M", "Queued bytes below which paused connections resume."],
-        ["max-restarts", None, "5", "Restarts of a part within --restart-period before giving up."],
+        [
+            "low-watermark",
+            None,
+            "1M",
+            "Queued bytes below which paused connections resume.",
+        ],
+        [
+            "max-restarts",
+            None,
+            "5",
+            "Restarts of a part within --restart-period before giving up.",
+        ],
         ["restart-period", None, "10", "Window in seconds for --max-restarts."],
     ]
 
@@ -118,14 +177,17 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         self["ports"] = list(self["ports"]) or [default_port()]
         if self["mode"] not in HANDLERS:
+            modes = ", ".join(sorted(HANDLERS))
             raise usage.UsageError(
-                f"--mode: expected one of {', '.join(sorted(HANDLERS))}, got {self['mode']!r}"
+                f"--mode: expected one of {modes}, got {self['mode']!r}"
             )
         if self["overflow"] not in OVERFLOW_CHOICES:
             raise usage.UsageError(
                 f"--overflow: expected wait or reject, got {self['overflow']!r}"
             )
-        self["max-line-length"] = _convert("max-line-length", self, parse_size, minimum=1)
+        self["max-line-length"] = _convert(
+            "max-line-length", self, parse_size, minimum=1
+        )
         self["high-watermark"] = _convert("high-watermark", self, parse_size, minimum=1)
         self["low-watermark"] = _convert("low-watermark", self, parse_size, minimum=0)
         if self["low-watermark"] >= self["high-watermark"]:
@@ -137,7 +199,12 @@ class Options(usage.Options):
             self[name] = _convert(name, self, _whole, minimum=1)
         self["backlog"] = _convert("backlog", self, _whole, minimum=1)
         self["max-restarts"] = _convert("max-restarts", self, _whole, minimum=0)
-        for name in ("idle-timeout", "line-timeout", "shutdown-timeout", "restart-period"):
+        for name in (
+            "idle-timeout",
+            "line-timeout",
+            "shutdown-timeout",
+            "restart-period",
+        ):
             self[name] = _convert(name, self, _seconds, minimum=0)
         if self["mode"] == "sink":
             self._check_sink()
@@ -164,7 +231,11 @@ def _logs_to_stdout(parent: Any) -> bool:
     options = getattr(parent, "opts", parent)
     if "log-file" in options:  # twist
         target = options.get("log-file")
-        return target is None or getattr(target, "name", None) == "<stdout>" or target is sys.stdout
+        return (
+            target is None
+            or getattr(target, "name", None) == "<stdout>"
+            or target is sys.stdout
+        )
     if "logfile" in options:  # twistd
         if options.get("syslog"):
             return False
@@ -224,7 +295,9 @@ def config_from_options(options: Options) -> ServerConfig:
     )
 
 
-def exit_after_stop(reactor: Any, status: int = EXIT_ESCALATED) -> Callable[[Failure], None]:
+def exit_after_stop(
+    reactor: Any, status: int = EXIT_ESCALATED
+) -> Callable[[Failure], None]:
     """
     @return: an escalation handler that stops the reactor and makes the
         process exit with C{status} once twistd has cleaned up.
@@ -250,7 +323,7 @@ def _hard_exit(status: int) -> None:
     os._exit(status)
 
 
-def makeService(options: Options) -> IService:  # noqa: N802 (twistd's name)
+def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     return LineServer(

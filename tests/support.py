@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from zope.interface import implementer
-
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from lineserver.interfaces import ISink, ISinkFactory
 
@@ -51,7 +50,7 @@ class Client(Protocol):
         self._check()
         return waiter
 
-    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.reason = reason
         self.gone.callback(None)
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
-from zope.interface import implementer
-from zope.interface.verify import verifyObject
-
 from twisted.internet.interfaces import IPushProducer
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from lineserver.flow import PauseGate, SinkQueue
 
@@ -89,7 +88,7 @@ class PauseGateTests(SynchronousTestCase):
                 gate.release(reason)
                 held.discard(reason)
             self.assertEqual(switch.reading, not held)
-        for first, second in zip(switch.calls, switch.calls[1:]):
+        for first, second in zip(switch.calls, switch.calls[1:], strict=False):
             self.assertNotEqual(first, second)
 
 

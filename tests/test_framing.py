@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from twisted.trial.unittest import SynchronousTestCase
 
 from lineserver.framing import Frames, LineFramer, LineTooLong
 
 
-def feed_all(framer: LineFramer, chunks: list[bytes]) -> tuple[list[bytes], bytes, LineTooLong | None]:
+def feed_all(
+    framer: LineFramer, chunks: list[bytes]
+) -> tuple[list[bytes], bytes, LineTooLong | None]:
     lines: list[bytes] = []
     raw = b""
     for chunk in chunks:

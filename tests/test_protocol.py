@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from zope.interface import implementer
-from zope.interface.verify import verifyObject
-
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from lineserver.connections import ConnectionRegistry
 from lineserver.flow import SinkQueue
@@ -23,7 +22,12 @@ from lineserver.handlers import (
     SinkHandlerFactory,
 )
 from lineserver.interfaces import IConnection, ILineHandler
-from lineserver.protocol import LineFactory, LineProtocol, ProtocolSettings, describe_address
+from lineserver.protocol import (
+    LineFactory,
+    LineProtocol,
+    ProtocolSettings,
+    describe_address,
+)
 from lineserver.stats import Stats
 
 PEER = IPv4Address("TCP", "127.0.0.1", 5555)
@@ -177,7 +181,7 @@ class ErrorTests(SynchronousTestCase):
         """
         A connection that goes in time leaves no timer behind.
         """
-        proto, transport, _, clock = connect(
+        proto, _, _, clock = connect(
             EchoHandlerFactory(), ProtocolSettings(max_line_length=4)
         )
         proto.dataReceived(b"toolong\n")
@@ -279,7 +283,9 @@ class ClassicSubclassTests(SynchronousTestCase):
         An exception from lineReceived is logged and counted; the next
         lines are still delivered.
         """
-        proto, _, factory, _ = connect(EchoHandlerFactory(), protocol_class=ClassicSubclass)
+        proto, _, factory, _ = connect(
+            EchoHandlerFactory(), protocol_class=ClassicSubclass
+        )
         assert isinstance(proto, ClassicSubclass)
         proto.dataReceived(b"raise\nok\n")
         self.assertEqual(proto.got, [b"raise", b"ok"])

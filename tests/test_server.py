@@ -7,12 +7,11 @@ import time
 from collections.abc import Generator
 from typing import Any
 
-from zope.interface import implementer
-
 from twisted.internet.defer import Deferred, fail, inlineCallbacks
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
+from zope.interface import implementer
 
 from lineserver.flow import SinkQueue
 from lineserver.handlers import EchoHandler
@@ -147,7 +146,9 @@ class SinkTests(ServerTestCase):
         """
         sink = MemorySinkFactory(delay=0.003)
         server = yield self.start(
-            sink=sink, high_watermark=64 << 10, low_watermark=16 << 10,
+            sink=sink,
+            high_watermark=64 << 10,
+            low_watermark=16 << 10,
             max_batch_bytes=16 << 10,
         )
         queue: SinkQueue = server.queue
@@ -178,7 +179,9 @@ class SinkTests(ServerTestCase):
         """
         sink = MemorySinkFactory(delay=0.001)
         server = yield self.start(sink=sink, shutdown_timeout=5)
-        clients = yield Deferred.fromCoroutine(_connect_many(server.port_numbers()[0], 3))
+        clients = yield Deferred.fromCoroutine(
+            _connect_many(server.port_numbers()[0], 3)
+        )
         for n, client in enumerate(clients):
             client.transport.write(b"\n".join(numbered(b"s%d" % n, 500)) + b"\n")
         yield later(0.2)
@@ -318,13 +321,16 @@ class FaultTests(ServerTestCase):
         globalLogPublisher.addObserver(observe)
         self.addCleanup(globalLogPublisher.removeObserver, observe)
         server = LineServer(
-            ServerConfig(ports=[f"tcp:{port}:interface=127.0.0.1"]), reactor, handler="echo"
+            ServerConfig(ports=[f"tcp:{port}:interface=127.0.0.1"]),
+            reactor,
+            handler="echo",
         )
         server.startService()
         self.addCleanup(server.stopService)
         yield later(0.5)
         self.assertTrue(
-            any(m.startswith(f"could not listen on tcp:{port}") for m in messages), messages
+            any(m.startswith(f"could not listen on tcp:{port}") for m in messages),
+            messages,
         )
         self.assertIn("Address already in use", messages[0])
         blocker.close()
@@ -357,7 +363,9 @@ class SettingsTests(ServerTestCase):
         Through a socket: ERR line-too-long, the close, earlier lines kept.
         """
         sink = MemorySinkFactory()
-        server = yield self.start(sink=sink, settings=ProtocolSettings(max_line_length=10))
+        server = yield self.start(
+            sink=sink, settings=ProtocolSettings(max_line_length=10)
+        )
         client = yield connect(server.port_numbers()[0])
         client.transport.write(b"short\n" + b"y" * 11 + b"\n")
         yield client.gone

@@ -10,9 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
-from urllib.parse import parse_qsl
-
 from typing import Any
+from urllib.parse import parse_qsl
 
 from lineserver.interfaces import ISinkFactory
 

@@ -10,11 +10,10 @@ from __future__ import annotations
 import os
 from typing import IO, Any
 
-from zope.interface import implementer
-
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
 
 from lineserver.interfaces import ISink, ISinkFactory
 from lineserver.sinks import SinkURL, SinkURLError

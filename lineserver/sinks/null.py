@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from zope.interface import implementer
-
 from twisted.internet.defer import Deferred, succeed
+from zope.interface import implementer
 
 from lineserver.interfaces import ISink, ISinkFactory
 from lineserver.sinks import SinkURL

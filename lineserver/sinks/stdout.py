@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from zope.interface import implementer
-
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.process import ProcessWriter
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from lineserver.interfaces import ISink, ISinkFactory
 from lineserver.sinks import SinkURL
