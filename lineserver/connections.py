@@ -173,10 +173,15 @@ class ConnectionRegistry:
 
     def stop_accepting(self) -> None:
         """
-        From now on, refuse new connections with C{ERR shutting-down}, and
-        refuse the ones still waiting for a slot.
+        From now on, refuse new connections with C{ERR shutting-down}.
+
+        Connections still waiting for a slot are served now, past the
+        limit: their clients may have sent lines already, and the ordered
+        stop drains those like any other.
         """
         self.accepting = False
         while self.waiting:
             conn = self.waiting.popleft()
-            conn.send_error(ErrorCode.SHUTTING_DOWN)
+            self.active.add(conn)
+            conn.start_serving()
+            conn.gate.release("waiting")

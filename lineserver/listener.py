@@ -207,11 +207,27 @@ class ListenerService(Service):
         if self._listening is not None:
             self._listening.cancel()
         port = self.port
+        if port is not None and self.gate is not None and not self.gate.paused:
+            accept_backlog(port)
         self._forget_port()
         if port is None:
             return succeed(None)
         stopped: Deferred[Any] = maybeDeferred(port.stopListening)
         return stopped.addCallback(lambda _: None)
+
+
+def accept_backlog(port: IListeningPort) -> None:
+    """
+    Accept the connections waiting in the kernel's backlog, once.
+
+    Closing a listening socket resets every connection still in its
+    backlog; a client that connected, sent its lines and closed just
+    before a stop would lose them.  One last accept pass makes them
+    ordinary connections, which the ordered stop then drains.
+    """
+    do_read = getattr(port, "doRead", None)
+    if do_read is not None:
+        do_read()
 
 
 def _nothing() -> None:

@@ -111,6 +111,7 @@ class LineServer(Supervisor):
         sink: ISinkFactory | None = None,
         stats: Stats | None = None,
         on_escalate: Callable[[Failure], None] | None = None,
+        protocol_class: type[LineProtocol] | None = None,
     ) -> None:
         super().__init__(
             clock=reactor,
@@ -137,6 +138,7 @@ class LineServer(Supervisor):
             reactor,
             config.settings,
             self.stats,
+            protocol_class,
         )
         self.sink_factory = sink
         self.stopping: Deferred[None] | None = None
@@ -212,11 +214,11 @@ class LineServer(Supervisor):
             q=self.queue.buffered,
             t=timeout,
         )
-        self.registry.stop_accepting()
         stopped = DeferredList(
             [listener.stopService() for listener in self.listeners],
             consumeErrors=True,
         )
+        self.registry.stop_accepting()
         stopped.addCallback(lambda _: self._drain_input(deadline))
         stopped.addCallback(lambda _: self._flush_sink(deadline))
         stopped.addCallback(lambda _: self._close_connections(deadline))
