@@ -1,0 +1,170 @@
+"""ConnectionRegistry: limits, waiting, per-peer caps, listener gates, drain."""
+
+from __future__ import annotations
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from lineserver.connections import LIMIT_REASON, ConnectionRegistry, Overflow
+from lineserver.flow import PauseGate
+from lineserver.handlers import EchoHandlerFactory
+from lineserver.protocol import LineFactory, LineProtocol
+from lineserver.stats import Stats
+
+
+class Listener:
+    def __init__(self) -> None:
+        self.reading = True
+        self.gate = PauseGate(self.stop, self.start)
+
+    def stop(self) -> None:
+        self.reading = False
+
+    def start(self) -> None:
+        self.reading = True
+
+
+class RegistryTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.stats = Stats()
+
+    def make(
+        self,
+        max_connections: int | None = None,
+        max_per_peer: int | None = None,
+        overflow: Overflow = "wait",
+    ) -> ConnectionRegistry:
+        self.registry = ConnectionRegistry(
+            max_connections, max_per_peer, overflow, self.stats
+        )
+        self.factory = LineFactory(
+            EchoHandlerFactory(), self.registry, Clock(), stats=self.stats
+        )
+        self.listener = Listener()
+        self.registry.add_listener_gate(self.listener.gate)
+        return self.registry
+
+    def open(self, host: str = "127.0.0.1") -> tuple[LineProtocol, StringTransport]:
+        peer = IPv4Address("TCP", host, 40000)
+        proto = self.factory.buildProtocol(peer)
+        transport = StringTransport(peerAddress=peer)
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def close(self, proto: LineProtocol) -> None:
+        proto.connectionLost(Failure(ConnectionDone()))
+
+    def test_limit_stops_and_resumes_accepting(self) -> None:
+        """
+        At the limit the listener stops reading; one close resumes it.
+        """
+        self.make(max_connections=2)
+        first, _ = self.open()
+        self.assertTrue(self.listener.reading)
+        self.open()
+        self.assertFalse(self.listener.reading)
+        self.assertEqual(self.listener.gate.reasons, {LIMIT_REASON})
+        self.close(first)
+        self.assertTrue(self.listener.reading)
+
+    def test_past_limit_waits_then_served(self) -> None:
+        """
+        A connection accepted past the limit waits, paused and without a
+        handler, and is served first-in first-out as slots free up.
+        """
+        registry = self.make(max_connections=1)
+        first, _ = self.open()
+        second, t2 = self.open()
+        third, _ = self.open()
+        self.assertEqual(list(registry.waiting), [second, third])
+        self.assertIsNone(second.handler)
+        self.assertEqual(t2.producerState, "paused")
+        self.close(first)
+        self.assertIn(second, registry.active)
+        self.assertIsNotNone(second.handler)
+        self.assertEqual(t2.producerState, "producing")
+        self.assertFalse(self.listener.reading, "still full with the second")
+        self.assertEqual(list(registry.waiting), [third])
+
+    def test_waiting_connection_that_leaves(self) -> None:
+        """
+        A waiting connection that closes leaves the queue.
+        """
+        registry = self.make(max_connections=1)
+        self.open()
+        second, _ = self.open()
+        self.close(second)
+        self.assertEqual(list(registry.waiting), [])
+        self.assertEqual(len(registry), 1)
+
+    def test_reject_overflow(self) -> None:
+        """
+        With overflow "reject", the connection past the limit gets
+        ERR too-many-connections and is closed.
+        """
+        self.make(max_connections=1, overflow="reject")
+        self.open()
+        _, transport = self.open()
+        self.assertEqual(transport.value(), b"ERR too-many-connections\n")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.stats.get("connections.refused.limit"), 1)
+
+    def test_per_peer(self) -> None:
+        """
+        The connection over the per-peer cap gets its own error; other peers
+        are unaffected; a close frees the peer's slot.
+        """
+        self.make(max_per_peer=2)
+        a1, _ = self.open("10.0.0.1")
+        self.open("10.0.0.1")
+        _, refused = self.open("10.0.0.1")
+        _, other = self.open("10.0.0.2")
+        self.assertEqual(refused.value(), b"ERR too-many-connections-from-peer\n")
+        self.assertEqual(other.value(), b"")
+        self.close(a1)
+        _, again = self.open("10.0.0.1")
+        self.assertEqual(again.value(), b"")
+        self.assertEqual(self.stats.get("connections.refused.peer"), 1)
+
+    def test_stop_accepting(self) -> None:
+        """
+        After stop_accepting, newcomers get ERR shutting-down, and waiting
+        connections are served past the limit so their lines drain.
+        """
+        registry = self.make(max_connections=1)
+        self.open()
+        waiting, _ = self.open()
+        registry.stop_accepting()
+        self.assertIn(waiting, registry.active)
+        self.assertIsNotNone(waiting.handler)
+        _, late = self.open()
+        self.assertEqual(late.value(), b"ERR shutting-down\n")
+
+    def test_when_empty(self) -> None:
+        """
+        when_empty fires once the last connection is gone.
+        """
+        registry = self.make()
+        self.successResultOf(registry.when_empty())
+        first, _ = self.open()
+        empty = registry.when_empty()
+        self.assertNoResult(empty)
+        self.close(first)
+        self.successResultOf(empty)
+
+    def test_gauges(self) -> None:
+        """
+        The registry's gauges read live values.
+        """
+        self.make(max_connections=1)
+        self.open()
+        self.open()
+        snapshot = self.stats.snapshot()
+        self.assertEqual(snapshot["connections.active"], 1)
+        self.assertEqual(snapshot["connections.waiting"], 1)
+        self.assertEqual(snapshot["connections.paused"], 1)
+        self.assertEqual(snapshot["connections.opened"], 2)
