@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
+    IHalfCloseableProtocol,
     IPushProducer,
     IReactorTime,
 )
@@ -85,7 +86,7 @@ def _after_lines(raw: bytes, count: int) -> bytes:
     return raw[offset:]
 
 
-@implementer(IConnection)
+@implementer(IConnection, IHalfCloseableProtocol)
 class LineProtocol(LineReceiver):
     """
     One client connection.
@@ -167,6 +168,18 @@ class LineProtocol(LineReceiver):
             limit=self.MAX_LENGTH,
         )
         self.send_error(ErrorCode.LINE_TOO_LONG, f"limit {self.MAX_LENGTH}")
+
+    def readConnectionLost(self) -> None:
+        """
+        The client shut its write side: every complete line is delivered
+        already; finish writing pending replies, then close.
+        """
+        self.close()
+
+    def writeConnectionLost(self) -> None:
+        """
+        We never shut our write side alone; nothing to do.
+        """
 
     @override
     def connectionLost(self, reason: Failure = connectionDone) -> None:

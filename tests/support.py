@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor as _reactor
@@ -112,3 +119,96 @@ class MemorySinkFactory:
         sink = MemorySink(self.store, self.delay)
         self.sinks.append(sink)
         return sink
+
+
+# -- a real twistd process -------------------------------------------------
+
+TWISTD = Path(sys.executable).parent / "twistd"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_connectable(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+class ServerProcess:
+    """
+    A real C{twistd -n lineserver} on a loopback port, logging to a file.
+    """
+
+    def __init__(self, cwd: str, *args: str, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.log_path = Path(cwd, "server.log")
+        self.proc = subprocess.Popen(
+            [
+                str(TWISTD),
+                "-n",
+                "--pidfile=",
+                f"--logfile={self.log_path}",
+                "lineserver",
+                "--port",
+                f"tcp:{self.port}:interface=127.0.0.1",
+                *args,
+            ],
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def ready(self) -> ServerProcess:
+        wait_connectable(self.port)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.kill()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+    def rss_kib(self) -> int:
+        return proc_status(self.pid, "VmRSS")
+
+    def fd_count(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def proc_status(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
