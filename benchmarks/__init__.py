@@ -1,0 +1,1 @@
+"""The benchmark suite: C{python -m benchmarks.run} (what C{make bench} runs)."""

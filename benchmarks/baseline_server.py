@@ -1,0 +1,132 @@
+"""The baseline: the line server a Twisted developer would write naively.
+
+A stock C{LineReceiver} made by a C{ServerFactory}: one Python call per
+line, C{sendLine} per echoed line, a plain buffered C{file.write} per sunk
+line.  lineserver's figures are only meaningful as ratios against this,
+measured in the same run on the same machine, so it deliberately has no
+tricks.  It takes the same command line shape as C{twistd lineserver}:
+
+    python -m benchmarks.baseline_server --port tcp:4040:interface=127.0.0.1 \\
+        --mode sink --sink file:lines.log
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import IO, Any
+
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.protocol import ServerFactory, connectionDone
+from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
+from typing_extensions import override
+
+
+class SinkLineReceiver(LineReceiver):
+    """
+    Appends each line, LF-terminated, to the factory's open file.
+
+    The file is flushed when a connection closes, so that a client that has
+    sent everything and closed can see its bytes in the file.
+    """
+
+    delimiter = b"\n"
+    MAX_LENGTH = 65536
+    factory: BaselineFactory
+
+    @override
+    def lineReceived(self, line: bytes) -> None:
+        sink = self.factory.sink
+        assert sink is not None
+        sink.write(line + b"\n")
+
+    @override
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        sink = self.factory.sink
+        if sink is not None:
+            sink.flush()
+
+
+class EchoLineReceiver(LineReceiver):
+    """
+    Writes each line straight back with C{sendLine}.
+    """
+
+    delimiter = b"\n"
+    MAX_LENGTH = 65536
+
+    @override
+    def lineReceived(self, line: bytes) -> None:
+        self.sendLine(line)
+
+
+class BaselineFactory(ServerFactory[LineReceiver]):
+    """
+    Builds the mode's protocol; in sink mode it owns the one open file.
+
+    @ivar sink: the sink file, or None in echo mode.
+    """
+
+    def __init__(self, mode: str, sink: IO[bytes] | None) -> None:
+        if mode == "sink":
+            self.protocol = SinkLineReceiver
+        else:
+            self.protocol = EchoLineReceiver
+        self.sink = sink
+
+
+def sink_path(url: str) -> str:
+    """
+    @return: the path of a C{file:PATH} sink URL.
+    @raise ValueError: for any other kind of sink.
+    """
+    scheme, _, path = url.partition(":")
+    if scheme != "file" or not path:
+        raise ValueError(f"only file:PATH sinks are supported, got {url!r}")
+    return path
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.baseline_server",
+        description="A stock Twisted LineReceiver server: the benchmark baseline.",
+    )
+    parser.add_argument(
+        "--port", default="tcp:4040:interface=127.0.0.1", help="endpoint to serve"
+    )
+    parser.add_argument("--mode", choices=["sink", "echo"], default="sink")
+    parser.add_argument("--sink", default="file:lines.log", help="file:PATH")
+    return parser.parse_args(argv)
+
+
+def run(reactor: Any, args: argparse.Namespace) -> None:
+    """
+    Listen on C{args.port} and serve until the reactor stops.
+    """
+    sink: IO[bytes] | None = None
+    if args.mode == "sink":
+        sink = open(sink_path(args.sink), "ab")  # noqa: SIM115 (closed at shutdown)
+        reactor.addSystemEventTrigger("after", "shutdown", sink.close)
+    factory = BaselineFactory(args.mode, sink)
+    listening = serverFromString(reactor, args.port).listen(factory)
+
+    def failed(reason: Failure) -> None:
+        print(f"baseline: could not listen: {reason.getErrorMessage()}", flush=True)
+        reactor.stop()
+
+    listening.addErrback(failed)
+    print(f"baseline: {args.mode} on {args.port}", flush=True)
+    reactor.run()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from twisted.internet import reactor
+
+    run(reactor, args)
+
+
+if __name__ == "__main__":
+    main()
