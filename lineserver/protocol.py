@@ -34,6 +34,7 @@ from lineserver.framing import LF, LineFramer
 from lineserver.handlers import LineFailed
 from lineserver.interfaces import IConnection, ILineHandler, ILineHandlerFactory
 from lineserver.stats import Stats
+from lineserver.timeouts import Deadline
 
 if TYPE_CHECKING:
     from lineserver.connections import ConnectionRegistry
@@ -116,6 +117,17 @@ class LineProtocol(LineReceiver):
         self._abort_call: IDelayedCall | None = None
         self.handler: ILineHandler | None = None
         self.gate = PauseGate(self._pause_transport, self._resume_transport)
+        settings = factory.settings
+        self._idle = (
+            Deadline(factory.clock, settings.idle_timeout, self._idle_expired)
+            if settings.idle_timeout
+            else None
+        )
+        self._line = (
+            Deadline(factory.clock, settings.line_timeout, self._line_expired)
+            if settings.line_timeout
+            else None
+        )
 
     @override
     def __repr__(self) -> str:
@@ -130,13 +142,24 @@ class LineProtocol(LineReceiver):
 
     def start_serving(self) -> None:
         """
-        The registry admitted this connection: build its handler.
+        The registry admitted this connection: build its handler, and start
+        the idle deadline.
         """
         self.handler = self.factory.handler_factory(self)
+        if self._idle is not None:
+            self._idle.begin()
 
     @override
     def dataReceived(self, data: bytes) -> None:
         frames = self._framer.feed(data)
+        if self._idle is not None:
+            self._idle.touch()
+        if self._line is not None:
+            # A read that completed lines and left a tail started a new line.
+            if not self._framer.pending:
+                self._line.clear()
+            elif frames.lines or not self._line.active:
+                self._line.begin()
         if frames.lines:
             lines = frames.lines
             self._stats.incr("lines.received", len(lines))
@@ -183,6 +206,9 @@ class LineProtocol(LineReceiver):
 
     @override
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        for deadline in (self._idle, self._line):
+            if deadline is not None:
+                deadline.cancel()
         if self._abort_call is not None and self._abort_call.active():
             self._abort_call.cancel()
         self._abort_call = None
@@ -252,6 +278,31 @@ class LineProtocol(LineReceiver):
             self._abort_call = self.factory.clock.callLater(
                 self.factory.settings.close_timeout, self._abort
             )
+
+    def _idle_expired(self) -> None:
+        assert self._idle is not None
+        if self.gate.paused:
+            # We stopped reading it: its silence is ours, not the client's.
+            self._idle.begin()
+            return
+        log.info(
+            "closing {conn}: idle for {t}s", conn=self.identity, t=self._idle.timeout
+        )
+        self._stats.incr("timeouts.idle")
+        self.send_error(ErrorCode.IDLE_TIMEOUT)
+
+    def _line_expired(self) -> None:
+        assert self._line is not None
+        if self.gate.paused:
+            self._line.begin()
+            return
+        log.info(
+            "closing {conn}: a line stayed incomplete for {t}s",
+            conn=self.identity,
+            t=self._line.timeout,
+        )
+        self._stats.incr("timeouts.line")
+        self.send_error(ErrorCode.LINE_TIMEOUT)
 
     def _abort(self) -> None:
         self._abort_call = None
