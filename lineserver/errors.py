@@ -25,6 +25,7 @@ class ErrorCode(StrEnum):
     UNAUTHORIZED = "unauthorized"
     TLS_REQUIRED = "tls-required"
     TLS_UNAVAILABLE = "tls-unavailable"
+    PROTOCOL = "protocol-error"
 
 
 def error_line(code: ErrorCode | str, detail: str = "") -> bytes:
