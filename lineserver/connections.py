@@ -137,6 +137,8 @@ class ConnectionRegistry:
         """
         Called by a connection that is gone.
         """
+        if conn not in self._all:
+            return  # refused before admission (not allowed by address)
         self._all.discard(conn)
         if conn in self._counted:
             self._counted.discard(conn)

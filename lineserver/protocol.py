@@ -18,16 +18,20 @@ from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
     IHalfCloseableProtocol,
+    IHandshakeListener,
     IPushProducer,
     IReactorTime,
+    ISSLTransport,
 )
 from twisted.internet.protocol import ServerFactory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
+from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper
 from twisted.python.failure import Failure
 from typing_extensions import override
 from zope.interface import implementer
 
+from lineserver.admission import Admission, AdmissionPolicy, Verdict
 from lineserver.errors import ErrorCode, error_line
 from lineserver.flow import PauseGate
 from lineserver.framing import LF, LineFramer
@@ -55,12 +59,15 @@ class ProtocolSettings:
     @ivar close_timeout: seconds a closing connection may take to flush its
         last bytes before it is aborted (a peer that does not read would
         otherwise keep it forever).
+    @ivar handshake_timeout: seconds a TLS handshake may take (at accept or
+        after STARTTLS) before the connection is aborted; None for no limit.
     """
 
     max_line_length: int = 65536
     idle_timeout: float | None = None
     line_timeout: float | None = None
     close_timeout: float = 5.0
+    handshake_timeout: float | None = 10.0
 
 
 def describe_address(address: IAddress) -> str:
@@ -87,7 +94,7 @@ def _after_lines(raw: bytes, count: int) -> bytes:
     return raw[offset:]
 
 
-@implementer(IConnection, IHalfCloseableProtocol)
+@implementer(IConnection, IHalfCloseableProtocol, IHandshakeListener)
 class LineProtocol(LineReceiver):
     """
     One client connection.
@@ -117,6 +124,12 @@ class LineProtocol(LineReceiver):
         self._abort_call: IDelayedCall | None = None
         self.handler: ILineHandler | None = None
         self.gate = PauseGate(self._pause_transport, self._resume_transport)
+        self._awaiting_proxy = False
+        self._early: list[tuple[list[bytes], bytes]] = []
+        self._handshake: Deadline | None = None
+        self._serve_when_secure = False
+        policy = factory.admission
+        self._admission = None if policy.trivial else Admission(policy)
         settings = factory.settings
         self._idle = (
             Deadline(factory.clock, settings.idle_timeout, self._idle_expired)
@@ -138,19 +151,52 @@ class LineProtocol(LineReceiver):
     @override
     def connectionMade(self) -> None:
         self.transport.registerProducer(self.gate.producer("output"), True)
+        if ISSLTransport.providedBy(self.transport):
+            self._begin_handshake()
+        if isinstance(self.transport, HAProxyProtocolWrapper):
+            # The real client address comes with the PROXY header.
+            self._awaiting_proxy = True
+            return
+        self._admit()
+
+    def _admit(self) -> None:
+        """
+        Decide on the client by its address, then hand it to the registry.
+        """
+        self._awaiting_proxy = False
+        self.peer = self.transport.getPeer()
+        self.identity = f"#{self.number} {describe_address(self.peer)}"
+        allow = self.factory.allow
+        host = getattr(self.peer, "host", None)
+        if allow is not None and host is not None and not allow(host):
+            self._stats.incr("connections.refused.forbidden")
+            log.info("refusing {conn}: address not allowed", conn=self.identity)
+            self.send_error(ErrorCode.FORBIDDEN)
+            return
         self.factory.registry.admit(self)
 
     def start_serving(self) -> None:
         """
         The registry admitted this connection: build its handler, and start
-        the idle deadline.
+        the idle deadline.  A TLS connection waits for its handshake, so
+        that it holds no handler (and no sink state) before it.
         """
+        if self._handshake is not None:
+            self._serve_when_secure = True
+            return
         self.handler = self.factory.handler_factory(self)
         if self._idle is not None:
             self._idle.begin()
+        early, self._early = self._early, []
+        for lines, raw in early:
+            self._deliver(lines, raw)
 
     @override
     def dataReceived(self, data: bytes) -> None:
+        if self._awaiting_proxy:
+            self._admit()
+            if self._closing:
+                return
         frames = self._framer.feed(data)
         if self._idle is not None:
             self._idle.touch()
@@ -160,13 +206,15 @@ class LineProtocol(LineReceiver):
                 self._line.clear()
             elif frames.lines or not self._line.active:
                 self._line.begin()
-        if frames.lines:
-            lines = frames.lines
+        lines, raw = frames.lines, frames.raw
+        if lines and self._admission is not None and not self._admission.open:
+            lines, raw = self._screen(lines, raw)
+        if lines:
             self._stats.incr("lines.received", len(lines))
             if self._per_line or self._held:
                 self._deliver_each(lines)
             else:
-                self._deliver(lines, frames.raw)
+                self._deliver(lines, raw)
         if frames.error is not None:
             self._stats.incr("lines.too_long")
             self.lineLengthExceeded(b"")
@@ -206,7 +254,7 @@ class LineProtocol(LineReceiver):
 
     @override
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        for deadline in (self._idle, self._line):
+        for deadline in (self._idle, self._line, self._handshake):
             if deadline is not None:
                 deadline.cancel()
         if self._abort_call is not None and self._abort_call.active():
@@ -279,6 +327,87 @@ class LineProtocol(LineReceiver):
                 self.factory.settings.close_timeout, self._abort
             )
 
+    # -- admission: STARTTLS, required TLS, AUTH -----------------------------
+
+    def _screen(self, lines: list[bytes], raw: bytes) -> tuple[list[bytes], bytes]:
+        """
+        Pass the first lines through the admission rules.
+
+        @return: the lines (and their raw bytes) that may go to the handler.
+        """
+        admission = self._admission
+        assert admission is not None
+        count = len(lines)
+        for index, line in enumerate(lines):
+            last = index == count - 1 and not self._framer.pending
+            decision = admission.on_line(line, last)
+            verdict = decision.verdict
+            if verdict is Verdict.DELIVER:
+                return lines[index:], _after_lines(raw, index)
+            if verdict is Verdict.CONSUMED:
+                self._stats.incr("auth.accepted")
+                log.info("{conn} authenticated", conn=self.identity)
+                continue
+            if verdict is Verdict.START_TLS:
+                self._start_tls()
+            else:
+                assert decision.code is not None
+                log.info(
+                    "refusing {conn}: {code} {detail}",
+                    conn=self.identity,
+                    code=decision.code.value,
+                    detail=decision.detail,
+                )
+                self.send_error(decision.code, decision.detail)
+            return [], b""
+        return [], b""
+
+    def _start_tls(self) -> None:
+        """
+        Answer C{OK starttls} in plaintext, then start TLS on this socket.
+        Nothing is pending in the framer: STARTTLS had to be the last thing
+        the client sent.
+        """
+        self.sendLine(b"OK starttls")
+        self._framer = LineFramer(self.MAX_LENGTH)
+        self._stats.incr("tls.starttls")
+        self.transport.startTLS(self.factory.starttls_context)
+        self._begin_handshake()
+
+    def _begin_handshake(self) -> None:
+        timeout = self.factory.settings.handshake_timeout
+        self._handshake = Deadline(
+            self.factory.clock, timeout or 1e9, self._handshake_expired
+        )
+        self._handshake.begin()
+
+    def _handshake_expired(self) -> None:
+        log.info(
+            "aborting {conn}: no TLS handshake within {t}s",
+            conn=self.identity,
+            t=self.factory.settings.handshake_timeout,
+        )
+        self._stats.incr("timeouts.handshake")
+        self.transport.abortConnection()
+
+    def handshakeCompleted(self) -> None:
+        """
+        IHandshakeListener: the TLS handshake is done; serve the connection.
+        """
+        if self._handshake is not None:
+            self._handshake.cancel()
+            self._handshake = None
+        self.tls_subject = self.factory.certificate_subject(self.transport)
+        if self.tls_subject:
+            self.identity = f"{self.identity} ({self.tls_subject})"
+        if self._admission is not None:
+            self._admission.tls_started()
+        self._stats.incr("tls.handshakes")
+        log.debug("{conn} TLS handshake complete", conn=self.identity)
+        if self._serve_when_secure:
+            self._serve_when_secure = False
+            self.start_serving()
+
     def _idle_expired(self) -> None:
         assert self._idle is not None
         if self.gate.paused:
@@ -322,6 +451,9 @@ class LineProtocol(LineReceiver):
     def _deliver(self, lines: list[bytes], raw: bytes) -> None:
         handler = self.handler
         if handler is None:
+            # Read before this connection was served (waiting for a slot):
+            # kept until start_serving.
+            self._early.append((lines, raw))
             return
         try:
             handler.lines_received(lines, raw)
@@ -403,6 +535,27 @@ class LineFactory(ServerFactory):
         self.stats = stats if stats is not None else Stats()
         self._make = protocol_class or LineProtocol
         self._numbers = itertools.count(1)
+        #: Admits a client by its IP address (C{--allow}); None admits all.
+        self.allow: Callable[[str], bool] | None = None
+        #: The rules for a connection's first lines (STARTTLS, AUTH).
+        self.admission = AdmissionPolicy()
+        #: The TLS context C{STARTTLS} upgrades with.
+        self.starttls_context: object | None = None
+
+    @staticmethod
+    def certificate_subject(transport: Any) -> str | None:
+        """
+        @return: the verified client certificate's subject, or None.
+        """
+        get = getattr(transport, "getPeerCertificate", None)
+        certificate = get() if get is not None else None
+        if certificate is None:
+            return None
+        components = certificate.get_subject().get_components()
+        return ",".join(
+            f"{key.decode('ascii', 'replace')}={value.decode('utf-8', 'replace')}"
+            for key, value in components
+        )
 
     @override
     def buildProtocol(self, addr: IAddress | None) -> LineProtocol:  # type: ignore[override]
