@@ -1,0 +1,589 @@
+"""Tests for L{lineserver.sinks} and L{lineserver.sink_service}.
+
+The file sink runs on a real reactor (it writes from a thread), the stdout
+sink on a real pipe (its backpressure is the pipe filling up); SinkService
+is driven deterministically by a sink double whose Deferreds the test fires.
+"""
+
+# trial's assertion methods carry no annotations; checking their calls
+# would only add noise, everything else stays strict.
+# mypy: disable-error-code="no-untyped-call"
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import tempfile
+from collections.abc import Callable, Generator
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from lineserver.flow import SinkQueue
+from lineserver.interfaces import ISink, ISinkFactory, ISupervisor
+from lineserver.sink_service import SinkService
+from lineserver.sinks import SinkURL, SinkURLError, sink_factory_from_url
+from lineserver.sinks.file import FileSink, FileSinkFactory
+from lineserver.sinks.null import NullSink, NullSinkFactory
+from lineserver.sinks.stdout import StdoutSink, StdoutSinkFactory
+from lineserver.stats import Stats
+from tests.support import reactor
+
+
+def temp_dir(case: SynchronousTestCase) -> str:
+    """
+    A fresh absolute directory, removed after the test (trial's C{mktemp}
+    is relative to the working directory, which under pytest is the
+    checkout).
+    """
+    path = tempfile.mkdtemp(prefix="lineserver-test-")
+    case.addCleanup(shutil.rmtree, path, True)
+    return path
+
+
+ODD_LINES = [b"plain", b"nul\x00inside", b"\xff\xfe invalid utf-8 \xc3", b"", b"end"]
+
+
+class FileSinkTests(TestCase):
+    """
+    FileSink through the real reactor and its private writer thread.
+    """
+
+    def path(self) -> str:
+        return os.path.join(temp_dir(self), "lines.log")
+
+    @inlineCallbacks
+    def test_bytes_exact_lf_terminated(self) -> Generator[Deferred[Any], Any, None]:
+        """
+        Each line is written exactly as given (NUL, invalid UTF-8, an empty
+        line) followed by one LF, in order across batches.
+        """
+        path = self.path()
+        sink = FileSink(path, reactor)
+        yield sink.open()
+        yield sink.write(ODD_LINES[:2])
+        yield sink.write(ODD_LINES[2:])
+        yield sink.close()
+        self.assertEqual(
+            Path(path).read_bytes(), b"".join(line + b"\n" for line in ODD_LINES)
+        )
+
+    @inlineCallbacks
+    def test_written_before_close(self) -> Generator[Deferred[Any], Any, None]:
+        """
+        When a write's Deferred fires, its lines are already in the file
+        (flushed), not only after close.
+        """
+        path = self.path()
+        sink = FileSink(path, reactor)
+        yield sink.open()
+        try:
+            yield sink.write([b"one", b"two"])
+            self.assertEqual(Path(path).read_bytes(), b"one\ntwo\n")
+        finally:
+            yield sink.close()
+
+    @inlineCallbacks
+    def test_appends(self) -> Generator[Deferred[Any], Any, None]:
+        """
+        An existing file is appended to, never truncated.
+        """
+        path = self.path()
+        Path(path).write_bytes(b"old 1\nold 2\n")
+        sink = FileSink(path, reactor)
+        yield sink.open()
+        yield sink.write([b"new"])
+        yield sink.close()
+        self.assertEqual(Path(path).read_bytes(), b"old 1\nold 2\nnew\n")
+
+    @inlineCallbacks
+    def test_fsync_each_batch(self) -> Generator[Deferred[Any], Any, None]:
+        """
+        C{file:PATH?fsync=1} makes a sink that fsyncs every batch before its
+        Deferred fires; without it, only close fsyncs.
+        """
+        synced: list[int] = []
+        real_fsync = os.fsync
+
+        def counting_fsync(fd: int) -> None:
+            synced.append(fd)
+            real_fsync(fd)
+
+        self.patch(os, "fsync", counting_fsync)
+        path = self.path()
+        factory = sink_factory_from_url(f"file:{path}?fsync=1", reactor)
+        assert isinstance(factory, FileSinkFactory)
+        self.assertTrue(factory.fsync)
+        sink = factory()
+        self.assertTrue(sink.fsync)
+        yield sink.open()
+        yield sink.write([b"a"])
+        yield sink.write([b"b"])
+        self.assertEqual(len(synced), 2)
+        yield sink.close()
+        self.assertEqual(len(synced), 3)
+        self.assertEqual(Path(path).read_bytes(), b"a\nb\n")
+
+        del synced[:]
+        plain = sink_factory_from_url(f"file:{path}", reactor)()
+        assert isinstance(plain, FileSink)
+        self.assertFalse(plain.fsync)
+        yield plain.open()
+        yield plain.write([b"c"])
+        self.assertEqual(synced, [])
+        yield plain.close()
+        self.assertEqual(len(synced), 1)
+
+    @inlineCallbacks
+    def test_open_fails_for_unwritable_path(
+        self,
+    ) -> Generator[Deferred[Any], Any, None]:
+        """
+        A path that cannot be opened makes C{open}'s Deferred fail (so the
+        supervisor can retry) rather than raising in the reactor.
+        """
+        sink = FileSink(temp_dir(self), reactor)  # a directory: not openable
+        try:
+            with self.assertRaises(IsADirectoryError):
+                yield sink.open()
+        finally:
+            yield sink.close()
+
+
+class SinkURLTests(SynchronousTestCase):
+    def test_parse(self) -> None:
+        """
+        C{scheme:target?k=v} parses into a lower-case scheme, the target and
+        the options; a URL without query has no options.
+        """
+        url = SinkURL.parse("FILE:logs/a.log?fsync=1&mode=x")
+        self.assertEqual(url.scheme, "file")
+        self.assertEqual(url.target, "logs/a.log")
+        self.assertEqual(url.options, {"fsync": "1", "mode": "x"})
+        self.assertEqual(SinkURL.parse("null:"), SinkURL("null", "", {}))
+
+    def test_str_round_trip(self) -> None:
+        """
+        C{str} gives back a URL that parses to the same value.
+        """
+        for text in ["file:a.log", "file:a.log?fsync=1", "stdout:", "x:y?a=1&b=2"]:
+            url = SinkURL.parse(text)
+            self.assertEqual(str(url), text)
+            self.assertEqual(SinkURL.parse(str(url)), url)
+
+    def test_not_a_url(self) -> None:
+        """
+        Text without a scheme is refused with a message saying what is wanted.
+        """
+        for text in ["lines.log", ":x", ""]:
+            with self.assertRaises(SinkURLError) as caught:
+                SinkURL.parse(text)
+            self.assertIn("scheme:target", str(caught.exception))
+
+
+class SinkFactoryFromURLTests(SynchronousTestCase):
+    def test_file(self) -> None:
+        """
+        C{file:PATH} gives a FileSinkFactory for that path, whose sinks
+        write there.
+        """
+        path = os.path.join(temp_dir(self), "x.log")
+        factory = sink_factory_from_url(f"file:{path}", reactor)
+        assert isinstance(factory, FileSinkFactory)
+        self.assertEqual(factory.path, path)
+        self.assertEqual(factory.description, f"file:{path}")
+        self.assertFalse(factory.fsync)
+        sink = factory()
+        self.assertIsInstance(sink, FileSink)
+        self.assertEqual(sink.path, path)
+
+    def test_null_and_stdout(self) -> None:
+        """
+        C{null:} and C{stdout:} give their factories, and each call makes a
+        fresh sink.
+        """
+        null = sink_factory_from_url("null:", reactor)
+        self.assertIsInstance(null, NullSinkFactory)
+        self.assertIsInstance(null(), NullSink)
+        self.assertIsNot(null(), null())
+        stdout = sink_factory_from_url("stdout:", reactor)
+        self.assertIsInstance(stdout, StdoutSinkFactory)
+        self.assertIsInstance(stdout(), StdoutSink)
+        self.assertEqual(stdout.description, "stdout:")
+
+    def test_unknown_scheme(self) -> None:
+        """
+        An unknown scheme is refused with a message naming it and the known
+        schemes.
+        """
+        with self.assertRaises(SinkURLError) as caught:
+            sink_factory_from_url("ftp://example/x", reactor)
+        message = str(caught.exception)
+        self.assertIn("unknown sink scheme 'ftp'", message)
+        for known in ("file:", "null:", "stdout:"):
+            self.assertIn(known, message)
+
+    def test_bad_fsync(self) -> None:
+        """
+        An fsync value other than a boolean word is refused, naming fsync.
+        """
+        with self.assertRaises(SinkURLError) as caught:
+            sink_factory_from_url("file:x.log?fsync=sometimes", reactor)
+        self.assertIn("fsync must be 0 or 1", str(caught.exception))
+        self.assertIn("'sometimes'", str(caught.exception))
+
+    def test_missing_directory(self) -> None:
+        """
+        A file in a directory that does not exist is refused at once, naming
+        the directory, instead of failing later at open.
+        """
+        missing = os.path.join(temp_dir(self), "missing")
+        with self.assertRaises(SinkURLError) as caught:
+            sink_factory_from_url(f"file:{missing}/lines.log", reactor)
+        self.assertIn("does not exist", str(caught.exception))
+        self.assertIn(missing, str(caught.exception))
+
+    def test_file_needs_path(self) -> None:
+        """
+        C{file:} alone is refused with an example of what is wanted.
+        """
+        with self.assertRaises(SinkURLError) as caught:
+            sink_factory_from_url("file:", reactor)
+        self.assertIn("needs a path", str(caught.exception))
+
+
+class InterfaceTests(SynchronousTestCase):
+    def test_sinks_provide_isink(self) -> None:
+        """
+        Every built-in sink provides L{ISink}.
+        """
+        verifyObject(ISink, FileSink("x.log", reactor))
+        verifyObject(ISink, NullSink())
+        verifyObject(ISink, StdoutSink(reactor, fd=1))
+
+    def test_factories_provide_isinkfactory(self) -> None:
+        """
+        Every built-in sink factory provides L{ISinkFactory}.
+        """
+        verifyObject(ISinkFactory, FileSinkFactory("x.log", reactor, False))
+        verifyObject(ISinkFactory, NullSinkFactory())
+        verifyObject(ISinkFactory, StdoutSinkFactory(reactor))
+
+
+class NullSinkTests(SynchronousTestCase):
+    def test_counts(self) -> None:
+        """
+        The null sink takes every batch at once and counts lines and batches.
+        """
+        sink = NullSink()
+        self.successResultOf(sink.open())
+        self.successResultOf(sink.write([b"a", b"b"]))
+        self.successResultOf(sink.write([b"c"]))
+        self.successResultOf(sink.close())
+        self.assertEqual((sink.lines, sink.batches), (3, 2))
+
+
+def pipe_full(fd: int) -> bool:
+    """
+    @return: whether a write to C{fd} would block right now.
+    """
+    _, writable, _ = select.select([], [fd], [], 0)
+    return not writable
+
+
+class StdoutSinkTests(TestCase):
+    """
+    StdoutSink on the write end of a real pipe, read (or not) by the test.
+    """
+
+    def make_pipe(self) -> tuple[int, int]:
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        return r, w
+
+    def poll(self, check: Callable[[], bool], timeout: float = 10.0) -> Deferred[None]:
+        """
+        @return: a Deferred that fires once C{check()} is true, checked
+            every 10 ms of reactor time, failing after C{timeout} seconds.
+        """
+        done: Deferred[None] = Deferred()
+        deadline = reactor.seconds() + timeout
+
+        def step() -> None:
+            if check():
+                done.callback(None)
+            elif reactor.seconds() > deadline:
+                done.errback(AssertionError(f"{check} still false after {timeout}s"))
+            else:
+                reactor.callLater(0.01, step)
+
+        step()
+        return done
+
+    @inlineCallbacks
+    def test_writes_lines(self) -> Generator[Deferred[Any], Any, None]:
+        """
+        Lines reach the descriptor byte for byte, LF-terminated, and close
+        fires once they are all out.
+        """
+        r, w = self.make_pipe()
+        sink = StdoutSink(reactor, fd=w)
+        yield sink.open()
+        yield sink.write(ODD_LINES)
+        yield sink.close()
+        self.assertEqual(os.read(r, 65536), b"".join(x + b"\n" for x in ODD_LINES))
+
+    @inlineCallbacks
+    def test_backpressure(self) -> Generator[Deferred[Any], Any, None]:
+        """
+        With nobody reading, write() Deferreds stop firing once the pipe and
+        the descriptor's buffer are full; reading the pipe makes the pending
+        one fire, and everything written arrives in order.
+        """
+        r, w = self.make_pipe()
+        sink = StdoutSink(reactor, fd=w)
+        yield sink.open()
+        line = b"x" * 1023
+        pending: Deferred[None] | None = None
+        sent = 0
+        for number in range(1000):  # 1 MiB: far beyond pipe + buffer
+            written = sink.write([b"%05d" % number + line])
+            sent += 1
+            if not written.called:
+                pending = written
+                break
+        self.assertIsNotNone(pending)
+        assert pending is not None
+        self.assertLess(sent, 1000)
+        # Let the reactor push what it can into the pipe until it is full.
+        yield self.poll(lambda: pipe_full(w))
+        self.assertNoResult(pending)
+
+        received = bytearray()
+
+        def drain() -> bool:
+            try:
+                while chunk := os.read(r, 65536):
+                    received.extend(chunk)
+            except BlockingIOError:
+                pass
+            return pending.called
+
+        yield self.poll(drain)
+        self.assertIsNone(self.successResultOf(pending))
+        closed = sink.close()
+        yield self.poll(lambda: drain() and closed.called)
+        drain()
+        expected = b"".join(b"%05d" % n + line + b"\n" for n in range(sent))
+        self.assertEqual(len(received), len(expected))
+        self.assertEqual(bytes(received), expected)
+
+
+class SinkError(Exception):
+    """
+    What the sink double fails with.
+    """
+
+
+@implementer(ISink)
+class ControlledSink:
+    """
+    A sink whose open, write and close return Deferreds the test fires.
+    """
+
+    def __init__(self, events: list[str]) -> None:
+        self.events = events
+        self.opened: Deferred[None] = Deferred()
+        self.writes: list[tuple[list[bytes], Deferred[None]]] = []
+        self.closed: Deferred[None] = Deferred()
+
+    def open(self) -> Deferred[None]:
+        self.events.append("open")
+        return self.opened
+
+    def write(self, lines: list[bytes]) -> Deferred[None]:
+        self.events.append("write " + b",".join(lines).decode())
+        done: Deferred[None] = Deferred()
+        self.writes.append((list(lines), done))
+        return done
+
+    def close(self) -> Deferred[None]:
+        self.events.append("close")
+        return self.closed
+
+
+@implementer(ISinkFactory)
+class ControlledSinkFactory:
+    description = "controlled:"
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+        self.sinks: list[ControlledSink] = []
+
+    def __call__(self) -> ControlledSink:
+        sink = ControlledSink(self.events)
+        self.sinks.append(sink)
+        return sink
+
+
+@implementer(ISupervisor)
+class FakeSupervisor(MultiService):
+    """
+    A parent that records what its children report.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures: list[tuple[object, Failure]] = []
+
+    def child_failed(self, child: object, reason: object) -> None:
+        assert isinstance(reason, Failure)
+        self.failures.append((child, reason))
+
+
+class SinkServiceTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.queue = SinkQueue(high_watermark=1000, low_watermark=100)
+        self.factory = ControlledSinkFactory()
+        self.stats = Stats()
+        self.parent = FakeSupervisor()
+
+    def service(self, max_batch_bytes: int = 1 << 20) -> SinkService:
+        service = SinkService(self.factory, self.queue, self.stats, max_batch_bytes)
+        service.setServiceParent(self.parent)
+        service.startService()
+        return service
+
+    def sink(self) -> ControlledSink:
+        return self.factory.sinks[-1]
+
+    def test_verify(self) -> None:
+        """
+        The sink double keeps the contract it stands in for.
+        """
+        verifyObject(ISinkFactory, self.factory)
+        verifyObject(ISink, ControlledSink([]))
+        verifyObject(ISupervisor, self.parent)
+
+    def test_one_batch_in_flight(self) -> None:
+        """
+        Nothing is written before the sink is open; then one batch at a
+        time: what is queued while a write is in flight waits, and goes
+        out merged once that write fires.
+        """
+        self.service()
+        self.queue.put([b"a"], 1)
+        self.assertEqual(self.factory.events, ["open"])
+        self.sink().opened.callback(None)
+        self.assertEqual(self.factory.events, ["open", "write a"])
+        self.queue.put([b"b"], 1)
+        self.queue.put([b"c"], 1)
+        self.assertEqual(len(self.sink().writes), 1)
+        self.sink().writes[0][1].callback(None)
+        self.assertEqual(self.factory.events, ["open", "write a", "write b,c"])
+        self.assertEqual(self.queue.buffered, 2)
+        self.sink().writes[1][1].callback(None)
+        self.assertEqual(self.queue.buffered, 0)
+        self.assertEqual(self.stats.get("lines.delivered"), 3)
+        self.queue.put([b"d"], 1)
+        self.assertEqual(self.factory.events[-1], "write d")
+
+    def test_batches_merged_up_to_max(self) -> None:
+        """
+        Queued batches are merged into one write until about
+        C{max_batch_bytes}; the rest goes in the next write, in order.
+        """
+        self.service(max_batch_bytes=10)
+        for name in (b"a", b"b", b"c", b"d"):
+            self.queue.put([name], 6)
+        self.sink().opened.callback(None)
+        self.assertEqual([lines for lines, _ in self.sink().writes], [[b"a", b"b"]])
+        self.sink().writes[0][1].callback(None)
+        self.assertEqual(
+            [lines for lines, _ in self.sink().writes], [[b"a", b"b"], [b"c", b"d"]]
+        )
+
+    def test_failed_write_gives_batch_back(self) -> None:
+        """
+        A failed write puts its batch back at the front of the queue (still
+        counted), reports the failure to the ISupervisor parent, counts it,
+        and writes nothing more.
+        """
+        service = self.service()
+        self.queue.put([b"a", b"b"], 2)
+        self.sink().opened.callback(None)
+        self.queue.put([b"c"], 1)
+        self.sink().writes[0][1].errback(SinkError("disk full"))
+        self.assertEqual(len(self.flushLoggedErrors(SinkError)), 1)
+        self.assertEqual(len(self.parent.failures), 1)
+        child, reason = self.parent.failures[0]
+        self.assertIs(child, service)
+        self.assertIsInstance(reason.value, SinkError)
+        self.assertEqual(self.stats.get("sink.failures"), 1)
+        self.assertEqual(len(self.sink().writes), 1)
+        self.assertEqual(self.queue.buffered, 3)
+        self.assertEqual(self.queue.take(100), ([b"a", b"b", b"c"], 3))
+        self.assertEqual(self.stats.get("lines.delivered"), 0)
+
+    def test_next_incarnation_writes_given_back_batch(self) -> None:
+        """
+        A fresh SinkService around the same queue (what the supervisor does
+        after a crash) writes the failed batch first.
+        """
+        first = self.service()
+        self.queue.put([b"a"], 1)
+        self.sink().opened.callback(None)
+        self.queue.put([b"b"], 1)
+        self.sink().writes[0][1].errback(SinkError("gone"))
+        self.flushLoggedErrors(SinkError)
+        first.disownServiceParent()
+        self.service()
+        self.sink().opened.callback(None)
+        self.assertEqual([lines for lines, _ in self.sink().writes], [[b"a", b"b"]])
+
+    def test_stop_flushes_before_close(self) -> None:
+        """
+        stopService writes out everything queued, and only then closes the
+        sink; its Deferred fires when the close does.
+        """
+        service = self.service()
+        self.queue.put([b"a"], 1)
+        self.sink().opened.callback(None)
+        self.queue.put([b"b"], 1)
+        stopped = service.stopService()
+        self.assertNoResult(stopped)
+        self.sink().writes[0][1].callback(None)
+        self.assertEqual(self.factory.events, ["open", "write a", "write b"])
+        self.assertNoResult(stopped)
+        self.sink().writes[1][1].callback(None)
+        self.assertEqual(self.factory.events[-1], "close")
+        self.assertNoResult(stopped)
+        self.sink().closed.callback(None)
+        self.successResultOf(stopped)
+        self.assertEqual(self.queue.buffered, 0)
+        self.assertIsNone(service.sink)
+
+    def test_open_failure_reported(self) -> None:
+        """
+        A sink that fails to open is reported to the parent and counted; the
+        queue keeps its lines and C{flushed} does not wait for them.
+        """
+        service = self.service()
+        self.queue.put([b"a"], 1)
+        self.sink().opened.errback(SinkError("no such device"))
+        self.assertEqual(len(self.flushLoggedErrors(SinkError)), 1)
+        self.assertEqual(len(self.parent.failures), 1)
+        self.assertIs(self.parent.failures[0][0], service)
+        self.assertEqual(self.stats.get("sink.failures"), 1)
+        self.assertEqual(self.sink().writes, [])
+        self.assertEqual(len(self.queue), 1)
+        self.successResultOf(service.flushed())

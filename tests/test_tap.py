@@ -1,0 +1,351 @@
+"""Tests for L{lineserver.tap}: the command line of C{twistd lineserver}.
+
+Options are checked in process; what a user sees (exit status, the last
+line of output, standard output as a sink) through a real twistd.
+"""
+
+# trial's assertion methods carry no annotations; checking their calls
+# would only add noise, everything else stays strict.
+# mypy: disable-error-code="no-untyped-call"
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from lineserver.tap import Options, default_port, parse_size, with_backlog
+from tests.support import TWISTD, ServerProcess, free_port
+
+
+def temp_dir(case: SynchronousTestCase) -> str:
+    """
+    A fresh absolute directory, removed after the test (trial's C{mktemp}
+    is relative to the working directory, which under pytest is the
+    checkout).
+    """
+    path = tempfile.mkdtemp(prefix="lineserver-test-")
+    case.addCleanup(shutil.rmtree, path, True)
+    return path
+
+
+def without_port_variable(case: SynchronousTestCase) -> None:
+    """
+    Take C{PORT} out of the environment for this test, so defaults are the
+    embedded ones wherever the suite runs.
+    """
+    saved = os.environ.pop("PORT", None)
+    if saved is not None:
+        case.addCleanup(os.environ.__setitem__, "PORT", saved)
+
+
+def parse(*args: str) -> Options:
+    options = Options()
+    options.parseOptions(list(args))
+    return options
+
+
+class OptionsTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        without_port_variable(self)
+
+    def test_defaults(self) -> None:
+        """
+        With no arguments: sink mode into file:lines.log on
+        127.0.0.1:4040, and every documented default, converted.
+        """
+        options = parse()
+        self.assertEqual(options["ports"], ["tcp:4040:interface=127.0.0.1"])
+        self.assertEqual(options["mode"], "sink")
+        self.assertEqual(options["sink"], "file:lines.log")
+        self.assertEqual(options["max-line-length"], 65536)
+        self.assertIsNone(options["max-connections"])
+        self.assertIsNone(options["max-connections-per-peer"])
+        self.assertEqual(options["overflow"], "wait")
+        self.assertEqual(options["backlog"], 1024)
+        self.assertIsNone(options["idle-timeout"])
+        self.assertIsNone(options["line-timeout"])
+        self.assertEqual(options["shutdown-timeout"], 10.0)
+        self.assertEqual(options["high-watermark"], 4 << 20)
+        self.assertEqual(options["low-watermark"], 1 << 20)
+        self.assertEqual(options["max-restarts"], 5)
+        self.assertEqual(options["restart-period"], 10.0)
+
+    def test_repeatable_port(self) -> None:
+        """
+        C{--port} (and C{-p}) may be given several times; each is kept, in
+        order, and the default is not added.
+        """
+        options = parse("--port", "tcp:1:interface=127.0.0.1", "-p", "unix:/tmp/x")
+        self.assertEqual(options["ports"], ["tcp:1:interface=127.0.0.1", "unix:/tmp/x"])
+
+    def test_size_suffixes(self) -> None:
+        """
+        Sizes take K and M suffixes (binary multiples).
+        """
+        options = parse(
+            "--max-line-length",
+            "64K",
+            "--high-watermark",
+            "2M",
+            "--low-watermark",
+            "512k",
+        )
+        self.assertEqual(options["max-line-length"], 65536)
+        self.assertEqual(options["high-watermark"], 2 << 20)
+        self.assertEqual(options["low-watermark"], 512 << 10)
+
+    def test_values_converted(self) -> None:
+        """
+        Numbers and seconds arrive as numbers.
+        """
+        options = parse(
+            "--mode",
+            "echo",
+            "--max-connections",
+            "7",
+            "--idle-timeout",
+            "2.5",
+            "--overflow",
+            "reject",
+            "--backlog",
+            "10",
+        )
+        self.assertEqual(options["mode"], "echo")
+        self.assertEqual(options["max-connections"], 7)
+        self.assertEqual(options["idle-timeout"], 2.5)
+        self.assertEqual(options["overflow"], "reject")
+        self.assertEqual(options["backlog"], 10)
+
+    def test_bad_values_name_the_option(self) -> None:
+        """
+        Every bad value raises UsageError whose message starts with the
+        option's name.
+        """
+        cases = [
+            (["--mode", "bogus"], "--mode"),
+            (["--max-line-length", "abc"], "--max-line-length"),
+            (["--max-line-length", "0"], "--max-line-length"),
+            (["--high-watermark", "1M", "--low-watermark", "1M"], "--low-watermark"),
+            (["--high-watermark", "1M", "--low-watermark", "2M"], "--low-watermark"),
+            (["--idle-timeout", "nan"], "--idle-timeout"),
+            (["--idle-timeout", "inf"], "--idle-timeout"),
+            (["--shutdown-timeout", "-1"], "--shutdown-timeout"),
+            (["--sink", "ftp:x"], "--sink"),
+            (["--overflow", "x"], "--overflow"),
+            (["--backlog", "-1"], "--backlog"),
+            (["--max-connections", "0"], "--max-connections"),
+            (["--max-connections-per-peer", "x"], "--max-connections-per-peer"),
+            (["--max-restarts", "1.5"], "--max-restarts"),
+        ]
+        for args, name in cases:
+            with self.assertRaises(usage.UsageError, msg=repr(args)) as caught:
+                parse(*args)
+            self.assertTrue(
+                str(caught.exception).startswith(name + ":"),
+                f"{args}: {caught.exception}",
+            )
+
+    def test_sink_not_checked_in_echo_mode(self) -> None:
+        """
+        The sink URL only matters in sink mode; echo mode ignores it.
+        """
+        self.assertEqual(parse("--mode", "echo", "--sink", "ftp:x")["mode"], "echo")
+
+
+class DefaultPortTests(SynchronousTestCase):
+    def test_embedded(self) -> None:
+        """
+        Without PORT, the default is 127.0.0.1:4040.
+        """
+        self.assertEqual(default_port({}), "tcp:4040:interface=127.0.0.1")
+
+    def test_port_variable(self) -> None:
+        """
+        PORT sets the port of the default, still on loopback only.
+        """
+        self.assertEqual(default_port({"PORT": "5000"}), "tcp:5000:interface=127.0.0.1")
+
+    def test_bad_port_variable(self) -> None:
+        """
+        A PORT that is not a port number is a usage error naming PORT.
+        """
+        for bad in ["http", "-1", "65536", "", "50 00"]:
+            with self.assertRaises(usage.UsageError) as caught:
+                default_port({"PORT": bad})
+            self.assertIn("PORT", str(caught.exception))
+
+
+class WithBacklogTests(SynchronousTestCase):
+    def test_added_to_stream_endpoints(self) -> None:
+        """
+        tcp, tcp6, ssl and unix endpoints get a backlog.
+        """
+        self.assertEqual(with_backlog("tcp:1", 99), "tcp:1:backlog=99")
+        self.assertEqual(
+            with_backlog("TCP6:1:interface=\\:\\:1", 5),
+            "TCP6:1:interface=\\:\\:1:backlog=5",
+        )
+        self.assertEqual(with_backlog("unix:/s", 5), "unix:/s:backlog=5")
+        self.assertEqual(
+            with_backlog("ssl:1:privateKey=k", 5), "ssl:1:privateKey=k:backlog=5"
+        )
+
+    def test_kept(self) -> None:
+        """
+        An explicit backlog wins, and other endpoint kinds are left alone.
+        """
+        self.assertEqual(with_backlog("tcp:1:backlog=3", 99), "tcp:1:backlog=3")
+        self.assertEqual(
+            with_backlog("systemd:domain=INET:index=0", 9),
+            "systemd:domain=INET:index=0",
+        )
+
+
+UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+class ParseSizeTests(SynchronousTestCase):
+    @given(
+        number=st.integers(min_value=0, max_value=10**9),
+        unit=st.sampled_from(["", "b", "k", "kb", "kib", "m", "mb", "mib", "g", "gib"]),
+        upper=st.booleans(),
+        space=st.sampled_from(["", " "]),
+    )
+    @settings(max_examples=200, deadline=None)
+    def test_property(self, number: int, unit: str, upper: bool, space: str) -> None:
+        """
+        Any whole number with any unit spelling parses to number x unit.
+        """
+        text = f"{space}{number}{space}{unit.upper() if upper else unit}{space}"
+        self.assertEqual(parse_size(text), number * UNITS[unit[:1]])
+
+    @given(st.text(alphabet="0123456789kKmMgGiIbBtT.-+ e", max_size=8))
+    @settings(max_examples=200, deadline=None)
+    def test_only_sizes(self, text: str) -> None:
+        """
+        Text either parses to a whole number of bytes or raises ValueError
+        naming the text; nothing else escapes.
+        """
+        try:
+            value = parse_size(text)
+        except ValueError as error:
+            self.assertIn(repr(text), str(error))
+        else:
+            self.assertIsInstance(value, int)
+            self.assertGreaterEqual(value, 0)
+
+    def test_refused(self) -> None:
+        """
+        Negative, fractional, unit-only and unknown-unit sizes are refused.
+        """
+        for bad in ["-1", "1.5K", "K", "", "1T", "1KK", "0x10"]:
+            with self.assertRaises(ValueError):
+                parse_size(bad)
+
+
+def run_twistd(cwd: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(TWISTD), "-n", "--pidfile=", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+class CommandLineTests(SynchronousTestCase):
+    """
+    What a user sees from a real twistd.
+    """
+
+    def setUp(self) -> None:
+        self.dir = temp_dir(self)
+
+    def test_bad_option_exits_1(self) -> None:
+        """
+        A bad option or value exits with status 1; the last line of output
+        names the option; no traceback.
+        """
+        cases = [
+            (["--mode", "bogus"], "--mode"),
+            (["--max-line-length", "0"], "--max-line-length"),
+            (["--sink", "ftp:x"], "--sink"),
+            (["--bogus"], "--bogus"),
+        ]
+        for args, name in cases:
+            done = run_twistd(self.dir, "lineserver", *args)
+            output = done.stdout + done.stderr
+            self.assertEqual(done.returncode, 1, f"{args}: {output}")
+            last = [line for line in output.splitlines() if line.strip()][-1]
+            self.assertIn(name, last)
+            self.assertNotIn("Traceback", output)
+            self.assertFalse(os.path.exists(os.path.join(self.dir, "lines.log")))
+
+    def test_stdout_sink_needs_logfile(self) -> None:
+        """
+        C{--sink stdout:} with the log on standard output is refused with a
+        message saying to send the log elsewhere.
+        """
+        done = run_twistd(self.dir, "lineserver", "--sink", "stdout:")
+        output = done.stdout + done.stderr
+        self.assertEqual(done.returncode, 1, output)
+        last = [line for line in output.splitlines() if line.strip()][-1]
+        self.assertIn("--sink stdout: lines would mix with the log", last)
+        self.assertIn("--logfile=FILE", last)
+        self.assertNotIn("Traceback", output)
+
+    def test_stdout_sink(self) -> None:
+        """
+        With the log in a file, C{--sink stdout:} writes each received line,
+        byte for byte and LF-terminated, to standard output while it runs;
+        lines sent just before SIGTERM still come out; nothing else does.
+        """
+        server = ServerProcess(self.dir, "--sink", "stdout:", port=free_port())
+        self.addCleanup(server.kill)
+        server.ready()
+        assert server.proc.stdout is not None
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(b"first line\r\nsecond \xff\x00\n")
+            # Seeing them on stdout also proves the reactor runs, so twistd
+            # has its signal handlers (see the note in tests/test_twistd.py).
+            wanted = b"first line\nsecond \xff\x00\n"
+            early = read_exactly(server.proc.stdout.fileno(), len(wanted), 10)
+            self.assertEqual(early, wanted)
+            sock.sendall(b"\nthird\n")
+        # SIGTERM at once: lines the server's kernel already holds are
+        # drained before the sink closes.
+        os.kill(server.pid, signal.SIGTERM)
+        out, err = server.proc.communicate(timeout=20)
+        self.assertEqual(server.proc.returncode, -signal.SIGTERM, server.log())
+        self.assertEqual(out, b"\nthird\n")
+        self.assertNotIn(b"Traceback", err)
+        self.assertIn("sink stdout: open", server.log())
+
+
+def read_exactly(fd: int, size: int, timeout: float) -> bytes:
+    """
+    Read C{size} bytes from a pipe, failing after C{timeout} seconds.
+    """
+    data = b""
+    deadline = time.monotonic() + timeout
+    while len(data) < size:
+        left = deadline - time.monotonic()
+        readable, _, _ = select.select([fd], [], [], max(0.0, left))
+        if not readable:
+            raise AssertionError(f"only {data!r} after {timeout}s")
+        chunk = os.read(fd, size - len(data))
+        if not chunk:
+            raise AssertionError(f"end of file after {data!r}")
+        data += chunk
+    return data
