@@ -123,7 +123,14 @@ class ListenerService(Service):
     def startService(self) -> None:
         super().startService()
         self._stopping = False
-        self._listen()
+        # Listen only once the reactor runs: twistd installs its signal
+        # handlers then, and a client must never reach a server that a
+        # SIGTERM would kill without its ordered stop.
+        self.reactor.callWhenRunning(self._listen_if_running)
+
+    def _listen_if_running(self) -> None:
+        if self.running and not self._stopping:
+            self._listen()
 
     def _listen(self) -> None:
         self._retry_call = None

@@ -63,6 +63,27 @@ def default_port(environ: dict[str, str] | None = None) -> str:
     return f"tcp:{port}:interface=127.0.0.1"
 
 
+def check_endpoint(description: str) -> None:
+    """
+    Parse an endpoint description now, so a typo is a usage error and not a
+    listener retrying forever.
+
+    @raise usage.UsageError: naming --port and the reason.
+    """
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.testing import MemoryReactor
+
+    try:
+        endpoint = serverFromString(MemoryReactor(), description)
+    except Exception as error:
+        raise usage.UsageError(
+            f"--port: bad endpoint {description!r}: {error}"
+        ) from None
+    port = getattr(endpoint, "_port", None)
+    if isinstance(port, int) and not 0 <= port <= 65535:
+        raise usage.UsageError(f"--port: port out of range in {description!r}")
+
+
 def with_backlog(description: str, backlog: int) -> str:
     """
     Add C{backlog=N} to a stream endpoint that has none (Twisted's default
@@ -176,6 +197,8 @@ class Options(usage.Options):
     @override
     def postOptions(self) -> None:
         self["ports"] = list(self["ports"]) or [default_port()]
+        for description in self["ports"]:
+            check_endpoint(description)
         if self["mode"] not in HANDLERS:
             modes = ", ".join(sorted(HANDLERS))
             raise usage.UsageError(
@@ -229,12 +252,12 @@ def _logs_to_stdout(parent: Any) -> bool:
     if parent is None:
         return False
     options = getattr(parent, "opts", parent)
-    if "log-file" in options:  # twist
-        target = options.get("log-file")
+    if "logFile" in options:  # twist
+        target = options.get("logFile")
         return (
             target is None
-            or getattr(target, "name", None) == "<stdout>"
             or target is sys.stdout
+            or (getattr(target, "name", None) == "<stdout>")
         )
     if "logfile" in options:  # twistd
         if options.get("syslog"):

@@ -51,6 +51,8 @@ class FileSink:
 
     def _write(self, lines: list[bytes]) -> None:
         assert self._file is not None
+        if not lines:
+            return
         self._file.write(b"\n".join(lines))
         self._file.write(b"\n")
         self._file.flush()

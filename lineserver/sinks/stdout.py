@@ -43,7 +43,8 @@ class StdoutSink:
     def write(self, lines: list[bytes]) -> Deferred[None]:
         if self._lost is not None or self._writer is None:
             raise OSError(f"standard output is closed: {self._lost}")
-        self._writer.write(b"\n".join(lines) + b"\n")
+        if lines:
+            self._writer.write(b"\n".join(lines) + b"\n")
         if not self._paused:
             return succeed(None)
         self._resumed = Deferred()
