@@ -11,6 +11,7 @@ client it could serve a moment later.
 from __future__ import annotations
 
 from collections import Counter, deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
 from twisted.internet.defer import Deferred, succeed
@@ -58,6 +59,8 @@ class ConnectionRegistry:
         self._counted: set[LineProtocol] = set()
         self._gates: list[PauseGate] = []
         self._empty: list[Deferred[None]] = []
+        #: Called after every admission and removal (the fd watermark).
+        self.watchers: list[Callable[[], object]] = []
         self.stats.add_gauge("connections.active", lambda: len(self.active))
         self.stats.add_gauge("connections.waiting", lambda: len(self.waiting))
         self.stats.add_gauge(
@@ -98,6 +101,8 @@ class ConnectionRegistry:
         """
         self._all.add(conn)
         self.stats.incr("connections.opened")
+        for watch in self.watchers:
+            watch()
         if not self.accepting:
             conn.send_error(ErrorCode.SHUTTING_DOWN)
             return
@@ -140,6 +145,8 @@ class ConnectionRegistry:
         if conn not in self._all:
             return  # refused before admission (not allowed by address)
         self._all.discard(conn)
+        for watch in self.watchers:
+            watch()
         if conn in self._counted:
             self._counted.discard(conn)
             host = conn.peer.host  # type: ignore[attr-defined]

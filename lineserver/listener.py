@@ -26,7 +26,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from typing_extensions import override
 
+from lineserver.accept_guard import AcceptThrottle, GuardedSocket, guard_port
 from lineserver.connections import ConnectionRegistry
+from lineserver.fdlimits import FdWatermark
 from lineserver.flow import PauseGate
 from lineserver.interfaces import ISupervisor
 from lineserver.protocol import LineFactory
@@ -103,6 +105,9 @@ class ListenerService(Service):
         self._listening: Deferred[Any] | None = None
         self._stopping = False
         self._waiters: list[Deferred[IListeningPort]] = []
+        self.throttle: AcceptThrottle | None = None
+        self.guard: GuardedSocket | None = None
+        self.watermark: FdWatermark | None = None
 
     def when_listening(self) -> Deferred[IListeningPort]:
         """
@@ -156,6 +161,18 @@ class ListenerService(Service):
             getattr(port, "startReading", _nothing),
         )
         self.registry.add_listener_gate(self.gate)
+        self.throttle = AcceptThrottle(
+            self.reactor, self.gate, self.stats, name=self.description
+        )
+        #: The accept guard: C{guard.inject(errno, count)} makes the next
+        #: accepts fail, for tests and fire drills.
+        self.guard = guard_port(port, self.throttle, honour_gate=True)
+        self.watermark = FdWatermark.from_limit(
+            self.gate, clock=self.reactor, stats=self.stats
+        )
+        if self.watermark is not None:
+            self.watermark.start()
+            self.registry.watchers.append(self.watermark.check)
         log.info(
             "listening on {endpoint} ({address})",
             endpoint=self.description,
@@ -196,6 +213,14 @@ class ListenerService(Service):
             self._listen()
 
     def _forget_port(self) -> None:
+        # The throttle's timer must not touch a port that has closed.
+        if self.throttle is not None:
+            self.throttle.stop()
+        if self.watermark is not None:
+            self.watermark.stop()
+            if self.watermark.check in self.registry.watchers:
+                self.registry.watchers.remove(self.watermark.check)
+        self.throttle = self.watermark = self.guard = None
         if self.gate is not None:
             self.registry.remove_listener_gate(self.gate)
         self.gate = None

@@ -372,3 +372,33 @@ class SettingsTests(ServerTestCase):
         self.assertEqual(client.received, b"ERR line-too-long limit 10\n")
         yield server.sink_service.flushed()
         self.assertEqual(sink.store, [b"short"])
+
+
+class AcceptFaultTests(ServerTestCase):
+    @inlineCallbacks
+    def test_injected_enfile_recovers(self) -> Generator[Any, Any, None]:
+        """
+        With accept() failing ENFILE (injected through the listener's guard),
+        an existing client is still served, the counter shows the errors,
+        and a client that connected during the fault is served by itself
+        once the fault clears.
+        """
+        import errno
+
+        server = yield self.start(handler="echo")
+        port = server.port_numbers()[0]
+        existing = yield connect(port)
+        listener = server.listeners[0]
+        assert listener.guard is not None
+        listener.guard.inject(errno.ENFILE, 5)
+        waiting = yield connect(port)  # completes in the kernel's backlog
+        waiting.transport.write(b"queued\n")
+        existing.transport.write(b"alive\n")
+        data = yield existing.wait_for(6)
+        self.assertEqual(data, b"alive\n")
+        echoed = yield waiting.wait_for(7, timeout=5)
+        self.assertEqual(echoed, b"queued\n")
+        self.assertEqual(server.stats.get("accept.errors.ENFILE"), 5)
+        for client in (existing, waiting):
+            client.transport.loseConnection()
+            yield client.gone
