@@ -17,8 +17,6 @@ from pathlib import Path
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-AUTH_PREFIX = b"AUTH "
-
 
 def _as_ipv4(address: IPAddress) -> IPAddress:
     """
@@ -229,15 +227,3 @@ class TokenSet:
         tokens = self._read(self.path)
         self._digests = tuple(_digest(token) for token in tokens)
         return len(self._digests)
-
-
-def parse_auth_line(line: bytes) -> bytes | None:
-    """
-    @param line: a line without its terminator.
-    @return: the token of an C{AUTH <token>} line (surrounding blanks
-        removed), or None if the line is anything else or has no token.
-    """
-    if not line.startswith(AUTH_PREFIX):
-        return None
-    token = line[len(AUTH_PREFIX) :].strip()
-    return token or None

@@ -39,6 +39,7 @@ from lineserver.handlers import LineFailed
 from lineserver.interfaces import IConnection, ILineHandler, ILineHandlerFactory
 from lineserver.stats import Stats
 from lineserver.timeouts import Deadline
+from lineserver.tls import peer_subject
 
 if TYPE_CHECKING:
     from lineserver.connections import ConnectionRegistry
@@ -397,7 +398,7 @@ class LineProtocol(LineReceiver):
         if self._handshake is not None:
             self._handshake.cancel()
             self._handshake = None
-        self.tls_subject = self.factory.certificate_subject(self.transport)
+        self.tls_subject = peer_subject(self.transport)
         if self.tls_subject:
             self.identity = f"{self.identity} ({self.tls_subject})"
         if self._admission is not None:
@@ -541,21 +542,6 @@ class LineFactory(ServerFactory):
         self.admission = AdmissionPolicy()
         #: The TLS context C{STARTTLS} upgrades with.
         self.starttls_context: object | None = None
-
-    @staticmethod
-    def certificate_subject(transport: Any) -> str | None:
-        """
-        @return: the verified client certificate's subject, or None.
-        """
-        get = getattr(transport, "getPeerCertificate", None)
-        certificate = get() if get is not None else None
-        if certificate is None:
-            return None
-        components = certificate.get_subject().get_components()
-        return ",".join(
-            f"{key.decode('ascii', 'replace')}={value.decode('utf-8', 'replace')}"
-            for key, value in components
-        )
 
     @override
     def buildProtocol(self, addr: IAddress | None) -> LineProtocol:  # type: ignore[override]

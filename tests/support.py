@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from lineserver.interfaces import ISink, ISinkFactory
@@ -212,3 +216,33 @@ def proc_status(pid: int, key: str) -> int:
         if line.startswith(key + ":"):
             return int(line.split()[1])
     raise KeyError(key)
+
+
+# -- sockets and directories ---------------------------------------------
+
+
+def reset(sock: socket.socket) -> None:
+    """
+    Close with an RST instead of a FIN (SO_LINGER on, timeout 0).
+    """
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def read_to_eof(sock: socket.socket, timeout: float = 10.0) -> bytes:
+    sock.settimeout(timeout)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def temp_dir(case: SynchronousTestCase) -> str:
+    """
+    A fresh absolute directory, removed after the test (trial's C{mktemp}
+    is relative to the working directory, which under pytest is the
+    checkout).
+    """
+    path = tempfile.mkdtemp(prefix="lineserver-test-")
+    case.addCleanup(shutil.rmtree, path, True)
+    return path

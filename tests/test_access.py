@@ -17,10 +17,10 @@ from lineserver.access import (
     AllowList,
     TokenFileError,
     TokenSet,
-    parse_auth_line,
     parse_network,
     parse_tokens,
 )
+from lineserver.admission import parse_auth_line
 
 
 class AllowListTests(SynchronousTestCase):

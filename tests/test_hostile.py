@@ -7,7 +7,6 @@ loopback; memory and descriptors are read from /proc.
 from __future__ import annotations
 
 import socket
-import struct
 import tempfile
 import time
 from collections.abc import Generator
@@ -19,23 +18,15 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from lineserver.protocol import ProtocolSettings
 from lineserver.server import LineServer, ServerConfig
-from tests.support import MemorySinkFactory, ServerProcess, connect, later, reactor
-
-
-def reset(sock: socket.socket) -> None:
-    """
-    Close with an RST instead of a FIN.
-    """
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
-
-
-def read_to_eof(sock: socket.socket, timeout: float = 10.0) -> bytes:
-    sock.settimeout(timeout)
-    data = b""
-    while chunk := sock.recv(65536):
-        data += chunk
-    return data
+from tests.support import (
+    MemorySinkFactory,
+    ServerProcess,
+    connect,
+    later,
+    reactor,
+    read_to_eof,
+    reset,
+)
 
 
 def wait_until(check: Any, timeout: float = 10.0, what: str = "") -> None:

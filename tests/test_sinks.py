@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import os
 import select
-import shutil
-import tempfile
 from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
@@ -34,19 +32,7 @@ from lineserver.sinks.file import FileSink, FileSinkFactory
 from lineserver.sinks.null import NullSink, NullSinkFactory
 from lineserver.sinks.stdout import StdoutSink, StdoutSinkFactory
 from lineserver.stats import Stats
-from tests.support import reactor
-
-
-def temp_dir(case: SynchronousTestCase) -> str:
-    """
-    A fresh absolute directory, removed after the test (trial's C{mktemp}
-    is relative to the working directory, which under pytest is the
-    checkout).
-    """
-    path = tempfile.mkdtemp(prefix="lineserver-test-")
-    case.addCleanup(shutil.rmtree, path, True)
-    return path
-
+from tests.support import reactor, temp_dir
 
 ODD_LINES = [b"plain", b"nul\x00inside", b"\xff\xfe invalid utf-8 \xc3", b"", b"end"]
 

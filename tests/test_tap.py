@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import os
 import select
-import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 
 from hypothesis import given, settings
@@ -25,18 +23,7 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from lineserver.tap import Options, default_port, parse_size, with_backlog
-from tests.support import TWISTD, ServerProcess, free_port
-
-
-def temp_dir(case: SynchronousTestCase) -> str:
-    """
-    A fresh absolute directory, removed after the test (trial's C{mktemp}
-    is relative to the working directory, which under pytest is the
-    checkout).
-    """
-    path = tempfile.mkdtemp(prefix="lineserver-test-")
-    case.addCleanup(shutil.rmtree, path, True)
-    return path
+from tests.support import TWISTD, ServerProcess, free_port, temp_dir
 
 
 def without_port_variable(case: SynchronousTestCase) -> None:

@@ -23,11 +23,8 @@ from the running reactor) before it relies on SIGTERM.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
-import struct
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -37,7 +34,7 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 
 from lineserver.tap import EXIT_ESCALATED
-from tests.support import ServerProcess, wait_connectable
+from tests.support import ServerProcess, read_to_eof, reset, temp_dir, wait_connectable
 
 CLIENTS = 8
 LINES_PER_CLIENT = 3000
@@ -51,22 +48,6 @@ def line_of(client: int, seq: int) -> bytes:
     A line that names its sender and its place, padded to a typical size.
     """
     return b"client=%d seq=%06d " % (client, seq) + b"p" * 60
-
-
-def reset(sock: socket.socket) -> None:
-    """
-    Close with an RST instead of a FIN (SO_LINGER on, timeout 0).
-    """
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
-
-
-def read_to_eof(sock: socket.socket, timeout: float = 10.0) -> bytes:
-    sock.settimeout(timeout)
-    data = b""
-    while chunk := sock.recv(65536):
-        data += chunk
-    return data
 
 
 def wait_until(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
@@ -99,17 +80,6 @@ def run_threads(targets: list[Callable[[], None]], timeout: float = 20.0) -> Non
         raise AssertionError(f"client threads still running after {timeout}s")
     if errors:
         raise errors[0]
-
-
-def temp_dir(case: SynchronousTestCase) -> str:
-    """
-    A fresh absolute directory, removed after the test (trial's C{mktemp}
-    is relative to the working directory, which under pytest is the
-    checkout).
-    """
-    path = tempfile.mkdtemp(prefix="lineserver-test-")
-    case.addCleanup(shutil.rmtree, path, True)
-    return path
 
 
 class TwistdTestCase(SynchronousTestCase):
