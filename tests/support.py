@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from lineserver.interfaces import ISink, ISinkFactory
@@ -246,3 +246,37 @@ def temp_dir(case: SynchronousTestCase) -> str:
     path = tempfile.mkdtemp(prefix="lineserver-test-")
     case.addCleanup(shutil.rmtree, path, True)
     return path
+
+
+# -- an embedded server ------------------------------------------------------
+
+
+def start_server(
+    case: TestCase, handler: Any = "sink", sink: Any = None, **config: Any
+) -> Deferred[Any]:
+    """
+    Start a LineServer on a free loopback port, stopped after the test.
+
+    @return: a Deferred that fires with the server once it listens.
+    """
+    from lineserver.server import LineServer, ServerConfig
+
+    config.setdefault("ports", ["tcp:0:interface=127.0.0.1"])
+    server = LineServer(ServerConfig(**config), reactor, handler=handler, sink=sink)
+    server.startService()
+    case.addCleanup(server.stopService)
+    return server.when_listening().addCallback(lambda _: server)
+
+
+class RecordingGate:
+    """
+    A PauseGate whose pause and resume calls are recorded.
+    """
+
+    def __init__(self) -> None:
+        from lineserver.flow import PauseGate
+
+        self.calls: list[str] = []
+        self.gate = PauseGate(
+            lambda: self.calls.append("pause"), lambda: self.calls.append("resume")
+        )

@@ -33,21 +33,9 @@ from lineserver.accept_guard import (
 )
 from lineserver.flow import PauseGate
 from lineserver.stats import Stats
-from tests.support import Client, connect, later, reactor
+from tests.support import Client, RecordingGate, connect, later, reactor
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-class RecordingGate:
-    """
-    A PauseGate whose pause and resume calls are recorded.
-    """
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-        self.gate = PauseGate(
-            lambda: self.calls.append("pause"), lambda: self.calls.append("resume")
-        )
 
 
 def make_throttle(

@@ -18,20 +18,8 @@ from lineserver.fdlimits import (
     fd_watermarks,
     open_fd_count,
 )
-from lineserver.flow import PauseGate
 from lineserver.stats import Stats
-
-
-class RecordingGate:
-    """
-    A PauseGate whose pause and resume calls are recorded.
-    """
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-        self.gate = PauseGate(
-            lambda: self.calls.append("pause"), lambda: self.calls.append("resume")
-        )
+from tests.support import RecordingGate
 
 
 class FakeCount:

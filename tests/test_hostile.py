@@ -17,7 +17,6 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from lineserver.protocol import ProtocolSettings
-from lineserver.server import LineServer, ServerConfig
 from tests.support import (
     MemorySinkFactory,
     ServerProcess,
@@ -26,6 +25,7 @@ from tests.support import (
     reactor,
     read_to_eof,
     reset,
+    start_server,
 )
 
 
@@ -208,17 +208,9 @@ class EdgeInputTests(TestCase):
         limit is refused after the others were delivered.
         """
         sink = MemorySinkFactory()
-        server = LineServer(
-            ServerConfig(
-                ports=["tcp:0:interface=127.0.0.1"],
-                settings=ProtocolSettings(max_line_length=1 << 20),
-            ),
-            reactor,
-            sink=sink,
+        server = yield start_server(
+            self, sink=sink, settings=ProtocolSettings(max_line_length=1 << 20)
         )
-        server.startService()
-        self.addCleanup(server.stopService)
-        yield server.when_listening()
         client = yield connect(server.port_numbers()[0])
         exact = b"e" * (1 << 20)
         junk = bytes(range(256)).replace(b"\n", b"")
@@ -248,17 +240,9 @@ class EdgeInputTests(TestCase):
         arrives whole.
         """
         sink = MemorySinkFactory()
-        server = LineServer(
-            ServerConfig(
-                ports=["tcp:0:interface=127.0.0.1"],
-                settings=ProtocolSettings(max_line_length=16 << 20),
-            ),
-            reactor,
-            sink=sink,
+        server = yield start_server(
+            self, sink=sink, settings=ProtocolSettings(max_line_length=16 << 20)
         )
-        server.startService()
-        self.addCleanup(server.stopService)
-        yield server.when_listening()
         client = yield connect(server.port_numbers()[0])
         piece = b"z" * 4096
         for _ in range(4096):
@@ -284,17 +268,9 @@ class ChurnTests(TestCase):
         from lineserver.protocol import LineProtocol
 
         sink = MemorySinkFactory()
-        server = LineServer(
-            ServerConfig(
-                ports=["tcp:0:interface=127.0.0.1"],
-                settings=ProtocolSettings(idle_timeout=30, line_timeout=30),
-            ),
-            reactor,
-            sink=sink,
+        server = yield start_server(
+            self, sink=sink, settings=ProtocolSettings(idle_timeout=30, line_timeout=30)
         )
-        server.startService()
-        self.addCleanup(server.stopService)
-        yield server.when_listening()
         port = server.port_numbers()[0]
         yield later(0.1)
 

@@ -18,7 +18,7 @@ from lineserver.handlers import EchoHandler
 from lineserver.interfaces import IConnection, ILineHandler, ISink, ISinkFactory
 from lineserver.protocol import ProtocolSettings
 from lineserver.server import LineServer, ServerConfig
-from tests.support import MemorySinkFactory, connect, later, reactor
+from tests.support import MemorySinkFactory, connect, later, reactor, start_server
 
 LOCAL = "tcp:0:interface=127.0.0.1"
 
@@ -34,11 +34,7 @@ class ServerTestCase(TestCase):
         sink: ISinkFactory | None = None,
         **config: Any,
     ) -> Deferred[LineServer]:
-        config.setdefault("ports", [LOCAL])
-        server = LineServer(ServerConfig(**config), reactor, handler=handler, sink=sink)
-        server.startService()
-        self.addCleanup(server.stopService)
-        return server.when_listening().addCallback(lambda _: server)
+        return start_server(self, handler, sink, **config)
 
 
 class EchoTests(ServerTestCase):

@@ -15,10 +15,9 @@ from lineserver.connections import ConnectionRegistry
 from lineserver.flow import SinkQueue
 from lineserver.handlers import EchoHandlerFactory, SinkHandlerFactory
 from lineserver.protocol import LineFactory, LineProtocol, ProtocolSettings
-from lineserver.server import LineServer, ServerConfig
 from lineserver.stats import Stats
 from lineserver.timeouts import Deadline
-from tests.support import connect, reactor
+from tests.support import connect, reactor, start_server
 
 
 class CountingClock(Clock):
@@ -174,17 +173,9 @@ class RealSocketTimeoutTests(TestCase):
         Through a socket: a silent client gets ERR idle-timeout and the
         close.
         """
-        server = LineServer(
-            ServerConfig(
-                ports=["tcp:0:interface=127.0.0.1"],
-                settings=ProtocolSettings(idle_timeout=0.3),
-            ),
-            reactor,
-            handler="echo",
+        server = yield start_server(
+            self, "echo", settings=ProtocolSettings(idle_timeout=0.3)
         )
-        server.startService()
-        self.addCleanup(server.stopService)
-        yield server.when_listening()
         client = yield connect(server.port_numbers()[0])
         client.gone.addTimeout(5, reactor)
         yield client.gone
