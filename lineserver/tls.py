@@ -1,4 +1,4 @@
-"""TLS contexts: loading, validation, reload, client subjects, handshake deadline.
+"""TLS contexts: loading, validation, reload, client subjects, TLS ports.
 
 Every TLS connection, at accept or after C{STARTTLS}, gets its OpenSSL
 connection from one L{ReloadableServerTLS}.  That object is both the
@@ -20,14 +20,14 @@ a listener wrapped in TLS (C{wrapServerTLS}, C{TLSMemoryBIOFactory}) and for
 C{transport.startTLS}, whose TLS layer wraps C{transport.protocol}.  A
 failed handshake never calls it: the connection is lost with an
 C{OpenSSL.SSL.Error}.  Nothing calls it when the peer just stays silent,
-which is what L{HandshakeDeadline} is for.
+which is why L{lineserver.protocol.LineProtocol} keeps its own handshake
+deadline.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,13 +42,14 @@ from twisted.internet.endpoints import (
     wrapServerTLS,
 )
 from twisted.internet.interfaces import (
-    IDelayedCall,
     IOpenSSLContextFactory,
     IOpenSSLServerConnectionCreator,
     IReactorTime,
+    ISSLTransport,
     IStreamServerEndpoint,
 )
 from twisted.internet.ssl import CertificateOptions, TLSVersion
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -340,6 +341,20 @@ class ReloadableServerTLS:
 # -- who is on the other end --------------------------------------------------
 
 
+def tls_at_accept(transport: object) -> bool:
+    """
+    Is this a connection of a TLS port (a handshake to wait for)?
+
+    A listener wrapped in TLS (L{tls_server_endpoint}) hands its protocols a
+    C{TLSMemoryBIOProtocol} as transport, which in Twisted 26.10 does not
+    declare L{ISSLTransport} itself; Twisted's own C{ssl:} ports give a
+    transport that does.
+    """
+    return isinstance(transport, TLSMemoryBIOProtocol) or ISSLTransport.providedBy(
+        transport
+    )
+
+
 def peer_certificate(transport: object) -> x509.Certificate | None:
     """
     @return: the client certificate OpenSSL verified for this transport, or
@@ -407,74 +422,6 @@ def tls_failure_text(reason: Failure) -> str | None:
     return "; ".join(texts) or str(error) or type(error).__name__
 
 
-# -- the handshake's own deadline ---------------------------------------------
-
-
-class HandshakeDeadline:
-    """
-    Abort a connection whose TLS handshake is not done in time.
-
-    Twisted's TLS layer has no handshake timeout, and a client that
-    connects and sends nothing (or stops mid-handshake) would hold the
-    connection forever.  L{start} when TLS begins (C{connectionMade} on a
-    TLS port, right after C{startTLS}); L{completed} from
-    C{handshakeCompleted}; L{cancel} from C{connectionLost}.  On expiry
-    C{abort} is called: pass C{transport.abortConnection}, since
-    C{loseConnection} waits for a peer that may never read.
-
-    @ivar expired: the deadline passed and C{abort} was called.
-    @ivar done: the handshake completed in time.
-    """
-
-    def __init__(
-        self, clock: IReactorTime, timeout: float, abort: Callable[[], None]
-    ) -> None:
-        if timeout <= 0:
-            raise ValueError(f"handshake timeout must be positive, not {timeout!r}")
-        self._clock = clock
-        self.timeout = timeout
-        self._abort = abort
-        self._call: IDelayedCall | None = None
-        self.expired = False
-        self.done = False
-
-    @property
-    def pending(self) -> bool:
-        """
-        Is the deadline counting down?
-        """
-        return self._call is not None
-
-    def start(self) -> None:
-        """
-        Start counting (again, after a completed handshake, for a new one).
-        """
-        self.cancel()
-        self.done = False
-        self.expired = False
-        self._call = self._clock.callLater(self.timeout, self._expire)
-
-    def completed(self) -> None:
-        """
-        The handshake is done: stop counting.
-        """
-        self.cancel()
-        self.done = True
-
-    def cancel(self) -> None:
-        """
-        Stop counting without a verdict (the connection is gone).
-        """
-        call, self._call = self._call, None
-        if call is not None and call.active():
-            call.cancel()
-
-    def _expire(self) -> None:
-        self._call = None
-        self.expired = True
-        self._abort()
-
-
 # -- listening with our context -----------------------------------------------
 
 
@@ -532,6 +479,16 @@ class SSLPortSpec:
 
 #: C{ssl:} parameters that go to TCP unchanged.
 _TCP_PARAMETERS = ("interface", "backlog")
+
+
+def is_ssl_description(description: str) -> bool:
+    """
+    Does this C{--port} ask for TLS at accept (C{ssl:} or C{haproxy:ssl:})?
+    """
+    kind = description.lower()
+    if kind.startswith("haproxy:"):
+        kind = kind[len("haproxy:") :]
+    return kind.startswith("ssl:")
 
 
 def split_ssl_description(description: str) -> SSLPortSpec:

@@ -37,7 +37,6 @@ from twisted.internet.interfaces import (
     IOpenSSLServerConnectionCreator,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.protocols.basic import LineReceiver
@@ -48,8 +47,8 @@ from typing_extensions import override
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from lineserver.timeouts import Deadline
 from lineserver.tls import (
-    HandshakeDeadline,
     ReloadableServerTLS,
     TLSConfigError,
     load_credentials,
@@ -93,24 +92,25 @@ class Echo(Protocol):
         self.subject: str | None = None
         self.lost: Deferred[None] = Deferred()
         self.reason: Failure | None = None
-        self.deadline: HandshakeDeadline | None = None
+        self.deadline: Deadline | None = None
+        self.expired = False
 
     def connectionMade(self) -> None:
         self.factory.connections.append(self)
         timeout = self.factory.handshake_timeout
         if timeout is not None:
-            self.deadline = HandshakeDeadline(
-                reactor,
-                timeout,
-                self.transport.abortConnection,  # type: ignore[union-attr]
-            )
-            self.deadline.start()
+            self.deadline = Deadline(reactor, timeout, self.expire)
+            self.deadline.begin()
+
+    def expire(self) -> None:
+        self.expired = True
+        self.transport.abortConnection()  # type: ignore[union-attr]
 
     def handshakeCompleted(self) -> None:
         self.handshake_done = True
         self.subject = peer_subject(self.transport)
         if self.deadline is not None:
-            self.deadline.completed()
+            self.deadline.cancel()
 
     def dataReceived(self, data: bytes) -> None:
         assert self.transport is not None
@@ -676,78 +676,6 @@ class ReloadTests(TLSTestCase):
         self.assertEqual(result.echoed, b"hello\n")
 
 
-# -- the handshake deadline ---------------------------------------------------
-
-
-class HandshakeDeadlineTests(SynchronousTestCase):
-    def setUp(self) -> None:
-        self.clock = Clock()
-        self.aborts: list[None] = []
-        self.deadline = HandshakeDeadline(
-            self.clock, 5.0, lambda: self.aborts.append(None)
-        )
-
-    def test_aborts_when_late(self) -> None:
-        """
-        A handshake not completed within the timeout aborts, once, exactly
-        at the timeout.
-        """
-        self.deadline.start()
-        self.clock.advance(4.999)
-        self.assertEqual(self.aborts, [])
-        self.clock.advance(0.001)
-        self.assertEqual(self.aborts, [None])
-        self.assertTrue(self.deadline.expired)
-        self.clock.advance(100)
-        self.assertEqual(self.aborts, [None])
-        self.assertFalse(self.deadline.pending)
-
-    def test_completed_in_time(self) -> None:
-        """
-        A completed handshake stops the deadline: no abort, no timer left.
-        """
-        self.deadline.start()
-        self.clock.advance(4)
-        self.deadline.completed()
-        self.assertTrue(self.deadline.done)
-        self.assertEqual(self.clock.getDelayedCalls(), [])
-        self.clock.advance(10)
-        self.assertEqual(self.aborts, [])
-        self.assertFalse(self.deadline.expired)
-
-    def test_cancel(self) -> None:
-        """
-        Cancelling (the connection is gone) drops the timer without a verdict.
-        """
-        self.deadline.start()
-        self.deadline.cancel()
-        self.assertEqual(self.clock.getDelayedCalls(), [])
-        self.clock.advance(10)
-        self.assertEqual(self.aborts, [])
-        self.assertFalse(self.deadline.done)
-
-    def test_restart_counts_from_now(self) -> None:
-        """
-        Starting again (a second handshake) counts the full timeout from
-        then, with one timer only.
-        """
-        self.deadline.start()
-        self.clock.advance(3)
-        self.deadline.start()
-        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
-        self.clock.advance(4)
-        self.assertEqual(self.aborts, [])
-        self.clock.advance(1)
-        self.assertEqual(self.aborts, [None])
-
-    def test_timeout_must_be_positive(self) -> None:
-        """
-        A zero or negative timeout is a configuration error.
-        """
-        for bad in (0, -1):
-            self.assertRaises(ValueError, HandshakeDeadline, self.clock, bad, list)
-
-
 class StalledClientTests(TLSTestCase):
     def connect_and_wait(self, port: int, send: bytes) -> tuple[bytes, float]:
         """
@@ -789,7 +717,7 @@ class StalledClientTests(TLSTestCase):
         (echo,) = factory.connections
         yield echo.lost
         assert echo.deadline is not None
-        self.assertTrue(echo.deadline.expired)
+        self.assertTrue(echo.expired)
         self.assertFalse(echo.handshake_done)
 
     @inlineCallbacks
@@ -811,7 +739,7 @@ class StalledClientTests(TLSTestCase):
         (echo,) = factory.connections
         yield echo.lost
         assert echo.deadline is not None
-        self.assertTrue(echo.deadline.expired)
+        self.assertTrue(echo.expired)
         self.assertFalse(echo.handshake_done)
 
     @inlineCallbacks
@@ -833,7 +761,7 @@ class StalledClientTests(TLSTestCase):
         yield echo.lost
         self.assertFalse(echo.handshake_done)
         assert echo.deadline is not None
-        self.assertFalse(echo.deadline.expired)
+        self.assertFalse(echo.expired)
         assert echo.reason is not None
         self.assertIsNotNone(tls_failure_text(echo.reason))
 
