@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from lineserver.tap import Options, default_port, parse_size, with_backlog
+from lineserver.tap import Options, default_port, parse_size
 from tests.support import TWISTD, ServerProcess, free_port, temp_dir
 
 
@@ -171,32 +171,6 @@ class DefaultPortTests(SynchronousTestCase):
             with self.assertRaises(usage.UsageError) as caught:
                 default_port({"PORT": bad})
             self.assertIn("PORT", str(caught.exception))
-
-
-class WithBacklogTests(SynchronousTestCase):
-    def test_added_to_stream_endpoints(self) -> None:
-        """
-        tcp, tcp6, ssl and unix endpoints get a backlog.
-        """
-        self.assertEqual(with_backlog("tcp:1", 99), "tcp:1:backlog=99")
-        self.assertEqual(
-            with_backlog("TCP6:1:interface=\\:\\:1", 5),
-            "TCP6:1:interface=\\:\\:1:backlog=5",
-        )
-        self.assertEqual(with_backlog("unix:/s", 5), "unix:/s:backlog=5")
-        self.assertEqual(
-            with_backlog("ssl:1:privateKey=k", 5), "ssl:1:privateKey=k:backlog=5"
-        )
-
-    def test_kept(self) -> None:
-        """
-        An explicit backlog wins, and other endpoint kinds are left alone.
-        """
-        self.assertEqual(with_backlog("tcp:1:backlog=3", 99), "tcp:1:backlog=3")
-        self.assertEqual(
-            with_backlog("systemd:domain=INET:index=0", 9),
-            "systemd:domain=INET:index=0",
-        )
 
 
 UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
