@@ -26,7 +26,9 @@ from lineserver.interfaces import (
 )
 from lineserver.listener import ListenerService
 from lineserver.protocol import LineFactory, LineProtocol, ProtocolSettings
+from lineserver.security import Security, SecurityConfig, SecurityConfigError
 from lineserver.server import DEFAULT_PORT, LineServer, ServerConfig
+from lineserver.signals import HangupReload
 from lineserver.sink_service import SinkService
 from lineserver.sinks import SinkURL, SinkURLError, sink_factory_from_url
 from lineserver.stats import Stats
@@ -40,6 +42,7 @@ __all__ = [
     "EchoHandlerFactory",
     "ErrorCode",
     "Frames",
+    "HangupReload",
     "IConnection",
     "ILineHandler",
     "ILineHandlerFactory",
@@ -56,6 +59,9 @@ __all__ = [
     "PauseGate",
     "PerLineHandler",
     "ProtocolSettings",
+    "Security",
+    "SecurityConfig",
+    "SecurityConfigError",
     "ServerConfig",
     "SinkHandler",
     "SinkHandlerFactory",

@@ -20,7 +20,11 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IDelayedCall, IListeningPort
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IListeningPort,
+    IStreamServerEndpoint,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -28,9 +32,10 @@ from typing_extensions import override
 
 from lineserver.accept_guard import AcceptThrottle, GuardedSocket, guard_port
 from lineserver.connections import ConnectionRegistry
-from lineserver.fdlimits import FdWatermark
+from lineserver.fdlimits import DEFAULT_RESERVE, FdWatermark
 from lineserver.flow import PauseGate
 from lineserver.interfaces import ISupervisor
+from lineserver.ports import listens_everywhere
 from lineserver.protocol import LineFactory
 from lineserver.stats import Stats
 
@@ -90,8 +95,17 @@ class ListenerService(Service):
         retry: Callable[[int], float] = DEFAULT_LISTEN_RETRY,
         stats: Stats | None = None,
         on_listening: Callable[[ListenerService], None] | None = None,
+        endpoint: IStreamServerEndpoint | None = None,
+        fd_reserve: int = DEFAULT_RESERVE,
     ) -> None:
+        """
+        @param endpoint: listen on this rather than on what Twisted's parser
+            makes of C{description} (a TLS port with our own context).
+        @param fd_reserve: descriptors kept free below C{RLIMIT_NOFILE}.
+        """
         self.description = description
+        self.endpoint = endpoint
+        self.fd_reserve = fd_reserve
         self.factory = factory
         self.registry = registry
         self.reactor = reactor
@@ -141,7 +155,7 @@ class ListenerService(Service):
         self._retry_call = None
         self.attempts += 1
         try:
-            endpoint = serverFromString(self.reactor, self.description)
+            endpoint = self.endpoint or serverFromString(self.reactor, self.description)
             listening = endpoint.listen(_PortFactory(self.factory, self._port_stopped))
         except Exception:
             listening = Deferred()
@@ -168,16 +182,23 @@ class ListenerService(Service):
         #: accepts fail, for tests and fire drills.
         self.guard = guard_port(port, self.throttle, honour_gate=True)
         self.watermark = FdWatermark.from_limit(
-            self.gate, clock=self.reactor, stats=self.stats
+            self.gate, clock=self.reactor, stats=self.stats, reserve=self.fd_reserve
         )
         if self.watermark is not None:
             self.watermark.start()
             self.registry.watchers.append(self.watermark.check)
+        address = port.getHost()
         log.info(
             "listening on {endpoint} ({address})",
             endpoint=self.description,
-            address=port.getHost(),
+            address=address,
         )
+        if listens_everywhere(getattr(address, "host", "-")):
+            log.warn(
+                "{endpoint} listens on every interface: any host that can "
+                "reach this machine can connect",
+                endpoint=self.description,
+            )
         if self.on_listening is not None:
             self.on_listening(self)
         waiters, self._waiters = self._waiters, []

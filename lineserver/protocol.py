@@ -21,7 +21,6 @@ from twisted.internet.interfaces import (
     IHandshakeListener,
     IPushProducer,
     IReactorTime,
-    ISSLTransport,
 )
 from twisted.internet.protocol import ServerFactory, connectionDone
 from twisted.logger import Logger
@@ -39,7 +38,7 @@ from lineserver.handlers import LineFailed
 from lineserver.interfaces import IConnection, ILineHandler, ILineHandlerFactory
 from lineserver.stats import Stats
 from lineserver.timeouts import Deadline
-from lineserver.tls import peer_subject
+from lineserver.tls import peer_subject, tls_at_accept, tls_failure_text
 
 if TYPE_CHECKING:
     from lineserver.connections import ConnectionRegistry
@@ -85,6 +84,20 @@ def describe_address(address: IAddress) -> str:
     return str(address)
 
 
+def behind_proxy(transport: object) -> bool:
+    """
+    Is there a PROXY protocol wrapper (C{haproxy:} endpoint) in the chain
+    of transports under a protocol, directly or under a TLS layer?
+    """
+    for _ in range(4):
+        if transport is None:
+            return False
+        if isinstance(transport, HAProxyProtocolWrapper):
+            return True
+        transport = getattr(transport, "transport", None)
+    return False
+
+
 def _after_lines(raw: bytes, count: int) -> bytes:
     """
     @return: C{raw} without its first C{count} lines.
@@ -128,6 +141,7 @@ class LineProtocol(LineReceiver):
         self._awaiting_proxy = False
         self._early: list[tuple[list[bytes], bytes]] = []
         self._handshake: Deadline | None = None
+        self._tls = False
         self._serve_when_secure = False
         policy = factory.admission
         self._admission = None if policy.trivial else Admission(policy)
@@ -152,13 +166,19 @@ class LineProtocol(LineReceiver):
     @override
     def connectionMade(self) -> None:
         self.transport.registerProducer(self.gate.producer("output"), True)
-        if ISSLTransport.providedBy(self.transport):
+        if tls_at_accept(self.transport):
             self._begin_handshake()
-        if isinstance(self.transport, HAProxyProtocolWrapper):
-            # The real client address comes with the PROXY header.
+        if behind_proxy(self.transport):
+            # The real client address comes with the PROXY header, which is
+            # read before our first data (and before a TLS handshake ends).
             self._awaiting_proxy = True
             return
         self._admit()
+
+    def _set_identity(self) -> None:
+        self.identity = f"#{self.number} {describe_address(self.peer)}"
+        if self.tls_subject:
+            self.identity = f"{self.identity} ({self.tls_subject})"
 
     def _admit(self) -> None:
         """
@@ -166,7 +186,7 @@ class LineProtocol(LineReceiver):
         """
         self._awaiting_proxy = False
         self.peer = self.transport.getPeer()
-        self.identity = f"#{self.number} {describe_address(self.peer)}"
+        self._set_identity()
         allow = self.factory.allow
         host = getattr(self.peer, "host", None)
         if allow is not None and host is not None and not allow(host):
@@ -196,8 +216,9 @@ class LineProtocol(LineReceiver):
     def dataReceived(self, data: bytes) -> None:
         if self._awaiting_proxy:
             self._admit()
-            if self._closing:
-                return
+        if self._closing:
+            # Refused or closing: nothing more of it is read into lines.
+            return
         frames = self._framer.feed(data)
         if self._idle is not None:
             self._idle.touch()
@@ -255,6 +276,8 @@ class LineProtocol(LineReceiver):
 
     @override
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._handshake is not None and not self._closing:
+            self._handshake_failed(reason)
         for deadline in (self._idle, self._line, self._handshake):
             if deadline is not None:
                 deadline.cancel()
@@ -322,6 +345,11 @@ class LineProtocol(LineReceiver):
         Close after the pending output; abort after the close timeout.
         """
         self._closing = True
+        # TLS sends its close_notify only once no producer is registered,
+        # and then waits for the peer's: read (and drop) until it comes.
+        self.transport.unregisterProducer()
+        if self._tls:
+            self.transport.resumeProducing()
         self.transport.loseConnection()
         if self._abort_call is None:
             self._abort_call = self.factory.clock.callLater(
@@ -354,10 +382,10 @@ class LineProtocol(LineReceiver):
             else:
                 assert decision.code is not None
                 log.info(
-                    "refusing {conn}: {code} {detail}",
+                    "refusing {conn}: {code}{detail}",
                     conn=self.identity,
                     code=decision.code.value,
-                    detail=decision.detail,
+                    detail=f" ({decision.detail})" if decision.detail else "",
                 )
                 self.send_error(decision.code, decision.detail)
             return [], b""
@@ -376,6 +404,7 @@ class LineProtocol(LineReceiver):
         self._begin_handshake()
 
     def _begin_handshake(self) -> None:
+        self._tls = True
         timeout = self.factory.settings.handshake_timeout
         self._handshake = Deadline(
             self.factory.clock, timeout or 1e9, self._handshake_expired
@@ -383,6 +412,7 @@ class LineProtocol(LineReceiver):
         self._handshake.begin()
 
     def _handshake_expired(self) -> None:
+        self._handshake = None
         log.info(
             "aborting {conn}: no TLS handshake within {t}s",
             conn=self.identity,
@@ -390,6 +420,20 @@ class LineProtocol(LineReceiver):
         )
         self._stats.incr("timeouts.handshake")
         self.transport.abortConnection()
+
+    def _handshake_failed(self, reason: Failure) -> None:
+        """
+        The connection ended before its TLS handshake did: say why, in
+        OpenSSL's words when it was a TLS error (old protocol, no or bad
+        client certificate, not TLS at all).
+        """
+        why = tls_failure_text(reason)
+        self._stats.incr("tls.refused")
+        log.info(
+            "refusing {conn}: TLS handshake failed: {why}",
+            conn=self.identity,
+            why=why or f"connection closed first ({reason.getErrorMessage()})",
+        )
 
     def handshakeCompleted(self) -> None:
         """
@@ -399,13 +443,15 @@ class LineProtocol(LineReceiver):
             self._handshake.cancel()
             self._handshake = None
         self.tls_subject = peer_subject(self.transport)
-        if self.tls_subject:
-            self.identity = f"{self.identity} ({self.tls_subject})"
+        self._set_identity()
         if self._admission is not None:
             self._admission.tls_started()
         self._stats.incr("tls.handshakes")
         log.debug("{conn} TLS handshake complete", conn=self.identity)
-        if self._serve_when_secure:
+        if self._awaiting_proxy:
+            # TLS behind a proxy: its header came before the handshake.
+            self._admit()
+        elif self._serve_when_secure:
             self._serve_when_secure = False
             self.start_serving()
 

@@ -21,17 +21,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from typing_extensions import override
 
 from lineserver.connections import ConnectionRegistry, Overflow
+from lineserver.fdlimits import DEFAULT_RESERVE
 from lineserver.flow import SinkQueue
 from lineserver.handlers import EchoHandlerFactory, SinkHandlerFactory
 from lineserver.interfaces import ILineHandlerFactory, ISinkFactory
 from lineserver.listener import ListenerService
 from lineserver.protocol import LineFactory, LineProtocol, ProtocolSettings
+from lineserver.security import Security, SecurityConfig
 from lineserver.sink_service import SinkService
 from lineserver.stats import Stats
 from lineserver.supervisor import ChildSpec, Supervisor
@@ -57,7 +60,8 @@ class ServerConfig:
     """
     Everything a LineServer needs to know; the twistd options map onto it.
 
-    Sizes are bytes, times are seconds; None means no limit.
+    Sizes are bytes, times are seconds; None means no limit.  C{fd_reserve}
+    is how many descriptors below C{RLIMIT_NOFILE} accepting pauses at.
     """
 
     ports: Sequence[str] = (DEFAULT_PORT,)
@@ -71,6 +75,8 @@ class ServerConfig:
     max_batch_bytes: int = 1 << 20
     max_restarts: int = 5
     restart_period: float = 10.0
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    fd_reserve: int = DEFAULT_RESERVE
 
 
 def pending_input(conn: LineProtocol) -> int:
@@ -140,16 +146,27 @@ class LineServer(Supervisor):
             self.stats,
             protocol_class,
         )
+        #: Allow list, tokens and TLS contexts; reading their files here
+        #: makes a bad one fail the start, not a connection.
+        self.security = Security(config.security)
+        self.security.apply(self.factory)
         self.sink_factory = sink
         self.stopping: Deferred[None] | None = None
         if sink is not None:
             self.add_child(ChildSpec("sink", self._make_sink_service))
         for index, description in enumerate(config.ports):
+            endpoint = self.security.endpoint(reactor, description)
             self.add_child(
                 ChildSpec(
-                    f"listener {index} {description}", self._listener_maker(description)
+                    f"listener {index} {description}",
+                    self._listener_maker(description, endpoint),
                 )
             )
+
+    @override
+    def startService(self) -> None:
+        self.security.log_contexts()
+        super().startService()
 
     def _make_sink_service(self) -> SinkService:
         assert self.sink_factory is not None
@@ -157,13 +174,31 @@ class LineServer(Supervisor):
             self.sink_factory, self.queue, self.stats, self.config.max_batch_bytes
         )
 
-    def _listener_maker(self, description: str) -> Callable[[], ListenerService]:
+    def _listener_maker(
+        self, description: str, endpoint: IStreamServerEndpoint | None
+    ) -> Callable[[], ListenerService]:
         def make() -> ListenerService:
             return ListenerService(
-                description, self.factory, self.registry, self.reactor, stats=self.stats
+                description,
+                self.factory,
+                self.registry,
+                self.reactor,
+                stats=self.stats,
+                endpoint=endpoint,
+                fd_reserve=self.config.fd_reserve,
             )
 
         return make
+
+    def reload(self) -> bool:
+        """
+        Read certificates, keys, client CAs and auth tokens again, for new
+        connections (what SIGHUP does under twistd).  A file that no longer
+        loads is logged and what was loaded before stays in use.
+
+        @return: True if every file was reloaded.
+        """
+        return self.security.reload()
 
     @property
     def listeners(self) -> list[ListenerService]:

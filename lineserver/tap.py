@@ -20,9 +20,15 @@ from twisted.python.failure import Failure
 from typing_extensions import override
 
 from lineserver.connections import OVERFLOW_CHOICES
+from lineserver.fdlimits import DEFAULT_RESERVE
+from lineserver.ports import with_defaults
 from lineserver.protocol import ProtocolSettings
+from lineserver.security import Security, SecurityConfig, SecurityConfigError
 from lineserver.server import DEFAULT_PORT, HANDLERS, LineServer, ServerConfig
+from lineserver.signals import HangupReload
 from lineserver.sinks import SinkURLError, sink_factory_from_url
+from lineserver.supervisor import ChildSpec
+from lineserver.tls import is_ssl_description
 
 log = Logger(namespace="lineserver.tap")
 
@@ -84,15 +90,13 @@ def check_endpoint(description: str) -> None:
         raise usage.UsageError(f"--port: port out of range in {description!r}")
 
 
-def with_backlog(description: str, backlog: int) -> str:
+def _flowed(method: Callable[..., None]) -> Callable[..., None]:
     """
-    Add C{backlog=N} to a stream endpoint that has none (Twisted's default
-    of 50 drops clients in a burst long before we are busy).
+    Let C{--help} wrap an C{opt_} docstring as one paragraph (it would keep
+    each line's indentation inside the text).
     """
-    kind = description.split(":", 1)[0].lower()
-    if kind in {"tcp", "tcp6", "ssl", "unix"} and "backlog=" not in description:
-        return f"{description}:backlog={backlog}"
-    return description
+    method.__doc__ = " ".join((method.__doc__ or "").split())
+    return method
 
 
 class Options(usage.Options):
@@ -178,27 +182,79 @@ class Options(usage.Options):
             "Restarts of a part within --restart-period before giving up.",
         ],
         ["restart-period", None, "10", "Window in seconds for --max-restarts."],
+        [
+            "fd-reserve",
+            None,
+            str(DEFAULT_RESERVE),
+            "Descriptors kept free below RLIMIT_NOFILE: accepting pauses there.",
+        ],
+        [
+            "tls-handshake-timeout",
+            None,
+            "10",
+            "Seconds a TLS handshake may take before the connection is aborted.",
+        ],
+        [
+            "tls-client-ca",
+            None,
+            None,
+            "Require client certificates from these CAs (PEM), on ssl: ports "
+            "and after STARTTLS.",
+        ],
+        ["tls-cert", None, None, "Certificate (and chain) PEM for --starttls."],
+        [
+            "tls-key",
+            None,
+            None,
+            "Private key PEM for --starttls (default: in --tls-cert).",
+        ],
+        [
+            "auth-tokens",
+            None,
+            None,
+            "File of tokens; a client's first line must be AUTH <token>. "
+            "Re-read on SIGHUP.",
+        ],
+    ]
+
+    optFlags: list[list[Any]] = [
+        ["starttls", None, "Offer STARTTLS on plain ports (needs --tls-cert)."],
+        ["require-tls", None, "Refuse every line sent before TLS is on."],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["ports"] = []
+        self["allow"] = None
 
+    @_flowed
     def opt_port(self, description: str) -> None:
         """
-        Listen on this endpoint, e.g. tcp:4040:interface=127.0.0.1,
-        tcp6:4040:interface=\\:\\:1, unix:/run/lines.sock; repeatable.
-        [default: tcp:4040:interface=127.0.0.1, or $PORT's port]
+        Listen on this endpoint, e.g. tcp:4040, tcp6:4040,
+        ssl:4443:privateKey=KEY.pem:certKey=CERT.pem, haproxy:tcp:4040,
+        unix:/run/lines.sock; repeatable. Without interface= a tcp/ssl port
+        binds loopback only; write interface=0.0.0.0 (or \\:\\:) to bind
+        every interface. [default: tcp:4040:interface=127.0.0.1, or $PORT's
+        port]
         """
         self["ports"].append(description)
 
     opt_p = opt_port
 
+    @_flowed
+    def opt_allow(self, network: str) -> None:
+        """
+        Admit only clients from this network (CIDR or address, IPv4 or
+        IPv6); repeatable. Others get ERR forbidden. [default: everyone]
+        """
+        self["allow"] = [*(self["allow"] or []), network]
+
     @override
     def postOptions(self) -> None:
         self["ports"] = list(self["ports"]) or [default_port()]
         for description in self["ports"]:
-            check_endpoint(description)
+            if not is_ssl_description(description):
+                check_endpoint(description)
         if self["mode"] not in HANDLERS:
             modes = ", ".join(sorted(HANDLERS))
             raise usage.UsageError(
@@ -222,6 +278,11 @@ class Options(usage.Options):
             self[name] = _convert(name, self, _whole, minimum=1)
         self["backlog"] = _convert("backlog", self, _whole, minimum=1)
         self["max-restarts"] = _convert("max-restarts", self, _whole, minimum=0)
+        self["fd-reserve"] = _convert("fd-reserve", self, _whole, minimum=0)
+        self["tls-handshake-timeout"] = _convert(
+            "tls-handshake-timeout", self, _seconds, minimum=0.001
+        )
+        self._check_security()
         for name in (
             "idle-timeout",
             "line-timeout",
@@ -231,6 +292,22 @@ class Options(usage.Options):
             self[name] = _convert(name, self, _seconds, minimum=0)
         if self["mode"] == "sink":
             self._check_sink()
+
+    def _check_security(self) -> None:
+        """
+        Read every TLS, CA and token file now, so that a bad one is a usage
+        error naming it, not a server that starts and refuses everyone.
+        """
+        from twisted.internet.testing import MemoryReactor
+
+        config = security_from_options(self)
+        try:
+            config.check(self["ports"])
+            security = Security(config)
+            for description in self["ports"]:
+                security.endpoint(MemoryReactor(), description)
+        except SecurityConfigError as error:
+            raise usage.UsageError(str(error)) from None
 
     def _check_sink(self) -> None:
         try:
@@ -298,14 +375,27 @@ def _convert(
     return value
 
 
+def security_from_options(options: Options) -> SecurityConfig:
+    return SecurityConfig(
+        allow=options["allow"],
+        auth_tokens=options["auth-tokens"],
+        tls_cert=options["tls-cert"],
+        tls_key=options["tls-key"],
+        tls_client_ca=options["tls-client-ca"],
+        starttls=bool(options["starttls"]),
+        require_tls=bool(options["require-tls"]),
+    )
+
+
 def config_from_options(options: Options) -> ServerConfig:
     settings = ProtocolSettings(
         max_line_length=options["max-line-length"],
         idle_timeout=options["idle-timeout"] or None,
         line_timeout=options["line-timeout"] or None,
+        handshake_timeout=options["tls-handshake-timeout"],
     )
     return ServerConfig(
-        ports=[with_backlog(port, options["backlog"]) for port in options["ports"]],
+        ports=[with_defaults(port, options["backlog"]) for port in options["ports"]],
         settings=settings,
         max_connections=options["max-connections"],
         max_connections_per_peer=options["max-connections-per-peer"],
@@ -315,6 +405,8 @@ def config_from_options(options: Options) -> ServerConfig:
         low_watermark=options["low-watermark"],
         max_restarts=options["max-restarts"],
         restart_period=options["restart-period"],
+        security=security_from_options(options),
+        fd_reserve=options["fd-reserve"],
     )
 
 
@@ -349,7 +441,7 @@ def _hard_exit(status: int) -> None:
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    return LineServer(
+    server = LineServer(
         config_from_options(options),
         reactor,
         handler=options["mode"],
@@ -358,3 +450,5 @@ def makeService(options: Options) -> IService:
         else None,
         on_escalate=exit_after_stop(reactor),
     )
+    server.add_child(ChildSpec("sighup", lambda: HangupReload(reactor, server.reload)))
+    return server

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -153,9 +155,23 @@ class ServerProcess:
     A real C{twistd -n lineserver} on a loopback port, logging to a file.
     """
 
-    def __init__(self, cwd: str, *args: str, port: int | None = None) -> None:
+    def __init__(
+        self,
+        cwd: str,
+        *args: str,
+        port: int | None = None,
+        listen: str | None = None,
+        nofile: int | None = None,
+    ) -> None:
+        """
+        @param port: the loopback port to listen on (a free one if None).
+        @param listen: the C{--port} description instead of plain TCP on
+            C{port} (an C{ssl:} or C{haproxy:} one); it must use C{port}.
+        @param nofile: a soft C{RLIMIT_NOFILE} for the server process.
+        """
         self.port = port or free_port()
         self.log_path = Path(cwd, "server.log")
+        description = listen or f"tcp:{self.port}:interface=127.0.0.1"
         self.proc = subprocess.Popen(
             [
                 str(TWISTD),
@@ -164,12 +180,13 @@ class ServerProcess:
                 f"--logfile={self.log_path}",
                 "lineserver",
                 "--port",
-                f"tcp:{self.port}:interface=127.0.0.1",
+                description,
                 *args,
             ],
             cwd=cwd,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            preexec_fn=None if nofile is None else partial(_lower_nofile, nofile),
         )
 
     @property
@@ -209,6 +226,14 @@ class ServerProcess:
         fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
         ticks = os.sysconf("SC_CLK_TCK")
         return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def _lower_nofile(limit: int) -> None:
+    """
+    In the child before exec: lower the soft descriptor limit.
+    """
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
 
 
 def proc_status(pid: int, key: str) -> int:
