@@ -1,9 +1,10 @@
 """Who may send lines: the pure rules for the first lines of a connection.
 
 A connection is *open* once every requirement is met (TLS when required,
-a valid C{AUTH <token>} when tokens are configured).  Until then each line
-goes through L{Admission.on_line}, which says what to do with it; once
-open, lines go straight to the handler and this costs nothing more.
+a valid C{AUTH <token>} when tokens are configured) and its first line
+was delivered.  Until then each line goes through L{Admission.on_line},
+which says what to do with it; once open, lines go straight to the
+handler and this costs nothing more.
 
 Rules, in order:
   1. C{STARTTLS} asks for an upgrade.  It is refused where TLS is not
@@ -84,16 +85,23 @@ class Admission:
     The admission state of one connection.
     """
 
-    __slots__ = ("authenticated", "policy", "tls")
+    __slots__ = ("authenticated", "delivering", "policy", "tls")
 
     def __init__(self, policy: AdmissionPolicy, tls: bool = False) -> None:
         self.policy = policy
         self.tls = tls
         self.authenticated = policy.check_token is None
+        self.delivering = False
 
     @property
     def open(self) -> bool:
-        return self.authenticated and (self.tls or not self.policy.require_tls)
+        """
+        Do lines now go straight to the handler?  Only once one was
+        delivered: until then C{STARTTLS} is a command, not data, even
+        where no rule applies (so that a client asking for TLS where there
+        is none gets C{ERR tls-unavailable}, not its handshake in the sink).
+        """
+        return self.delivering
 
     def tls_started(self) -> None:
         self.tls = True
@@ -121,4 +129,5 @@ class Admission:
                 return Decision(Verdict.REFUSE, ErrorCode.UNAUTHORIZED)
             self.authenticated = True
             return CONSUMED
+        self.delivering = True
         return DELIVER

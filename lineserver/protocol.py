@@ -143,8 +143,7 @@ class LineProtocol(LineReceiver):
         self._handshake: Deadline | None = None
         self._tls = False
         self._serve_when_secure = False
-        policy = factory.admission
-        self._admission = None if policy.trivial else Admission(policy)
+        self._admission: Admission | None = Admission(factory.admission)
         settings = factory.settings
         self._idle = (
             Deadline(factory.clock, settings.idle_timeout, self._idle_expired)
@@ -229,8 +228,10 @@ class LineProtocol(LineReceiver):
             elif frames.lines or not self._line.active:
                 self._line.begin()
         lines, raw = frames.lines, frames.raw
-        if lines and self._admission is not None and not self._admission.open:
+        if lines and self._admission is not None:
             lines, raw = self._screen(lines, raw)
+            if self._admission.open:
+                self._admission = None  # screened: lines go straight through
         if lines:
             self._stats.incr("lines.received", len(lines))
             if self._per_line or self._held:

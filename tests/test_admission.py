@@ -20,13 +20,19 @@ def good(token: bytes) -> bool:
 
 
 class AdmissionTests(SynchronousTestCase):
-    def test_trivial_policy_is_open(self) -> None:
+    def test_trivial_policy_opens_on_first_line(self) -> None:
         """
-        With no requirement, a connection is open at once.
+        With no requirement, the first line is delivered and opens the
+        connection; only a first line of STARTTLS is refused.
         """
         policy = AdmissionPolicy()
         self.assertTrue(policy.trivial)
-        self.assertTrue(Admission(policy).open)
+        admission = Admission(policy)
+        self.assertFalse(admission.open)
+        self.assertEqual(admission.on_line(b"hello", False).verdict, Verdict.DELIVER)
+        self.assertTrue(admission.open)
+        refused = Admission(policy).on_line(b"STARTTLS", True)
+        self.assertEqual(refused.code, ErrorCode.TLS_UNAVAILABLE)
 
     def test_starttls(self) -> None:
         """
@@ -54,8 +60,8 @@ class AdmissionTests(SynchronousTestCase):
         self.assertFalse(admission.open)
         self.assertEqual(admission.on_line(b"hello", True).code, ErrorCode.TLS_REQUIRED)
         admission.tls_started()
-        self.assertTrue(admission.open)
         self.assertEqual(admission.on_line(b"hello", True).verdict, Verdict.DELIVER)
+        self.assertTrue(admission.open)
 
     def test_auth(self) -> None:
         """
@@ -65,10 +71,10 @@ class AdmissionTests(SynchronousTestCase):
         self.assertEqual(
             admission.on_line(b"AUTH s3cret", True).verdict, Verdict.CONSUMED
         )
-        self.assertTrue(admission.open)
         self.assertEqual(
             admission.on_line(b"AUTH s3cret", True).verdict, Verdict.DELIVER
         )
+        self.assertTrue(admission.open)
         for bad in (b"AUTH wrong", b"hello", b"AUTH ", b"auth s3cret"):
             decision = Admission(AdmissionPolicy(check_token=good)).on_line(bad, True)
             self.assertEqual(decision.code, ErrorCode.UNAUTHORIZED, bad)
@@ -91,6 +97,22 @@ class AdmissionTests(SynchronousTestCase):
         self.assertEqual(
             admission.on_line(b"AUTH s3cret", True).verdict, Verdict.CONSUMED
         )
+        self.assertFalse(admission.open)
+
+    def test_auth_then_starttls(self) -> None:
+        """
+        Without required TLS, STARTTLS may also follow AUTH: it is a
+        command until the first line is delivered, data after that.
+        """
+        admission = Admission(AdmissionPolicy(starttls=True, check_token=good))
+        self.assertEqual(
+            admission.on_line(b"AUTH s3cret", True).verdict, Verdict.CONSUMED
+        )
+        self.assertEqual(
+            admission.on_line(b"STARTTLS", True).verdict, Verdict.START_TLS
+        )
+        admission.tls_started()
+        self.assertEqual(admission.on_line(b"data", False).verdict, Verdict.DELIVER)
         self.assertTrue(admission.open)
 
     @given(st.binary(max_size=40))
