@@ -37,6 +37,7 @@ from lineserver.flow import PauseGate
 from lineserver.interfaces import ISupervisor
 from lineserver.ports import listens_everywhere
 from lineserver.protocol import LineFactory
+from lineserver.proxy import is_proxy_description, proxy_endpoint
 from lineserver.stats import Stats
 
 log = Logger(namespace="lineserver.listener")
@@ -155,7 +156,7 @@ class ListenerService(Service):
         self._retry_call = None
         self.attempts += 1
         try:
-            endpoint = self.endpoint or serverFromString(self.reactor, self.description)
+            endpoint = self.endpoint or _endpoint(self.reactor, self.description)
             listening = endpoint.listen(_PortFactory(self.factory, self._port_stopped))
         except Exception:
             listening = Deferred()
@@ -281,6 +282,13 @@ def accept_backlog(port: IListeningPort) -> None:
     do_read = getattr(port, "doRead", None)
     if do_read is not None:
         do_read()
+
+
+def _endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
+    if is_proxy_description(description):
+        return proxy_endpoint(reactor, description)
+    endpoint: IStreamServerEndpoint = serverFromString(reactor, description)
+    return endpoint
 
 
 def _nothing() -> None:

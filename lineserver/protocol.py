@@ -139,6 +139,7 @@ class LineProtocol(LineReceiver):
         self.handler: ILineHandler | None = None
         self.gate = PauseGate(self._pause_transport, self._resume_transport)
         self._awaiting_proxy = False
+        self._proxy_wait: Deadline | None = None
         self._early: list[tuple[list[bytes], bytes]] = []
         self._handshake: Deadline | None = None
         self._tls = False
@@ -170,9 +171,35 @@ class LineProtocol(LineReceiver):
         if behind_proxy(self.transport):
             # The real client address comes with the PROXY header, which is
             # read before our first data (and before a TLS handshake ends).
+            # A peer that never sends it must not hold the socket forever.
+            # (Under TLS the handshake deadline covers the header too.)
             self._awaiting_proxy = True
+            if not self._tls:
+                self._proxy_wait = Deadline(
+                    self.factory.clock,
+                    self.factory.settings.handshake_timeout or 10.0,
+                    self._proxy_expired,
+                )
+                self._proxy_wait.begin()
             return
         self._admit()
+
+    def proxy_header_received(self) -> None:
+        """
+        The PROXY header is in (L{lineserver.proxy}): judge the real client.
+        """
+        if self._awaiting_proxy and not self._tls:
+            self._admit()
+
+    def _proxy_expired(self) -> None:
+        self._proxy_wait = None
+        log.info(
+            "aborting {conn}: no PROXY header within {t}s",
+            conn=self.identity,
+            t=self.factory.settings.handshake_timeout,
+        )
+        self._stats.incr("timeouts.proxy")
+        self.transport.abortConnection()
 
     def _set_identity(self) -> None:
         self.identity = f"#{self.number} {describe_address(self.peer)}"
@@ -184,6 +211,9 @@ class LineProtocol(LineReceiver):
         Decide on the client by its address, then hand it to the registry.
         """
         self._awaiting_proxy = False
+        if self._proxy_wait is not None:
+            self._proxy_wait.cancel()
+            self._proxy_wait = None
         self.peer = self.transport.getPeer()
         self._set_identity()
         allow = self.factory.allow
@@ -279,7 +309,7 @@ class LineProtocol(LineReceiver):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._handshake is not None and not self._closing:
             self._handshake_failed(reason)
-        for deadline in (self._idle, self._line, self._handshake):
+        for deadline in (self._idle, self._line, self._handshake, self._proxy_wait):
             if deadline is not None:
                 deadline.cancel()
         if self._abort_call is not None and self._abort_call.active():

@@ -53,6 +53,8 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from lineserver.proxy import is_proxy_description, proxy_endpoint
+
 StrPath = str | os.PathLike[str]
 
 #: The oldest protocol version we speak.  Twisted 26.10's own default is
@@ -452,7 +454,11 @@ def tls_server_endpoint(
                 f"{endpoint!r} already has TLS; give the plain endpoint under it "
                 "(see split_ssl_description)"
             )
-        plain: IStreamServerEndpoint = serverFromString(reactor, endpoint)
+        plain: IStreamServerEndpoint = (
+            proxy_endpoint(reactor, endpoint)
+            if is_proxy_description(endpoint)
+            else serverFromString(reactor, endpoint)
+        )
     else:
         plain = endpoint
     wrapped: IStreamServerEndpoint = wrapServerTLS(tls, plain, clock=reactor)

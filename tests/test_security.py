@@ -103,12 +103,18 @@ def tls_session(
 
 
 def plain_session(port: int, data: bytes) -> bytes:
+    """
+    Send C{data}, then read until the server closes or resets.
+    """
+    received = b""
     with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
         sock.sendall(data)
-        received = b""
-        while chunk := sock.recv(4096):
-            received += chunk
-        return received
+        try:
+            while chunk := sock.recv(4096):
+                received += chunk
+        except ConnectionResetError:
+            pass
+    return received
 
 
 class SecurityConfigTests(SynchronousTestCase):
@@ -301,6 +307,42 @@ class EmbeddedTLSTests(TestCase):
         (conn,) = self.handlers.served
         self.assertIn("10.1.2.3:40000", conn.identity)
         self.assertEqual(server.stats.get("connections.refused.forbidden"), 1)
+
+    @inlineCallbacks
+    def test_proxy_header_judged_on_arrival(self) -> Any:
+        """
+        On a plain haproxy: port the client is judged when its PROXY header
+        arrives, not at its first line: a refused one hears so at once, an
+        admitted one may stay quiet past the header deadline; a peer that
+        never sends the header is aborted at that deadline.
+        """
+        server = yield self.start(
+            ["haproxy:tcp:0:interface=127.0.0.1"],
+            security=SecurityConfig(allow=["10.0.0.0/8"]),
+            settings=ProtocolSettings(handshake_timeout=0.3),
+        )
+        (port,) = server.port_numbers()
+        refused = yield deferToThread(
+            plain_session, port, b"PROXY TCP4 192.0.2.9 127.0.0.1 40001 4040\r\n"
+        )
+        self.assertEqual(refused, b"ERR forbidden\n")
+
+        def quiet_then_line() -> bytes:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(b"PROXY TCP4 10.9.8.7 127.0.0.1 40002 4040\r\n")
+                time.sleep(0.6)
+                sock.sendall(b"late but fine\n")
+                time.sleep(0.1)
+                sock.shutdown(socket.SHUT_WR)
+                return sock.recv(100)
+
+        received = yield deferToThread(quiet_then_line)
+        self.assertEqual(received, b"")
+        silent = yield deferToThread(plain_session, port, b"")
+        self.assertEqual(silent, b"")
+        yield later(0.1)
+        self.assertEqual(self.sink.store, [b"late but fine"])
+        self.assertEqual(server.stats.get("timeouts.proxy"), 1)
 
     @inlineCallbacks
     def test_starttls_required_and_tokens(self) -> Any:
