@@ -1,10 +1,11 @@
 """Who may send lines: the pure rules for the first lines of a connection.
 
 A connection is *open* once every requirement is met (TLS when required,
-a valid C{AUTH <token>} when tokens are configured) and its first line
-was delivered.  Until then each line goes through L{Admission.on_line},
-which says what to do with it; once open, lines go straight to the
-handler and this costs nothing more.
+a valid C{AUTH <token>} when tokens are configured), its first line was
+delivered, and, where C{STARTTLS} is offered, TLS is on.  Until then
+each line goes through L{Admission.on_line}, which says what to do with
+it; once open, lines go straight to the handler and this costs nothing
+more.
 
 Rules, in order:
   1. C{STARTTLS} asks for an upgrade.  It is refused where TLS is not
@@ -97,11 +98,14 @@ class Admission:
     def open(self) -> bool:
         """
         Do lines now go straight to the handler?  Only once one was
-        delivered: until then C{STARTTLS} is a command, not data, even
-        where no rule applies (so that a client asking for TLS where there
-        is none gets C{ERR tls-unavailable}, not its handshake in the sink).
+        delivered, and, where C{STARTTLS} is offered, once TLS is on.
+
+        Until a line is delivered, C{STARTTLS} is a command even where no
+        rule applies (a client asking for TLS where there is none gets
+        C{ERR tls-unavailable}, not its handshake in the sink); on a port
+        that offers it, it stays one until TLS is on.
         """
-        return self.delivering
+        return self.delivering and (self.tls or not self.policy.starttls)
 
     def tls_started(self) -> None:
         self.tls = True

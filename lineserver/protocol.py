@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 from typing_extensions import override
 from zope.interface import implementer
 
-from lineserver.admission import Admission, AdmissionPolicy, Verdict
+from lineserver.admission import STARTTLS, Admission, AdmissionPolicy, Verdict
 from lineserver.errors import ErrorCode, error_line
 from lineserver.flow import PauseGate
 from lineserver.framing import LF, LineFramer
@@ -258,19 +258,25 @@ class LineProtocol(LineReceiver):
             elif frames.lines or not self._line.active:
                 self._line.begin()
         lines, raw = frames.lines, frames.raw
-        if lines and self._admission is not None:
-            lines, raw = self._screen(lines, raw)
-            if self._admission.open:
+        admission = self._admission
+        if lines and admission is not None:
+            # Once lines flow, only a STARTTLS line still needs a look.
+            if not admission.delivering or STARTTLS in raw:
+                lines, raw = self._screen(lines, raw)
+            if admission.open:
                 self._admission = None  # screened: lines go straight through
         if lines:
-            self._stats.incr("lines.received", len(lines))
-            if self._per_line or self._held:
-                self._deliver_each(lines)
-            else:
-                self._deliver(lines, raw)
+            self._accept(lines, raw)
         if frames.error is not None:
             self._stats.incr("lines.too_long")
             self.lineLengthExceeded(b"")
+
+    def _accept(self, lines: list[bytes], raw: bytes) -> None:
+        self._stats.incr("lines.received", len(lines))
+        if self._per_line or self._held:
+            self._deliver_each(lines)
+        else:
+            self._deliver(lines, raw)
 
     @override
     def lineReceived(self, line: bytes) -> None:
@@ -391,22 +397,38 @@ class LineProtocol(LineReceiver):
 
     def _screen(self, lines: list[bytes], raw: bytes) -> tuple[list[bytes], bytes]:
         """
-        Pass the first lines through the admission rules.
+        Pass lines through the admission rules until the connection is open.
 
-        @return: the lines (and their raw bytes) that may go to the handler.
+        Lines to deliver that come before a command (C{STARTTLS} on a port
+        that offers it) are delivered here, before the command acts.
+
+        @return: the remaining lines (and their raw bytes) for the handler.
         """
         admission = self._admission
         assert admission is not None
         count = len(lines)
+        offset = 0  # where line `index` starts in raw
+        start: int | None = None  # first line of a run to deliver
+        start_offset = 0
         for index, line in enumerate(lines):
+            end = raw.index(LF, offset) + 1
             last = index == count - 1 and not self._framer.pending
             decision = admission.on_line(line, last)
             verdict = decision.verdict
             if verdict is Verdict.DELIVER:
-                return lines[index:], _after_lines(raw, index)
+                if start is None:
+                    start, start_offset = index, offset
+                if admission.open:
+                    break
+                offset = end
+                continue
+            if start is not None:
+                self._accept(lines[start:index], raw[start_offset:offset])
+                start = None
             if verdict is Verdict.CONSUMED:
                 self._stats.incr("auth.accepted")
                 log.info("{conn} authenticated", conn=self.identity)
+                offset = end
                 continue
             if verdict is Verdict.START_TLS:
                 self._start_tls()
@@ -420,7 +442,9 @@ class LineProtocol(LineReceiver):
                 )
                 self.send_error(decision.code, decision.detail)
             return [], b""
-        return [], b""
+        if start is None:
+            return [], b""
+        return lines[start:], raw[start_offset:]
 
     def _start_tls(self) -> None:
         """
@@ -474,11 +498,13 @@ class LineProtocol(LineReceiver):
             self._handshake.cancel()
             self._handshake = None
         self.tls_subject = peer_subject(self.transport)
+        if self._awaiting_proxy:
+            self.peer = self.transport.getPeer()  # the PROXY header's
         self._set_identity()
         if self._admission is not None:
             self._admission.tls_started()
         self._stats.incr("tls.handshakes")
-        log.debug("{conn} TLS handshake complete", conn=self.identity)
+        log.info("{conn} TLS handshake complete", conn=self.identity)
         if self._awaiting_proxy:
             # TLS behind a proxy: its header came before the handshake.
             self._admit()

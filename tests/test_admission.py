@@ -99,6 +99,25 @@ class AdmissionTests(SynchronousTestCase):
         )
         self.assertFalse(admission.open)
 
+    def test_starttls_after_lines(self) -> None:
+        """
+        Where STARTTLS is offered (and TLS not required), plaintext lines
+        may come first; STARTTLS stays a command until TLS is on, and the
+        connection opens only then.  Where it is not offered, STARTTLS
+        after the first line is data.
+        """
+        admission = Admission(AdmissionPolicy(starttls=True))
+        self.assertEqual(admission.on_line(b"plain", False).verdict, Verdict.DELIVER)
+        self.assertFalse(admission.open)
+        self.assertEqual(
+            admission.on_line(b"STARTTLS", True).verdict, Verdict.START_TLS
+        )
+        admission.tls_started()
+        self.assertTrue(admission.open)
+        elsewhere = Admission(AdmissionPolicy())
+        self.assertEqual(elsewhere.on_line(b"plain", False).verdict, Verdict.DELIVER)
+        self.assertTrue(elsewhere.open)
+
     def test_auth_then_starttls(self) -> None:
         """
         Without required TLS, STARTTLS may also follow AUTH: it is a

@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from lineserver.admission import AdmissionPolicy
 from lineserver.connections import ConnectionRegistry
 from lineserver.flow import SinkQueue
 from lineserver.handlers import (
@@ -124,6 +125,7 @@ class BatchTests(SynchronousTestCase):
         """
         proto, transport, *_ = connect(EchoHandlerFactory())
         self.assertTrue(transport.streaming)
+        assert transport.producer is not None
         transport.producer.pauseProducing()
         self.assertEqual(transport.producerState, "paused")
         self.assertEqual(proto.gate.reasons, {"output"})
@@ -300,3 +302,81 @@ class AddressTests(SynchronousTestCase):
         """
         self.assertEqual(describe_address(PEER), "127.0.0.1:5555")
         self.assertEqual(describe_address(IPv6Address("TCP", "::1", 7)), "[::1]:7")
+
+
+class StartTLSTransport(StringTransport):
+    """
+    Records the context a STARTTLS upgrade started TLS with.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(peerAddress=PEER)
+        self.tls: list[object] = []
+
+    def startTLS(self, context: object) -> None:  # noqa: N802
+        self.tls.append(context)
+
+
+class ScreeningTests(SynchronousTestCase):
+    def starttls_connection(
+        self, **policy: Any
+    ) -> tuple[LineProtocol, StartTLSTransport, list[list[bytes]]]:
+        log: list[list[bytes]] = []
+        clock = Clock()
+        stats = Stats()
+        factory = LineFactory(
+            lambda conn: Recorder(log, conn),  # type: ignore[arg-type]
+            ConnectionRegistry(stats=stats),
+            clock,
+            ProtocolSettings(),
+            stats,
+        )
+        factory.admission = AdmissionPolicy(**policy)
+        factory.starttls_context = context = object()
+        proto = factory.buildProtocol(PEER)
+        transport = StartTLSTransport()
+        proto.makeConnection(transport)
+        self.context = context
+        return proto, transport, log
+
+    def test_lines_then_starttls_in_one_read(self) -> None:
+        """
+        On a STARTTLS port, plaintext lines in the same read as a final
+        STARTTLS are delivered first, then the upgrade starts.
+        """
+        proto, transport, log = self.starttls_connection(starttls=True)
+        proto.dataReceived(b"one\r\ntwo\nSTARTTLS\n")
+        self.assertEqual(log, [[b"one", b"two"]])
+        self.assertEqual(transport.value(), b"OK starttls\n")
+        self.assertEqual(transport.tls, [self.context])
+        self.assertEqual(proto.factory.stats.get("lines.received"), 2)
+
+    def test_starttls_later_and_never_data(self) -> None:
+        """
+        Lines flow in plaintext read after read; a later STARTTLS still
+        upgrades and is never delivered; bytes after it are refused.
+        """
+        proto, transport, log = self.starttls_connection(starttls=True)
+        proto.dataReceived(b"a\n")
+        proto.dataReceived(b"b\nc\n")
+        proto.dataReceived(b"d\nSTARTTLS\ninjected\n")
+        self.assertEqual(log, [[b"a"], [b"b", b"c"], [b"d"]])
+        self.assertEqual(transport.tls, [])
+        self.assertTrue(
+            transport.value().startswith(b"ERR protocol-error"), transport.value()
+        )
+
+    def test_not_offered(self) -> None:
+        """
+        Without --starttls, STARTTLS as a first line is refused; later it
+        is data.
+        """
+        proto, transport, log = self.starttls_connection()
+        proto.dataReceived(b"STARTTLS\n")
+        self.assertEqual(transport.value(), b"ERR tls-unavailable\n")
+        self.assertEqual(log, [])
+        proto, transport, log = self.starttls_connection()
+        proto.dataReceived(b"x\n")
+        proto.dataReceived(b"STARTTLS\ny\n")
+        self.assertEqual(log, [[b"x"], [b"STARTTLS", b"y"]])
+        self.assertEqual(transport.value(), b"")
