@@ -101,8 +101,7 @@ class ConnectionRegistry:
         """
         self._all.add(conn)
         self.stats.incr("connections.opened")
-        for watch in self.watchers:
-            watch()
+        self._notify()
         if not self.accepting:
             conn.send_error(ErrorCode.SHUTTING_DOWN)
             return
@@ -145,8 +144,6 @@ class ConnectionRegistry:
         if conn not in self._all:
             return  # refused before admission (not allowed by address)
         self._all.discard(conn)
-        for watch in self.watchers:
-            watch()
         if conn in self._counted:
             self._counted.discard(conn)
             host = conn.peer.host  # type: ignore[attr-defined]
@@ -165,10 +162,22 @@ class ConnectionRegistry:
                     gate.release(LIMIT_REASON)
         elif conn in self.waiting:
             self.waiting.remove(conn)
+        self._notify()
         if not self._all:
             empty_waiters, self._empty = self._empty, []
             for empty in empty_waiters:
                 empty.callback(None)
+
+    def _notify(self) -> None:
+        """
+        Tell the watchers a connection came or went; one that fails is
+        logged and never stops admission or removal.
+        """
+        for watch in self.watchers:
+            try:
+                watch()
+            except Exception:
+                log.failure("connection watcher {watch!r} failed", watch=watch)
 
     def when_empty(self) -> Deferred[None]:
         """

@@ -9,6 +9,7 @@ flap on every connection).
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 from collections.abc import Callable
@@ -154,7 +155,14 @@ class FdWatermark:
         return self._measure()
 
     def _measure(self) -> bool:
-        count = self.count()
+        try:
+            count = self.count()
+        except OSError as error:
+            if error.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            # Counting needs a descriptor itself; with none left we are
+            # at the limit, which is above the watermark.
+            count = max(self.high, self.last_count)
         self.last_count = count
         self._calls_since = 0
         self._counted = True
@@ -190,7 +198,12 @@ class FdWatermark:
 
     def _tick(self) -> None:
         self._poll = None
-        self.start()
+        try:
+            self._measure()
+        finally:
+            # A failed count must not end the polling for good.
+            if self.clock is not None and self._poll is None:
+                self._poll = self.clock.callLater(self.poll_interval, self._tick)
 
     def stop(self) -> None:
         """

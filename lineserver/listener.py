@@ -182,8 +182,13 @@ class ListenerService(Service):
         #: The accept guard: C{guard.inject(errno, count)} makes the next
         #: accepts fail, for tests and fire drills.
         self.guard = guard_port(port, self.throttle, honour_gate=True)
-        self.watermark = FdWatermark.from_limit(
-            self.gate, clock=self.reactor, stats=self.stats, reserve=self.fd_reserve
+        # A reserve of 0 leaves descriptor exhaustion to the accept guard.
+        self.watermark = (
+            FdWatermark.from_limit(
+                self.gate, clock=self.reactor, stats=self.stats, reserve=self.fd_reserve
+            )
+            if self.fd_reserve > 0
+            else None
         )
         if self.watermark is not None:
             self.watermark.start()

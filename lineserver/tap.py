@@ -186,7 +186,8 @@ class Options(usage.Options):
             "fd-reserve",
             None,
             str(DEFAULT_RESERVE),
-            "Descriptors kept free below RLIMIT_NOFILE: accepting pauses there.",
+            "Descriptors kept free below RLIMIT_NOFILE: accepting pauses there "
+            "(0: no watermark, only the accept guard).",
         ],
         [
             "tls-handshake-timeout",

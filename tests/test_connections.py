@@ -71,6 +71,29 @@ class RegistryTests(SynchronousTestCase):
         self.close(first)
         self.assertTrue(self.listener.reading)
 
+    def test_failing_watcher(self) -> None:
+        """
+        A watcher that raises (the descriptor count, out of descriptors) is
+        logged; the connection is still served, counted and removed, and
+        the watcher sees the counts after a removal.
+        """
+        self.make(max_connections=1)
+        seen: list[int] = []
+
+        def watch() -> None:
+            seen.append(len(self.registry.active))
+            raise OSError(24, "Too many open files")
+
+        self.registry.watchers.append(watch)
+        proto, _ = self.open()
+        self.assertEqual(self.registry.active, {proto})
+        self.assertIsNotNone(proto.handler)
+        self.close(proto)
+        self.assertEqual(len(self.registry), 0)
+        self.assertTrue(self.listener.reading)
+        self.assertEqual(seen, [0, 0])
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 2)
+
     def test_past_limit_waits_then_served(self) -> None:
         """
         A connection accepted past the limit waits, paused and without a

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import resource
 import socket
 
@@ -24,15 +25,20 @@ from tests.support import RecordingGate
 
 class FakeCount:
     """
-    A descriptor count that the test sets, and that counts its readings.
+    A descriptor count that the test sets, and that counts its readings;
+    with C{error} set, counting raises it (as listing /proc/self/fd does
+    when no descriptor is left).
     """
 
     def __init__(self, value: int) -> None:
         self.value = value
         self.readings = 0
+        self.error: OSError | None = None
 
     def __call__(self) -> int:
         self.readings += 1
+        if self.error is not None:
+            raise self.error
         return self.value
 
 
@@ -184,6 +190,36 @@ class FdWatermarkTests(SynchronousTestCase):
         self.assertFalse(gate.gate.paused)
         mark.stop()
         self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_no_descriptor_left_to_count_with(self) -> None:
+        """
+        When counting itself fails with EMFILE, the process is at its
+        limit: accepting pauses, and resumes once counting works and shows
+        room again.
+        """
+        mark, count, gate, _stats = self.make(50)
+        count.error = OSError(errno.EMFILE, "Too many open files")
+        self.assertTrue(mark.check(force=True))
+        self.assertEqual(gate.gate.reasons, {WATERMARK_REASON})
+        count.error = None
+        self.assertFalse(mark.check(force=True))
+        self.assertEqual(gate.calls, ["pause", "resume"])
+
+    def test_poll_survives_a_failed_count(self) -> None:
+        """
+        A count that raises does not end the polling.
+        """
+        clock = Clock()
+        mark, count, gate, _stats = self.make(120, clock)
+        mark.start()
+        count.error = OSError(errno.EIO, "I/O error")
+        self.assertRaises(OSError, clock.advance, 1.0)
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        count.error = None
+        count.value = 10
+        clock.advance(1.0)
+        self.assertFalse(gate.gate.paused)
+        mark.stop()
 
     def test_stop_releases(self) -> None:
         """
