@@ -45,7 +45,7 @@ class ExampleTests(TestCase):
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
-        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        self.addCleanup(lambda: None if proc.poll() is not None else proc.kill())
         client = connect_when_ready(port)
         client.sendall(b"hello\r\nvehicle 17\n")
         client.close()

@@ -314,8 +314,8 @@ class FaultTests(ServerTestCase):
             if event.get("log_level") == LogLevel.error:
                 messages.append(event["log_format"].format(**event))
 
-        globalLogPublisher.addObserver(observe)
-        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        globalLogPublisher.addObserver(observe)  # type: ignore[arg-type]
+        self.addCleanup(globalLogPublisher.removeObserver, observe)  # type: ignore[arg-type]
         server = LineServer(
             ServerConfig(ports=[f"tcp:{port}:interface=127.0.0.1"]),
             reactor,

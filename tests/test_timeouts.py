@@ -83,7 +83,7 @@ class DeadlineTests(SynchronousTestCase):
 
 def connected(
     settings: ProtocolSettings, sink: bool = False
-) -> tuple[LineProtocol, StringTransport, Clock, Stats, SinkQueue]:
+) -> tuple[LineProtocol, StringTransport, CountingClock, Stats, SinkQueue]:
     clock = CountingClock()
     stats = Stats()
     queue = SinkQueue(100, 10)
