@@ -11,7 +11,9 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -260,6 +262,43 @@ def read_to_eof(sock: socket.socket, timeout: float = 10.0) -> bytes:
     while chunk := sock.recv(65536):
         data += chunk
     return data
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """
+    Poll C{check} every 20 ms (from a blocking test, not from the reactor).
+
+    @raise AssertionError: naming C{what}, after C{timeout} seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def run_threads(targets: list[Callable[[], None]], timeout: float = 20.0) -> None:
+    """
+    Run each target in a thread; re-raise the first error any of them hit.
+    """
+    errors: list[BaseException] = []
+
+    def guarded(target: Callable[[], None]) -> None:
+        try:
+            target()
+        except BaseException as error:  # reported below, in the test thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=guarded, args=(t,)) for t in targets]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    if any(thread.is_alive() for thread in threads):
+        raise AssertionError(f"client threads still running after {timeout}s")
+    if errors:
+        raise errors[0]
 
 
 def temp_dir(case: SynchronousTestCase) -> str:

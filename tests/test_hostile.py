@@ -26,15 +26,8 @@ from tests.support import (
     read_to_eof,
     reset,
     start_server,
+    wait_until,
 )
-
-
-def wait_until(check: Any, timeout: float = 10.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or check}")
-        time.sleep(0.02)
 
 
 def send_until_stalled(

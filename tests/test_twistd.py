@@ -34,7 +34,15 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 
 from lineserver.tap import EXIT_ESCALATED
-from tests.support import ServerProcess, read_to_eof, reset, temp_dir, wait_connectable
+from tests.support import (
+    ServerProcess,
+    read_to_eof,
+    reset,
+    run_threads,
+    temp_dir,
+    wait_connectable,
+    wait_until,
+)
 
 CLIENTS = 8
 LINES_PER_CLIENT = 3000
@@ -48,38 +56,6 @@ def line_of(client: int, seq: int) -> bytes:
     A line that names its sender and its place, padded to a typical size.
     """
     return b"client=%d seq=%06d " % (client, seq) + b"p" * 60
-
-
-def wait_until(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
-
-
-def run_threads(targets: list[Callable[[], None]], timeout: float = 20.0) -> None:
-    """
-    Run each target in a thread; re-raise the first error any of them hit.
-    """
-    errors: list[BaseException] = []
-
-    def guarded(target: Callable[[], None]) -> None:
-        try:
-            target()
-        except BaseException as error:  # reported below, in the test thread
-            errors.append(error)
-
-    threads = [threading.Thread(target=guarded, args=(t,)) for t in targets]
-    for thread in threads:
-        thread.start()
-    deadline = time.monotonic() + timeout
-    for thread in threads:
-        thread.join(max(0.0, deadline - time.monotonic()))
-    if any(thread.is_alive() for thread in threads):
-        raise AssertionError(f"client threads still running after {timeout}s")
-    if errors:
-        raise errors[0]
 
 
 class TwistdTestCase(SynchronousTestCase):
