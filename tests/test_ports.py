@@ -4,8 +4,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase
@@ -98,3 +101,48 @@ class WithDefaultsTests(SynchronousTestCase):
             self.assertTrue(listens_everywhere(host))
         for host in ("127.0.0.1", "::1", "10.0.0.1"):
             self.assertFalse(listens_everywhere(host))
+
+
+class EveryInterfaceWarningTests(SynchronousTestCase):
+    def listen(self, description: str) -> list[str]:
+        from twisted.internet.testing import MemoryReactorClock
+        from twisted.logger import LogLevel, capturedLogs, formatEvent
+
+        from lineserver.connections import ConnectionRegistry
+        from lineserver.handlers import EchoHandlerFactory
+        from lineserver.listener import ListenerService
+        from lineserver.protocol import LineFactory
+
+        class Reactor(MemoryReactorClock):
+            """
+            Its fake ports report the interface they were asked for.
+            """
+
+            def listenTCP(  # noqa: N802
+                self, port: int, factory: Any, backlog: int = 50, interface: str = ""
+            ) -> Any:
+                listening = super().listenTCP(port, factory, backlog, interface)
+                listening._hostAddress = IPv4Address(
+                    "TCP", interface or "0.0.0.0", port
+                )
+                return listening
+
+        reactor = Reactor()
+        registry = ConnectionRegistry()
+        factory = LineFactory(EchoHandlerFactory(), registry, reactor)
+        service = ListenerService(description, factory, registry, reactor)
+        service.running = True
+        with capturedLogs() as events:
+            service._listen()
+        self.assertIsNotNone(service.port)
+        service.stopService()
+        return [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
+
+    def test_warned(self) -> None:
+        """
+        A port on every interface says so in the log; a loopback one does
+        not.
+        """
+        (warning,) = self.listen("tcp:4040:interface=0.0.0.0")
+        self.assertIn("listens on every interface", warning)
+        self.assertEqual(self.listen("tcp:4040:interface=127.0.0.1"), [])
