@@ -77,22 +77,25 @@ def new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def make_ca(common_name: str) -> Issuer:
+def _make_ca(common_name: str, parent: Issuer | None, path_length: int) -> Issuer:
     """
-    @return: a self-signed CA, valid from a day ago for ten days.
+    A CA valid from a day ago for ten days, self-signed or signed by
+    C{parent} (then with C{parent}'s key identifier).
     """
     key = new_key()
     now = datetime.datetime.now(datetime.UTC)
     name = _name(common_name)
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(name)
-        .issuer_name(name)
+        .issuer_name(name if parent is None else parent.cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=10))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.BasicConstraints(ca=True, path_length=path_length), critical=True
+        )
         .add_extension(
             x509.KeyUsage(
                 digital_signature=True,
@@ -111,9 +114,33 @@ def make_ca(common_name: str) -> Issuer:
             x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
             critical=False,
         )
-        .sign(key, hashes.SHA256())
     )
-    return Issuer(cert, key)
+    if parent is not None:
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(parent.key.public_key()),
+            critical=False,
+        )
+    signer = key if parent is None else parent.key
+    return Issuer(builder.sign(signer, hashes.SHA256()), key)
+
+
+def make_ca(common_name: str, *, path_length: int = 0) -> Issuer:
+    """
+    @param path_length: how many levels of CAs may stand below it: 0 (a CA
+        that signs leaves only), 1 for a root above an intermediate (see
+        L{make_intermediate_ca}).
+    @return: a self-signed CA, valid from a day ago for ten days.
+    """
+    return _make_ca(common_name, None, path_length)
+
+
+def make_intermediate_ca(parent: Issuer, common_name: str) -> Issuer:
+    """
+    @param parent: a CA made with C{path_length=1}.
+    @return: an intermediate CA signed by C{parent}, valid from a day ago
+        for ten days, that signs leaves only.
+    """
+    return _make_ca(common_name, parent, 0)
 
 
 def issue(

@@ -32,7 +32,7 @@ from lineserver.server import LineServer
 from lineserver.signals import HangupReload
 from tests.certs import TestPKI, make_server_cert
 from tests.support import MemorySinkFactory, later, reactor, start_server, temp_dir
-from tests.test_tls import client_context, client_hello, new_pki, run_client
+from tests.tls_clients import client_context, client_hello, new_pki, run_client
 
 TIMEOUT = 10.0
 
