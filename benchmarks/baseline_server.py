@@ -8,6 +8,9 @@ tricks.  It takes the same command line shape as C{twistd lineserver}:
 
     python -m benchmarks.baseline_server --port tcp:4040:interface=127.0.0.1 \\
         --mode sink --sink file:lines.log
+
+C{--max-line-length} sets C{MAX_LENGTH} (default 65536); the long-lines
+scenarios raise it to 16 MiB, as a developer would to accept such lines.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from typing_extensions import override
 
+#: The baseline's MAX_LENGTH unless told otherwise: lineserver's default limit.
+DEFAULT_MAX_LENGTH = 65536
+
 
 class SinkLineReceiver(LineReceiver):
     """
@@ -33,7 +39,7 @@ class SinkLineReceiver(LineReceiver):
     """
 
     delimiter = b"\n"
-    MAX_LENGTH = 65536
+    MAX_LENGTH = DEFAULT_MAX_LENGTH
     factory: BaselineFactory
 
     @override
@@ -55,7 +61,7 @@ class EchoLineReceiver(LineReceiver):
     """
 
     delimiter = b"\n"
-    MAX_LENGTH = 65536
+    MAX_LENGTH = DEFAULT_MAX_LENGTH
 
     @override
     def lineReceived(self, line: bytes) -> None:
@@ -69,12 +75,26 @@ class BaselineFactory(ServerFactory[LineReceiver]):
     @ivar sink: the sink file, or None in echo mode.
     """
 
-    def __init__(self, mode: str, sink: IO[bytes] | None) -> None:
+    def __init__(
+        self, mode: str, sink: IO[bytes] | None, max_length: int = DEFAULT_MAX_LENGTH
+    ) -> None:
+        """
+        @param max_length: each protocol's C{MAX_LENGTH}, the plain way a
+            Twisted developer raises the line limit.
+        """
         if mode == "sink":
             self.protocol = SinkLineReceiver
         else:
             self.protocol = EchoLineReceiver
         self.sink = sink
+        self.max_length = max_length
+
+    @override
+    def buildProtocol(self, addr: Any) -> LineReceiver | None:
+        protocol = super().buildProtocol(addr)
+        if protocol is not None:
+            protocol.MAX_LENGTH = self.max_length
+        return protocol
 
 
 def sink_path(url: str) -> str:
@@ -98,6 +118,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--mode", choices=["sink", "echo"], default="sink")
     parser.add_argument("--sink", default="file:lines.log", help="file:PATH")
+    parser.add_argument(
+        "--max-line-length",
+        type=int,
+        default=DEFAULT_MAX_LENGTH,
+        help="LineReceiver.MAX_LENGTH in bytes (the long-lines scenarios: 16 MiB)",
+    )
     return parser.parse_args(argv)
 
 
@@ -109,7 +135,7 @@ def run(reactor: Any, args: argparse.Namespace) -> None:
     if args.mode == "sink":
         sink = open(sink_path(args.sink), "ab")  # noqa: SIM115 (closed at shutdown)
         reactor.addSystemEventTrigger("after", "shutdown", sink.close)
-    factory = BaselineFactory(args.mode, sink)
+    factory = BaselineFactory(args.mode, sink, args.max_line_length)
     listening = serverFromString(reactor, args.port).listen(factory)
 
     def failed(reason: Failure) -> None:

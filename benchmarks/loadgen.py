@@ -23,7 +23,6 @@ The result is one JSON object on stdout:
 from __future__ import annotations
 
 import argparse
-import json
 import mmap
 import os
 import selectors
@@ -32,7 +31,9 @@ import sys
 import time
 import zlib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+
+from benchmarks.procs import client_main, client_parser
 
 #: Every line is exactly this long, LF included; fixed-length lines make
 #: line boundaries plain arithmetic for windows, shares and verification.
@@ -406,12 +407,11 @@ def _result(
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.loadgen",
-        description="Drive a line server once; print the measurement as JSON.",
+    parser = client_parser(
+        "python -m benchmarks.loadgen",
+        "Drive a line server once; print the measurement as JSON.",
+        timeout=60.0,
     )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--mode", choices=["sink", "echo"], required=True)
     parser.add_argument("--connections", type=int, default=1)
     parser.add_argument("--lines", type=int, default=300_000)
@@ -422,7 +422,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--window", type=int, default=1000, help="echo: lines in flight (0: all)"
     )
-    parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument(
         "--no-verify", action="store_true", help="sink: skip checking the lines"
     )
@@ -459,13 +458,7 @@ def run(args: argparse.Namespace) -> LoadResult:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        result = run(args)
-    except (LoadError, OSError) as e:
-        print(f"loadgen: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(asdict(result)))
-    return 0
+    return client_main("loadgen", lambda: run(args), LoadError)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,14 @@ them goes first), keeps the best round of each, and prints each figure
 beside the baseline's.  Each measurement is one L{benchmarks.loadgen}
 process, so the load generator has the other core to itself.
 
-    python -m benchmarks.run               # the full run, about 1.5 minutes
-    python -m benchmarks.run --quick       # about 20 seconds, for CI
+    python -m benchmarks.run               # the full run, about 3.5 minutes
+    python -m benchmarks.run --quick       # about 50 seconds
     python -m benchmarks.run --servers baseline --scenarios sink-1,echo-1
+    python -m benchmarks.run --scenarios long-1M,long-8M
+
+The C{long-*} scenarios (L{benchmarks.longlines}) echo lines of 1 to
+16 MiB through both servers with a 16 MiB line limit, in MiB/s: the cost of
+a large line limit, linear for lineserver, quadratic for C{LineReceiver}.
 """
 
 from __future__ import annotations
@@ -19,28 +24,46 @@ import argparse
 import json
 import os
 import platform
-import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from benchmarks.loadgen import LINE_LENGTH, write_payload
+from benchmarks.longlines import (
+    LONG_SCENARIOS,
+    QUICK_LONG_SCENARIOS,
+    LongMeasurement,
+    LongServerReport,
+    LongSettings,
+    build_long_rows,
+    format_long_servers,
+    format_long_table,
+    run_long_phase,
+)
+from benchmarks.procs import (
+    BASELINE,
+    LINESERVER,
+    MIB,
+    REPO,
+    BenchError,
+    Harness,
+    ServerProcess,
+    ServerReport,
+    alternating,
+    progress,
+    run_client,
+    running_servers,
+    steal_seconds,
+)
+from benchmarks.tables import cell, format_table, paired_ratios, spread
 
-REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
-HOST = "127.0.0.1"
-
-BASELINE = "baseline"
-LINESERVER = "lineserver"
 
 
 @dataclass(frozen=True)
@@ -67,6 +90,13 @@ SCENARIOS = (
 #: --quick sends this share of each scenario's lines, in fewer rounds.
 QUICK_SCALE = 0.25
 
+#: A long-lines round sends at most this many bytes (times --scale) and
+#: starts no new line after this many seconds; lineserver reaches the byte
+#: budget first, the baseline on long lines the time cap.
+LONG_BUDGET = 256 * MIB
+LONG_SECONDS = 3.0
+QUICK_LONG_SECONDS = 1.5
+
 
 @dataclass
 class Measurement:
@@ -90,19 +120,14 @@ class Measurement:
     loadgen_cpu_seconds: float
     steal: float
 
-
-@dataclass
-class ServerReport:
-    """
-    What one server process cost over a whole phase (one mode).
-    """
-
-    server: str
-    mode: str
-    command: list[str]
-    peak_rss_kib: int
-    cpu_seconds: float
-    log: str
+    def figures(self) -> str:
+        return (
+            f"{self.lines_per_second:>12,.0f} lines/s "
+            f"{self.megabytes_per_second:7.1f} MB/s "
+            f"(server CPU {self.server_cpu_seconds / self.seconds:4.0%}, "
+            f"loadgen CPU {self.loadgen_cpu_seconds / self.seconds:4.0%}, "
+            f"steal {self.steal:3.0%})"
+        )
 
 
 @dataclass
@@ -118,208 +143,13 @@ class Figure:
     rounds: list[float] = field(default_factory=list)
 
 
-def free_port() -> int:
+def loadgen_options(
+    scenario: Scenario, lines: int, payload: Path, sink: Path, window: int
+) -> list[str]:
     """
-    A port that was free a moment ago (bind port 0, read it, release it).
+    The load generator's options for one measurement (L{benchmarks.loadgen}).
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((HOST, 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def proc_cpu_seconds(pid: int) -> float:
-    """
-    @return: user plus system CPU seconds of process C{pid}, all threads.
-    """
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    # Fields 14 and 15 of proc(5), counted after the command's ")".
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def steal_seconds() -> float:
-    """
-    @return: CPU time the hypervisor gave to others, all CPUs, since boot;
-        its growth during a round says the round was measured on a busy host.
-    """
-    with open("/proc/stat") as stat:
-        fields = stat.readline().split()
-    steal = int(fields[8]) if len(fields) > 8 else 0
-    return steal / os.sysconf("SC_CLK_TCK")
-
-
-def proc_peak_rss_kib(pid: int) -> int:
-    """
-    @return: the process's peak resident set size (VmHWM) in KiB.
-    """
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return 0
-
-
-class ServerProcess:
-    """
-    A server under test, run as its own process with its log in a file.
-    """
-
-    def __init__(
-        self,
-        server: str,
-        mode: str,
-        command: list[str],
-        log_path: Path,
-        cpus: set[int] | None = None,
-    ) -> None:
-        self.server = server
-        self.mode = mode
-        self.command = command
-        self.log_path = log_path
-        self.cpus = cpus
-        self._log: IO[bytes] | None = None
-        self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self._process is not None
-        return self._process.pid
-
-    def start(self, port: int, timeout: float = 30.0) -> None:
-        """
-        Start the process and wait until C{port} accepts a connection.
-        """
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
-        self._process = subprocess.Popen(
-            self.command,
-            cwd=REPO,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=pinning(self.cpus),
-        )
-        deadline = time.monotonic() + timeout
-        while True:
-            self.check_alive()
-            try:
-                socket.create_connection((HOST, port), timeout=1.0).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise BenchError(
-                        f"{self.server} did not accept on port {port} within "
-                        f"{timeout:.0f} s; see {self.log_path}"
-                    ) from None
-                time.sleep(0.05)
-
-    def check_alive(self) -> None:
-        assert self._process is not None
-        code = self._process.poll()
-        if code is not None:
-            raise BenchError(
-                f"{self.server} ({self.mode}) exited with status {code}; "
-                f"see {self.log_path}"
-            )
-
-    def stop(self) -> ServerReport | None:
-        """
-        Read the peak RSS and CPU time, then stop with SIGTERM (SIGKILL if
-        it does not exit in time).
-
-        @return: the report, or None if the process was already gone.
-        """
-        if self._process is None:
-            return None
-        report = None
-        if self._process.poll() is None:
-            report = ServerReport(
-                server=self.server,
-                mode=self.mode,
-                command=self.command,
-                peak_rss_kib=proc_peak_rss_kib(self.pid),
-                cpu_seconds=proc_cpu_seconds(self.pid),
-                log=str(self.log_path),
-            )
-            self._process.send_signal(signal.SIGTERM)
-            try:
-                self._process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait(timeout=10)
-        if self._log is not None:
-            self._log.close()
-        self._process = None
-        return report
-
-
-class BenchError(Exception):
-    """
-    A server or the load generator failed; the run cannot go on.
-    """
-
-
-def pinning(cpus: set[int] | None) -> Callable[[], None] | None:
-    """
-    @return: a C{preexec_fn} that keeps a child (and the threads it will
-        start) on C{cpus}, or None to let the kernel place it.
-    """
-    if cpus is None:
-        return None
-
-    def pin() -> None:
-        os.sched_setaffinity(0, cpus)
-
-    return pin
-
-
-def twistd_path() -> str:
-    """
-    The twistd beside this interpreter (the project's virtualenv), else on
-    C{PATH}.
-    """
-    beside = Path(sys.executable).parent / "twistd"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("twistd")
-    if found is None:
-        raise BenchError("twistd not found beside the interpreter or on PATH")
-    return found
-
-
-def server_command(kind: str, mode: str, port: int, sink: Path) -> list[str]:
-    """
-    @param kind: L{BASELINE} or L{LINESERVER}.
-    """
-    options = ["--port", f"tcp:{port}:interface={HOST}", "--mode", mode]
-    if mode == "sink":
-        options += ["--sink", f"file:{sink}"]
-    if kind == BASELINE:
-        return [sys.executable, "-m", "benchmarks.baseline_server", *options]
-    return [twistd_path(), "-n", "--pidfile=", "lineserver", *options]
-
-
-def run_loadgen(
-    scenario: Scenario,
-    lines: int,
-    port: int,
-    payload: Path,
-    sink: Path,
-    window: int,
-    timeout: float,
-    cpus: set[int] | None = None,
-) -> dict[str, Any]:
-    """
-    Run one measurement in a fresh load generator process.
-    """
-    command = [
-        sys.executable,
-        "-m",
-        "benchmarks.loadgen",
-        "--host",
-        HOST,
-        "--port",
-        str(port),
+    options = [
         "--mode",
         scenario.mode,
         "--connections",
@@ -330,50 +160,24 @@ def run_loadgen(
         str(payload),
         "--window",
         str(window),
-        "--timeout",
-        str(timeout),
     ]
     if scenario.mode == "sink":
-        command += ["--sink-file", str(sink)]
-    try:
-        done = subprocess.run(
-            command,
-            cwd=REPO,
-            capture_output=True,
-            timeout=timeout + 30,
-            preexec_fn=pinning(cpus),
-        )
-    except subprocess.TimeoutExpired:
-        raise BenchError(f"loadgen did not finish: {' '.join(command)}") from None
-    if done.returncode != 0:
-        raise BenchError(done.stderr.decode(errors="replace").strip())
-    result: dict[str, Any] = json.loads(done.stdout)
-    return result
+        options += ["--sink-file", str(sink)]
+    return options
 
 
 @dataclass
 class Settings:
-    servers: list[str]
-    candidate: str
+    harness: Harness
     scenarios: list[Scenario]
-    rounds: int
     window: int
-    timeout: float
     workdir: Path
-    pin: bool = False
-
-    def server_cpus(self) -> set[int] | None:
-        return {0} if self.pin else None
-
-    def loadgen_cpus(self) -> set[int] | None:
-        return {1} if self.pin else None
 
 
 def measure(
     settings: Settings,
     scenario: Scenario,
     server: ServerProcess,
-    port: int,
     sink: Path,
     payload: Path,
     round_number: int,
@@ -383,29 +187,14 @@ def measure(
     One round: run the load generator, note the server's CPU, and empty the
     sink file (both servers append, so the next round starts from zero).
     """
-    cpu_before = proc_cpu_seconds(server.pid)
     steal_before = steal_seconds()
     wall_before = time.monotonic()
-    try:
-        result = run_loadgen(
-            scenario,
-            lines,
-            port,
-            payload,
-            sink,
-            settings.window,
-            settings.timeout,
-            settings.loadgen_cpus(),
-        )
-    except BenchError as e:
-        server.check_alive()
-        raise BenchError(
-            f"{scenario.name} against {server.server}: {e}; see {server.log_path}"
-        ) from None
-    cpu = proc_cpu_seconds(server.pid) - cpu_before
+    options = loadgen_options(scenario, lines, payload, sink, settings.window)
+    result, cpu = run_client(
+        settings.harness, server, scenario.name, "benchmarks.loadgen", options
+    )
     stolen = steal_seconds() - steal_before
     wall = time.monotonic() - wall_before
-    server.check_alive()
     if scenario.mode == "sink":
         os.truncate(sink, 0)
     return Measurement(
@@ -429,61 +218,41 @@ def run_phase(
     Start one server of each kind in C{mode}, warm them up, run the
     mode's scenarios in alternating rounds, and stop them.
     """
+    harness = settings.harness
     scenarios = [s for s in settings.scenarios if s.mode == mode]
     measurements: list[Measurement] = []
     reports: list[ServerReport] = []
-    with ExitStack() as stack:
-        running: list[tuple[ServerProcess, int, Path]] = []
-        for label in settings.servers:
-            kind = settings.candidate if label == LINESERVER else BASELINE
-            port = free_port()
-            sink = settings.workdir / f"{label}-{mode}.log"
-            sink.touch()
-            server = ServerProcess(
-                label,
-                mode,
-                server_command(kind, mode, port, sink),
-                RESULTS / "logs" / f"{label}-{mode}.log",
-                settings.server_cpus(),
-            )
+    sinks = {
+        label: settings.workdir / f"{label}-{mode}.log" for label in harness.servers
+    }
+    for sink in sinks.values():
+        sink.touch()
 
-            def stop(server: ServerProcess = server) -> None:
-                report = server.stop()
-                if report is not None:
-                    reports.append(report)
+    def stopped(server: ServerProcess, report: ServerReport) -> None:
+        reports.append(report)
 
-            stack.callback(stop)
-            server.start(port)
-            running.append((server, port, sink))
+    with running_servers(
+        harness, mode, mode, stopped, sinks if mode == "sink" else None
+    ) as running:
         for scenario in scenarios:
             warmup = max(scenario.connections, scenario.lines // 10)
-            for server, port, sink in running:
-                measure(settings, scenario, server, port, sink, payload, 0, warmup)
-        for round_number in range(1, settings.rounds + 1):
+            for server in running:
+                sink = sinks[server.server]
+                measure(settings, scenario, server, sink, payload, 0, warmup)
+        for round_number, order in alternating(running, harness.rounds):
             for scenario in scenarios:
-                order = running if round_number % 2 else running[::-1]
-                for server, port, sink in order:
+                for server in order:
                     m = measure(
                         settings,
                         scenario,
                         server,
-                        port,
-                        sink,
+                        sinks[server.server],
                         payload,
                         round_number,
                         scenario.lines,
                     )
                     measurements.append(m)
-                    print(
-                        f"  round {round_number}/{settings.rounds} "
-                        f"{scenario.name:8} {server.server:10} "
-                        f"{m.lines_per_second:>12,.0f} lines/s "
-                        f"{m.megabytes_per_second:7.1f} MB/s "
-                        f"(server CPU {m.server_cpu_seconds / m.seconds:4.0%}, "
-                        f"loadgen CPU {m.loadgen_cpu_seconds / m.seconds:4.0%}, "
-                        f"steal {m.steal:3.0%})",
-                        flush=True,
-                    )
+                    progress(harness, m)
     return measurements, reports
 
 
@@ -504,30 +273,6 @@ def summarize(
         ),
         rounds=rates,
     )
-
-
-def paired_ratios(measurements: list[Measurement], scenario: str) -> list[float]:
-    """
-    lineserver over baseline for each round: the two ran seconds apart,
-    so each ratio saw about the same machine.
-    """
-    by_round: dict[int, dict[str, float]] = {}
-    for m in measurements:
-        if m.scenario == scenario:
-            by_round.setdefault(m.round, {})[m.server] = m.lines_per_second
-    return [
-        pair[LINESERVER] / pair[BASELINE]
-        for _, pair in sorted(by_round.items())
-        if LINESERVER in pair and BASELINE in pair
-    ]
-
-
-def _rate(value: float | None) -> str:
-    return "-" if value is None else f"{value:,.0f}"
-
-
-def _number(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def build_rows(
@@ -551,14 +296,18 @@ def build_rows(
                 "baseline": None if base is None else asdict(base),
                 "lineserver": None if cand is None else asdict(cand),
                 "ratio": ratio,
-                "paired_ratios": paired_ratios(measurements, scenario.name),
+                "paired_ratios": paired_ratios(
+                    (m.round, m.server, m.lines_per_second)
+                    for m in measurements
+                    if m.scenario == scenario.name
+                ),
                 "meets_min_ratio": None if ratio is None else ratio >= min_ratio,
             }
         )
     return rows
 
 
-def format_table(rows: list[dict[str, Any]], min_ratio: float) -> str:
+def format_rows(rows: list[dict[str, Any]], min_ratio: float) -> str:
     header = (
         "scenario",
         "baseline lines/s",
@@ -572,33 +321,23 @@ def format_table(rows: list[dict[str, Any]], min_ratio: float) -> str:
     )
     body = []
     for row in rows:
-        base = row["baseline"] or {}
-        cand = row["lineserver"] or {}
-        paired = row["paired_ratios"]
+        base = row[BASELINE] or {}
+        cand = row[LINESERVER] or {}
         body.append(
             (
                 row["scenario"],
-                _rate(base.get("best_lines_per_second")),
-                _rate(cand.get("best_lines_per_second")),
-                "-" if row["ratio"] is None else f"{row['ratio']:.2f}x",
-                f"{min(paired):.1f}-{max(paired):.1f}" if paired else "-",
-                _number(base.get("best_megabytes_per_second"), ".1f"),
-                _number(cand.get("best_megabytes_per_second"), ".1f"),
-                f"{_number(base.get('cpu_microseconds_per_line'), '.2f')}"
-                f" / {_number(cand.get('cpu_microseconds_per_line'), '.2f')}",
+                cell(base.get("best_lines_per_second"), ",.0f"),
+                cell(cand.get("best_lines_per_second"), ",.0f"),
+                cell(row["ratio"], ".2f", suffix="x"),
+                spread(row["paired_ratios"]),
+                cell(base.get("best_megabytes_per_second"), ".1f"),
+                cell(cand.get("best_megabytes_per_second"), ".1f"),
+                f"{cell(base.get('cpu_microseconds_per_line'), '.2f')}"
+                f" / {cell(cand.get('cpu_microseconds_per_line'), '.2f')}",
                 {None: "-", True: "yes", False: "NO"}[row["meets_min_ratio"]],
             )
         )
-    widths = [max(len(r[i]) for r in (header, *body)) for i in range(len(header))]
-    lines = [
-        " | ".join(
-            cell.ljust(w) if i == 0 else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(r, widths, strict=True))
-        )
-        for r in (header, *body)
-    ]
-    lines.insert(1, "-+-".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join(format_table(header, body))
 
 
 def format_servers(reports: list[ServerReport]) -> str:
@@ -612,7 +351,7 @@ def format_servers(reports: list[ServerReport]) -> str:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    names = [s.name for s in SCENARIOS]
+    names = [s.name for s in SCENARIOS] + [s.name for s in LONG_SCENARIOS]
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.run",
         description="lineserver against a stock Twisted LineReceiver baseline.",
@@ -620,13 +359,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a quarter of the lines and 3 rounds (about 20 s); for CI",
+        help="a quarter of the lines and 3 rounds, long lines up to 8 MiB (about 50 s)",
     )
     parser.add_argument("--rounds", type=int, help="rounds per scenario (default 5)")
     parser.add_argument(
         "--scenarios",
-        default=",".join(names),
-        help=f"comma-separated subset of {','.join(names)}",
+        help=f"comma-separated subset of {','.join(names)} "
+        "(default: all; --quick leaves out long-16M)",
     )
     parser.add_argument(
         "--servers",
@@ -664,6 +403,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=RESULTS / "latest.json")
     parser.add_argument("--workdir", type=Path, help="for sink files and payload")
     args = parser.parse_args(argv)
+    if args.scenarios is None:
+        skip = {s.name for s in LONG_SCENARIOS} - set(QUICK_LONG_SCENARIOS)
+        args.scenarios = ",".join(n for n in names if not (args.quick and n in skip))
     chosen = [n.strip() for n in args.scenarios.split(",") if n.strip()]
     unknown = set(chosen) - set(names)
     if unknown or not chosen:
@@ -718,35 +460,60 @@ def main(argv: Sequence[str] | None = None) -> int:
     measurements: list[Measurement] = []
     reports: list[ServerReport] = []
     with working_directory(args.workdir) as workdir:
-        settings = Settings(
+        harness = Harness(
             servers=args.servers,
             candidate=args.candidate,
-            scenarios=scenarios,
             rounds=args.rounds,
-            window=args.window,
             timeout=args.timeout,
-            workdir=workdir,
-            pin=args.pin,
+            logs=RESULTS / "logs",
+            server_cpus={0} if args.pin else None,
+            client_cpus={1} if args.pin else None,
         )
+        settings = Settings(
+            harness=harness,
+            scenarios=scenarios,
+            window=args.window,
+            workdir=workdir,
+        )
+        long_settings = LongSettings(
+            harness=harness,
+            scenarios=[s for s in LONG_SCENARIOS if s.name in args.scenarios],
+            seconds=QUICK_LONG_SECONDS if args.quick else LONG_SECONDS,
+            budget=int(LONG_BUDGET * args.scale),
+        )
+        long_measurements: list[LongMeasurement] = []
+        long_reports: list[LongServerReport] = []
         payload = workdir / "payload.bin"
-        write_payload(str(payload), max(s.lines for s in scenarios))
+        if scenarios:
+            write_payload(str(payload), max(s.lines for s in scenarios))
         try:
             for mode in ("sink", "echo"):
                 if any(s.mode == mode for s in scenarios):
                     phase, phase_reports = run_phase(settings, mode, payload)
                     measurements += phase
                     reports += phase_reports
+            if long_settings.scenarios:
+                print("long lines:", flush=True)
+                long_measurements, long_reports = run_long_phase(long_settings)
         except BenchError as e:
             print(f"benchmark failed: {e}", file=sys.stderr)
             return 2
     rows = build_rows(settings, measurements, args.min_ratio)
+    long_rows = build_long_rows(long_settings, long_measurements, long_reports)
     load_end = os.getloadavg()
     print()
     if args.candidate != LINESERVER:
         print("A/A check: the lineserver column is the baseline server again")
-    print(format_table(rows, args.min_ratio))
-    print()
-    print(format_servers(reports))
+    if rows:
+        print(format_rows(rows, args.min_ratio))
+        print()
+        print(format_servers(reports))
+    if long_rows:
+        if rows:
+            print()
+        print(format_long_table(long_rows))
+        print()
+        print(format_long_servers(long_reports))
     busy = [m for m in measurements if m.loadgen_cpu_seconds > 0.9 * m.seconds]
     if busy:
         print(
@@ -754,9 +521,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "their figures are lower bounds for the server"
         )
     elapsed = time.monotonic() - started
+    sized = f"; lines are {LINE_LENGTH} bytes" if rows else ""
     print(
         f"\nload average at end: {load_end[0]:.2f} {load_end[1]:.2f} "
-        f"{load_end[2]:.2f}; took {elapsed:.0f} s; lines are {LINE_LENGTH} bytes"
+        f"{load_end[2]:.2f}; took {elapsed:.0f} s{sized}"
     )
     document = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -780,6 +548,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "scenarios": rows,
         "servers": [asdict(r) for r in reports],
         "measurements": [asdict(m) for m in measurements],
+        "long_lines": {
+            "seconds_cap": long_settings.seconds,
+            "budget_bytes": long_settings.budget,
+            "scenarios": long_rows,
+            "servers": [asdict(r) for r in long_reports],
+            "measurements": [asdict(m) for m in long_measurements],
+        },
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(document, indent=2) + "\n")
