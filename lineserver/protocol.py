@@ -193,12 +193,20 @@ class LineProtocol(LineReceiver):
 
     def _proxy_expired(self) -> None:
         self._proxy_wait = None
+        self._abort_late("PROXY header", "timeouts.proxy")
+
+    def _abort_late(self, missing: str, counter: str) -> None:
+        """
+        Abort (not close: a peer that does not read would hold a close)
+        a connection that did not send C{missing} in time.
+        """
         log.info(
-            "aborting {conn}: no PROXY header within {t}s",
+            "aborting {conn}: no {missing} within {t}s",
             conn=self.identity,
+            missing=missing,
             t=self.factory.settings.handshake_timeout,
         )
-        self._stats.incr("timeouts.proxy")
+        self._stats.incr(counter)
         self.transport.abortConnection()
 
     def _set_identity(self) -> None:
@@ -468,13 +476,7 @@ class LineProtocol(LineReceiver):
 
     def _handshake_expired(self) -> None:
         self._handshake = None
-        log.info(
-            "aborting {conn}: no TLS handshake within {t}s",
-            conn=self.identity,
-            t=self.factory.settings.handshake_timeout,
-        )
-        self._stats.incr("timeouts.handshake")
-        self.transport.abortConnection()
+        self._abort_late("TLS handshake", "timeouts.handshake")
 
     def _handshake_failed(self, reason: Failure) -> None:
         """
