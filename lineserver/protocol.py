@@ -143,6 +143,7 @@ class LineProtocol(LineReceiver):
         self._early: list[tuple[list[bytes], bytes]] = []
         self._handshake: Deadline | None = None
         self._tls = False
+        self._output_registered = False
         self._serve_when_secure = False
         self._admission: Admission | None = Admission(factory.admission)
         settings = factory.settings
@@ -166,6 +167,7 @@ class LineProtocol(LineReceiver):
     @override
     def connectionMade(self) -> None:
         self.transport.registerProducer(self.gate.producer("output"), True)
+        self._output_registered = True
         if tls_at_accept(self.transport):
             self._begin_handshake()
         if behind_proxy(self.transport):
@@ -392,7 +394,9 @@ class LineProtocol(LineReceiver):
         self._closing = True
         # TLS sends its close_notify only once no producer is registered,
         # and then waits for the peer's: read (and drop) until it comes.
-        self.transport.unregisterProducer()
+        if self._output_registered:
+            self._output_registered = False
+            self.transport.unregisterProducer()
         if self._tls:
             self.transport.resumeProducing()
         self.transport.loseConnection()

@@ -380,3 +380,18 @@ class ScreeningTests(SynchronousTestCase):
         proto.dataReceived(b"STARTTLS\ny\n")
         self.assertEqual(log, [[b"x"], [b"STARTTLS", b"y"]])
         self.assertEqual(transport.value(), b"")
+
+
+class CloseTests(SynchronousTestCase):
+    def test_close_twice(self) -> None:
+        """
+        A refused client that then shuts its write side is closed once:
+        the output producer is unregistered once, before the close.
+        """
+        proto, transport, *_ = connect(EchoHandlerFactory())
+        proto.dataReceived(b"x" * 20 + b"\n")
+        self.assertTrue(transport.value().startswith(b"ERR line-too-long"))
+        self.assertIsNone(transport.producer)
+        self.assertTrue(transport.disconnecting)
+        proto.readConnectionLost()
+        self.assertTrue(transport.disconnecting)
