@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import ssl
+import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -102,13 +103,29 @@ def tls_session(
     return received, None
 
 
-def plain_session(port: int, data: bytes) -> bytes:
+def proxy_v2(source: str, source_port: int, port: int) -> bytes:
     """
-    Send C{data}, then read until the server closes or resets.
+    A binary PROXY protocol v2 header for TCP over IPv4 to 127.0.0.1.
+    """
+    addresses = (
+        socket.inet_aton(source)
+        + socket.inet_aton("127.0.0.1")
+        + struct.pack("!HH", source_port, port)
+    )
+    signature = b"\r\n\r\n\x00\r\nQUIT\n"
+    return signature + b"\x21\x11" + struct.pack("!H", len(addresses)) + addresses
+
+
+def plain_session(port: int, data: bytes, half_close: bool = False) -> bytes:
+    """
+    Send C{data} (then shut our write side, if C{half_close}), and read
+    until the server closes or resets.
     """
     received = b""
     with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
         sock.sendall(data)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
         try:
             while chunk := sock.recv(4096):
                 received += chunk
@@ -312,7 +329,7 @@ class EmbeddedTLSTests(TestCase):
     def test_proxy_header_judged_on_arrival(self) -> Any:
         """
         On a plain haproxy: port the client is judged when its PROXY header
-        arrives, not at its first line: a refused one hears so at once, an
+        (v1 or v2) arrives, not at its first line: a refused one hears so at once, an
         admitted one may stay quiet past the header deadline; a peer that
         never sends the header is aborted at that deadline.
         """
@@ -336,12 +353,22 @@ class EmbeddedTLSTests(TestCase):
                 sock.shutdown(socket.SHUT_WR)
                 return sock.recv(100)
 
+        v2_refused = yield deferToThread(
+            plain_session, port, proxy_v2("192.0.2.10", 40003, 4040)
+        )
+        self.assertEqual(v2_refused, b"ERR forbidden\n")
+        yield deferToThread(
+            plain_session,
+            port,
+            proxy_v2("10.7.7.7", 40004, 4040) + b"v2 line\n",
+            True,
+        )
         received = yield deferToThread(quiet_then_line)
         self.assertEqual(received, b"")
         silent = yield deferToThread(plain_session, port, b"")
         self.assertEqual(silent, b"")
         yield later(0.1)
-        self.assertEqual(self.sink.store, [b"late but fine"])
+        self.assertEqual(sorted(self.sink.store), [b"late but fine", b"v2 line"])
         self.assertEqual(server.stats.get("timeouts.proxy"), 1)
 
     @inlineCallbacks
