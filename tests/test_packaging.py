@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -13,6 +14,16 @@ from twisted.trial.unittest import TestCase
 ROOT = Path(__file__).parent.parent
 
 
+def clean_environment() -> dict[str, str]:
+    """
+    This environment without what would make the fresh virtualenv see our
+    packages (trial -j sets PYTHONPATH for its workers): pip would then find
+    Twisted installed already and leave the venv without twistd.
+    """
+    hidden = {"PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONUSERBASE"}
+    return {k: v for k, v in os.environ.items() if k not in hidden}
+
+
 class PackagingTests(TestCase):
     def test_wheel_installs_the_plugin(self) -> None:
         """
@@ -20,6 +31,7 @@ class PackagingTests(TestCase):
         twisted/plugins/__init__.py (which would replace Twisted's own), and
         in a fresh virtualenv both twistd and twist find the plugin.
         """
+        env = clean_environment()
         with tempfile.TemporaryDirectory() as tmp:
             wheels = Path(tmp, "wheels")
             subprocess.run(
@@ -37,6 +49,7 @@ class PackagingTests(TestCase):
                 check=True,
                 capture_output=True,
                 cwd=tmp,
+                env=env,
             )
             (wheel,) = wheels.glob("lineserver-*.whl")
             names = zipfile.ZipFile(wheel).namelist()
@@ -45,12 +58,15 @@ class PackagingTests(TestCase):
             self.assertNotIn("twisted/__init__.py", names)
 
             venv = Path(tmp, "venv")
-            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+            subprocess.run(
+                [sys.executable, "-m", "venv", str(venv)], check=True, env=env
+            )
             subprocess.run(
                 [str(venv / "bin" / "pip"), "install", "--quiet", str(wheel)],
                 check=True,
                 capture_output=True,
                 cwd=tmp,
+                env=env,
             )
             for runner, args in (
                 ("twistd", ["lineserver", "--help"]),
@@ -61,6 +77,7 @@ class PackagingTests(TestCase):
                     capture_output=True,
                     text=True,
                     cwd=tmp,
+                    env=env,
                     timeout=60,
                 )
                 self.assertEqual(done.returncode, 0, done.stderr)
