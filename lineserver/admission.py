@@ -63,13 +63,6 @@ class AdmissionPolicy:
     require_tls: bool = False
     check_token: Callable[[bytes], bool] | None = None
 
-    @property
-    def trivial(self) -> bool:
-        """
-        True if every connection is open from its first byte.
-        """
-        return not (self.starttls or self.require_tls or self.check_token)
-
 
 def parse_auth_line(line: bytes) -> bytes | None:
     """

@@ -26,7 +26,6 @@ class AdmissionTests(SynchronousTestCase):
         connection; only a first line of STARTTLS is refused.
         """
         policy = AdmissionPolicy()
-        self.assertTrue(policy.trivial)
         admission = Admission(policy)
         self.assertFalse(admission.open)
         self.assertEqual(admission.on_line(b"hello", False).verdict, Verdict.DELIVER)
