@@ -33,6 +33,7 @@ from lineserver.flow import SinkQueue
 from lineserver.handlers import EchoHandlerFactory, SinkHandlerFactory
 from lineserver.interfaces import ILineHandlerFactory, ISinkFactory
 from lineserver.listener import ListenerService
+from lineserver.ports import with_defaults
 from lineserver.protocol import LineFactory, LineProtocol, ProtocolSettings
 from lineserver.security import Security, SecurityConfig
 from lineserver.sink_service import SinkService
@@ -62,6 +63,8 @@ class ServerConfig:
 
     Sizes are bytes, times are seconds; None means no limit.  C{fd_reserve}
     is how many descriptors below C{RLIMIT_NOFILE} accepting pauses at.
+    A port without C{interface=} binds loopback only, and one without
+    C{backlog=} gets C{backlog} (L{lineserver.ports.with_defaults}).
     """
 
     ports: Sequence[str] = (DEFAULT_PORT,)
@@ -77,6 +80,7 @@ class ServerConfig:
     restart_period: float = 10.0
     security: SecurityConfig = field(default_factory=SecurityConfig)
     fd_reserve: int = DEFAULT_RESERVE
+    backlog: int = 1024
 
 
 def pending_input(conn: LineProtocol) -> int:
@@ -154,7 +158,8 @@ class LineServer(Supervisor):
         self.stopping: Deferred[None] | None = None
         if sink is not None:
             self.add_child(ChildSpec("sink", self._make_sink_service))
-        for index, description in enumerate(config.ports):
+        for index, given in enumerate(config.ports):
+            description = with_defaults(given, config.backlog)
             endpoint = self.security.endpoint(reactor, description)
             self.add_child(
                 ChildSpec(

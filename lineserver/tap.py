@@ -21,7 +21,6 @@ from typing_extensions import override
 
 from lineserver.connections import OVERFLOW_CHOICES
 from lineserver.fdlimits import DEFAULT_RESERVE
-from lineserver.ports import with_defaults
 from lineserver.protocol import ProtocolSettings
 from lineserver.security import Security, SecurityConfig, SecurityConfigError
 from lineserver.server import DEFAULT_PORT, HANDLERS, LineServer, ServerConfig
@@ -396,7 +395,8 @@ def config_from_options(options: Options) -> ServerConfig:
         handshake_timeout=options["tls-handshake-timeout"],
     )
     return ServerConfig(
-        ports=[with_defaults(port, options["backlog"]) for port in options["ports"]],
+        ports=list(options["ports"]),
+        backlog=options["backlog"],
         settings=settings,
         max_connections=options["max-connections"],
         max_connections_per_peer=options["max-connections-per-peer"],

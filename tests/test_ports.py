@@ -9,9 +9,10 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactor
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from lineserver.ports import listens_everywhere, with_defaults
 
@@ -146,3 +147,19 @@ class EveryInterfaceWarningTests(SynchronousTestCase):
         (warning,) = self.listen("tcp:4040:interface=0.0.0.0")
         self.assertIn("listens on every interface", warning)
         self.assertEqual(self.listen("tcp:4040:interface=127.0.0.1"), [])
+
+
+class EmbeddedDefaultsTests(TestCase):
+    @inlineCallbacks
+    def test_embedded_port_binds_loopback(self) -> Any:
+        """
+        An embedded LineServer applies the same defaults: C{tcp:0} listens
+        on 127.0.0.1 with the configured backlog.
+        """
+        from tests.support import start_server
+
+        server = yield start_server(self, "echo", None, ports=["tcp:0"], backlog=77)
+        (listener,) = server.listeners
+        self.assertEqual(listener.description, "tcp:0:interface=127.0.0.1:backlog=77")
+        assert listener.port is not None
+        self.assertEqual(listener.port.getHost().host, "127.0.0.1")
