@@ -489,11 +489,19 @@ class LineProtocol(LineReceiver):
         client certificate, not TLS at all).
         """
         why = tls_failure_text(reason)
+        if why is None:
+            # Closed before any TLS error: a port probe or health check,
+            # not a client we refused.
+            self._stats.incr("tls.abandoned")
+            log.debug(
+                "{conn} closed before its TLS handshake ({why})",
+                conn=self.identity,
+                why=reason.getErrorMessage(),
+            )
+            return
         self._stats.incr("tls.refused")
         log.info(
-            "refusing {conn}: TLS handshake failed: {why}",
-            conn=self.identity,
-            why=why or f"connection closed first ({reason.getErrorMessage()})",
+            "refusing {conn}: TLS handshake failed: {why}", conn=self.identity, why=why
         )
 
     def handshakeCompleted(self) -> None:

@@ -288,6 +288,13 @@ class EmbeddedTLSTests(TestCase):
         yield later(0.1)
         self.assertEqual(self.sink.store, [])
         self.assertEqual(server.stats.get("tls.refused"), 1)
+        # A port probe (connect, close) is no refusal: counted apart.
+        yield deferToThread(
+            lambda: socket.create_connection(("127.0.0.1", port)).close()
+        )
+        yield later(0.2)
+        self.assertEqual(server.stats.get("tls.abandoned"), 1)
+        self.assertEqual(server.stats.get("tls.refused"), 1)
 
     @inlineCallbacks
     def test_proxy_header_before_tls(self) -> Any:
