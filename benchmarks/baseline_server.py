@@ -11,6 +11,8 @@ tricks.  It takes the same command line shape as C{twistd lineserver}:
 
 C{--max-line-length} sets C{MAX_LENGTH} (default 65536); the long-lines
 scenarios raise it to 16 MiB, as a developer would to accept such lines.
+The TLS scenarios give it Twisted's own C{ssl:} endpoint,
+C{--port ssl:4443:privateKey=KEY:certKey=CERT:interface=127.0.0.1}.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ measurement in a fresh client process (L{benchmarks.loadgen},
 L{benchmarks.longlines}) that prints one JSON object, read the servers' CPU
 time and peak memory from C{/proc}, alternate the servers round by round,
 and stop them with SIGTERM, all through the pieces here, so their figures
-are measured the same way.
+are measured the same way.  The TLS scenarios' servers listen on C{ssl:}
+ports with a certificate made at the start of the run (L{make_tls_files}).
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ MIB = 1 << 20
 BASELINE = "baseline"
 LINESERVER = "lineserver"
 
+#: The third column of the TLS scenarios: lineserver again, on a plain TCP
+#: port, measured in the same rounds as the two TLS servers (the TLS cost).
+PLAIN = "lineserver-plain"
+
 
 @dataclass
 class ServerReport:
@@ -50,6 +55,7 @@ class ServerReport:
     peak_rss_kib: int
     cpu_seconds: float
     log: str
+    tls: bool = False
 
 
 @dataclass
@@ -73,6 +79,72 @@ class Harness:
     logs: Path
     server_cpus: set[int] | None = None
     client_cpus: set[int] | None = None
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """
+    The PEM files of the TLS scenarios, made at the start of a run.
+
+    @ivar ca: the CA that signed C{cert}; the clients trust it alone.
+    @ivar cert: the servers' certificate (127.0.0.1, ::1, localhost).
+    @ivar key: its private key.
+    """
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    def endpoint(self, port: int) -> str:
+        """
+        @return: the C{ssl:} endpoint description both servers listen on.
+        """
+        # Imported here: the client processes import this module too.
+        from twisted.internet.endpoints import quoteStringArgument
+
+        key = quoteStringArgument(str(self.key))
+        cert = quoteStringArgument(str(self.cert))
+        return f"ssl:{port}:privateKey={key}:certKey={cert}:interface={HOST}"
+
+
+def make_tls_files(directory: Path) -> TLSFiles:
+    """
+    Generate a throwaway CA and server certificate into C{directory} (the
+    test suite's generator: EC P-256, valid for ten days).
+    """
+    from tests.certs import make_pki
+
+    pki = make_pki(directory)
+    return TLSFiles(ca=pki.ca_cert, cert=pki.server_cert, key=pki.server_key)
+
+
+@dataclass(frozen=True)
+class Column:
+    """
+    One server of a phase: its column, what runs in it, and how it listens.
+
+    @ivar label: L{BASELINE}, L{LINESERVER} or L{PLAIN}.
+    @ivar kind: the server that runs, L{BASELINE} or L{LINESERVER}.
+    @ivar tls: its certificate and key on an C{ssl:} port; None for C{tcp:}.
+    """
+
+    label: str
+    kind: str
+    tls: TLSFiles | None = None
+
+
+def columns(harness: Harness, tls: TLSFiles | None = None) -> list[Column]:
+    """
+    The servers of a phase: one per column of C{harness}, over TLS if
+    C{tls} is given, and then also lineserver on a plain port (L{PLAIN}).
+    """
+    chosen = [
+        Column(label, harness.candidate if label == LINESERVER else BASELINE, tls)
+        for label in harness.servers
+    ]
+    if tls is not None and LINESERVER in harness.servers:
+        chosen.append(Column(PLAIN, harness.candidate))
+    return chosen
 
 
 def free_port() -> int:
@@ -130,8 +202,9 @@ class ServerProcess:
     """
     A server under test, run as its own process with its log in a file.
 
-    @ivar server: its column, L{BASELINE} or L{LINESERVER}.
+    @ivar server: its column, L{BASELINE}, L{LINESERVER} or L{PLAIN}.
     @ivar cpus: the CPUs it runs on (None: any).
+    @ivar tls: it listens on an C{ssl:} port.
     @ivar start_rss_kib: its resident memory once it accepted a connection.
     """
 
@@ -141,6 +214,7 @@ class ServerProcess:
     command: list[str]
     log_path: Path
     cpus: set[int] | None = None
+    tls: bool = False
     start_rss_kib: int = field(default=0, init=False)
     _log: IO[bytes] | None = field(default=None, init=False, repr=False)
     _process: subprocess.Popen[bytes] | None = field(
@@ -207,6 +281,7 @@ class ServerProcess:
                 peak_rss_kib=proc_peak_rss_kib(self.pid),
                 cpu_seconds=proc_cpu_seconds(self.pid),
                 log=str(self.log_path),
+                tls=self.tls,
             )
             self._process.send_signal(signal.SIGTERM)
             try:
@@ -260,6 +335,7 @@ def server_command(
     port: int,
     sink: Path | None = None,
     max_line: int | None = None,
+    tls: TLSFiles | None = None,
 ) -> list[str]:
     """
     The command line of a server of C{kind} (L{BASELINE} or L{LINESERVER}).
@@ -267,8 +343,10 @@ def server_command(
     @param mode: C{sink} or C{echo}.
     @param sink: the sink file, in sink mode.
     @param max_line: the line limit in bytes, if not the server's default.
+    @param tls: listen on an C{ssl:} port with these files, not C{tcp:}.
     """
-    options = ["--port", f"tcp:{port}:interface={HOST}", "--mode", mode]
+    endpoint = f"tcp:{port}:interface={HOST}" if tls is None else tls.endpoint(port)
+    options = ["--port", endpoint, "--mode", mode]
     if sink is not None:
         options += ["--sink", f"file:{sink}"]
     if kind == BASELINE:
@@ -289,6 +367,7 @@ def running_servers(
     stopped: Callable[[ServerProcess, ServerReport], None],
     sinks: Mapping[str, Path] | None = None,
     max_line: int | None = None,
+    servers: Sequence[Column] | None = None,
 ) -> Iterator[list[ServerProcess]]:
     """
     Start one server per column of C{harness} on a free port, each ready
@@ -298,20 +377,22 @@ def running_servers(
     @param stopped: called with each server and its report as it stops.
     @param sinks: each column's sink file, in sink mode.
     @param max_line: see L{server_command}.
+    @param servers: the servers to start, if not L{columns}C{(harness)}.
     """
     with ExitStack() as stack:
         running: list[ServerProcess] = []
-        for label in harness.servers:
-            kind = harness.candidate if label == LINESERVER else BASELINE
+        for column in columns(harness) if servers is None else servers:
+            label = column.label
             port = free_port()
             sink = None if sinks is None else sinks[label]
             server = ServerProcess(
                 label,
                 mode,
                 port,
-                server_command(kind, mode, port, sink, max_line),
+                server_command(column.kind, mode, port, sink, max_line, column.tls),
                 harness.logs / f"{label}-{name}.log",
                 harness.server_cpus,
+                column.tls is not None,
             )
 
             def stop(server: ServerProcess = server) -> None:
@@ -358,8 +439,8 @@ def progress(harness: Harness, measured: Round) -> None:
     Print one round's progress line.
     """
     print(
-        f"  round {measured.round}/{harness.rounds} {measured.scenario:8} "
-        f"{measured.server:10} {measured.figures()}",
+        f"  round {measured.round}/{harness.rounds} {measured.scenario:11} "
+        f"{measured.server:16} {measured.figures()}",
         flush=True,
     )
 

@@ -8,7 +8,7 @@ them goes first), keeps the best round of each, and prints each figure
 beside the baseline's.  Each measurement is one L{benchmarks.loadgen}
 process, so the load generator has the other core to itself.
 
-    python -m benchmarks.run               # the full run, about 3.5 minutes
+    python -m benchmarks.run               # the full run, about 4.5 minutes
     python -m benchmarks.run --quick       # about 50 seconds
     python -m benchmarks.run --servers baseline --scenarios sink-1,echo-1
     python -m benchmarks.run --scenarios long-1M,long-8M
@@ -16,6 +16,11 @@ process, so the load generator has the other core to itself.
 The C{long-*} scenarios (L{benchmarks.longlines}) echo lines of 1 to
 16 MiB through both servers with a 16 MiB line limit, in MiB/s: the cost of
 a large line limit, linear for lineserver, quadratic for C{LineReceiver}.
+
+The C{tls-*} scenarios run both servers on C{ssl:} ports (a certificate
+made at the start of the run) and, in the same rounds, lineserver on a
+plain port: the ratio to the baseline over TLS, and what TLS costs
+lineserver.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +55,16 @@ from benchmarks.procs import (
     BASELINE,
     LINESERVER,
     MIB,
+    PLAIN,
     REPO,
     BenchError,
     Harness,
     ServerProcess,
     ServerReport,
+    TLSFiles,
     alternating,
+    columns,
+    make_tls_files,
     progress,
     run_client,
     running_servers,
@@ -72,12 +81,16 @@ class Scenario:
     One figure: a mode, a connection count, and how many lines to send.
 
     Line counts are sized so the baseline takes about 2 seconds per round.
+
+    @ivar tls: over TLS (C{ssl:} ports), with lineserver on a plain port
+        beside the two (L{PLAIN}).
     """
 
     name: str
     mode: str
     connections: int
     lines: int
+    tls: bool = False
 
 
 SCENARIOS = (
@@ -85,6 +98,9 @@ SCENARIOS = (
     Scenario("sink-16", "sink", 16, 1_200_000),
     Scenario("echo-1", "echo", 1, 600_000),
     Scenario("echo-16", "echo", 16, 1_000_000),
+    Scenario("tls-sink-16", "sink", 16, 1_000_000, tls=True),
+    Scenario("tls-echo-1", "echo", 1, 600_000, tls=True),
+    Scenario("tls-echo-16", "echo", 16, 1_000_000, tls=True),
 )
 
 #: --quick sends this share of each scenario's lines, in fewer rounds.
@@ -144,10 +160,18 @@ class Figure:
 
 
 def loadgen_options(
-    scenario: Scenario, lines: int, payload: Path, sink: Path, window: int
+    scenario: Scenario,
+    lines: int,
+    payload: Path,
+    sink: Path,
+    window: int,
+    tls: TLSFiles | None = None,
 ) -> list[str]:
     """
     The load generator's options for one measurement (L{benchmarks.loadgen}).
+
+    @param tls: the run's TLS files, for a TLS scenario against a TLS
+        server.
     """
     options = [
         "--mode",
@@ -163,15 +187,22 @@ def loadgen_options(
     ]
     if scenario.mode == "sink":
         options += ["--sink-file", str(sink)]
+    if tls is not None:
+        options += ["--tls-ca", str(tls.ca)]
     return options
 
 
 @dataclass
 class Settings:
+    """
+    @ivar tls: the certificate and key of the TLS scenarios, if any runs.
+    """
+
     harness: Harness
     scenarios: list[Scenario]
     window: int
     workdir: Path
+    tls: TLSFiles | None = None
 
 
 def measure(
@@ -189,7 +220,8 @@ def measure(
     """
     steal_before = steal_seconds()
     wall_before = time.monotonic()
-    options = loadgen_options(scenario, lines, payload, sink, settings.window)
+    tls = settings.tls if server.tls else None
+    options = loadgen_options(scenario, lines, payload, sink, settings.window, tls)
     result, cpu = run_client(
         settings.harness, server, scenario.name, "benchmarks.loadgen", options
     )
@@ -212,19 +244,22 @@ def measure(
 
 
 def run_phase(
-    settings: Settings, mode: str, payload: Path
+    settings: Settings, mode: str, payload: Path, tls: bool = False
 ) -> tuple[list[Measurement], list[ServerReport]]:
     """
     Start one server of each kind in C{mode}, warm them up, run the
     mode's scenarios in alternating rounds, and stop them.
+
+    @param tls: run the mode's TLS scenarios: the servers on C{ssl:}
+        ports, and lineserver on a plain port as well (L{PLAIN}).
     """
     harness = settings.harness
-    scenarios = [s for s in settings.scenarios if s.mode == mode]
+    scenarios = [s for s in settings.scenarios if s.mode == mode and s.tls == tls]
     measurements: list[Measurement] = []
     reports: list[ServerReport] = []
-    sinks = {
-        label: settings.workdir / f"{label}-{mode}.log" for label in harness.servers
-    }
+    name = f"tls-{mode}" if tls else mode
+    servers = columns(harness, settings.tls if tls else None)
+    sinks = {c.label: settings.workdir / f"{c.label}-{name}.log" for c in servers}
     for sink in sinks.values():
         sink.touch()
 
@@ -232,7 +267,12 @@ def run_phase(
         reports.append(report)
 
     with running_servers(
-        harness, mode, mode, stopped, sinks if mode == "sink" else None
+        harness,
+        mode,
+        name,
+        stopped,
+        sinks if mode == "sink" else None,
+        servers=servers,
     ) as running:
         for scenario in scenarios:
             warmup = max(scenario.connections, scenario.lines // 10)
@@ -275,36 +315,77 @@ def summarize(
     )
 
 
+def best_ratio(top: Figure | None, bottom: Figure | None) -> float | None:
+    """
+    @return: C{top}'s best rate over C{bottom}'s, or None without both.
+    """
+    if top is None or bottom is None:
+        return None
+    return top.best_lines_per_second / bottom.best_lines_per_second
+
+
 def build_rows(
     settings: Settings, measurements: list[Measurement], min_ratio: float
 ) -> list[dict[str, Any]]:
+    """
+    One row a scenario: each server's figures, lineserver over the
+    baseline; for a TLS scenario also lineserver on its plain port
+    (C{lineserver_plain}) and lineserver over TLS against it
+    (C{tls_over_plain}: 0.6 means TLS keeps 60% of the plain rate).
+    """
     rows = []
     for scenario in settings.scenarios:
         base = summarize(measurements, scenario.name, BASELINE)
         cand = summarize(measurements, scenario.name, LINESERVER)
-        ratio = (
-            cand.best_lines_per_second / base.best_lines_per_second
-            if base is not None and cand is not None
-            else None
-        )
-        rows.append(
-            {
-                "scenario": scenario.name,
-                "mode": scenario.mode,
-                "connections": scenario.connections,
-                "lines": scenario.lines,
-                "baseline": None if base is None else asdict(base),
-                "lineserver": None if cand is None else asdict(cand),
-                "ratio": ratio,
-                "paired_ratios": paired_ratios(
-                    (m.round, m.server, m.lines_per_second)
-                    for m in measurements
-                    if m.scenario == scenario.name
-                ),
-                "meets_min_ratio": None if ratio is None else ratio >= min_ratio,
-            }
-        )
+        ratio = best_ratio(cand, base)
+        rates = [
+            (m.round, m.server, m.lines_per_second)
+            for m in measurements
+            if m.scenario == scenario.name
+        ]
+        row: dict[str, Any] = {
+            "scenario": scenario.name,
+            "mode": scenario.mode,
+            "connections": scenario.connections,
+            "lines": scenario.lines,
+            "baseline": None if base is None else asdict(base),
+            "lineserver": None if cand is None else asdict(cand),
+            "ratio": ratio,
+            "paired_ratios": paired_ratios(rates),
+            "meets_min_ratio": None if ratio is None else ratio >= min_ratio,
+            "tls": scenario.tls,
+        }
+        if scenario.tls:
+            plain = summarize(measurements, scenario.name, PLAIN)
+            row["lineserver_plain"] = None if plain is None else asdict(plain)
+            row["tls_over_plain"] = best_ratio(cand, plain)
+            row["paired_tls_over_plain"] = paired_ratios(rates, over=PLAIN)
+        rows.append(row)
     return rows
+
+
+def side_by_side(
+    first: dict[str, Any],
+    second: dict[str, Any],
+    ratio: float | None,
+    paired: list[float],
+) -> tuple[tuple[str, str, str, str], str]:
+    """
+    The cells that set two servers' figures (L{Figure} as a dict, empty
+    if missing) beside each other: their best lines/s, the ratio of the
+    second to the first, the paired range; and their CPU per line.
+    """
+    rates = (
+        cell(first.get("best_lines_per_second"), ",.0f"),
+        cell(second.get("best_lines_per_second"), ",.0f"),
+        cell(ratio, ".2f", suffix="x"),
+        spread(paired),
+    )
+    cpu = (
+        f"{cell(first.get('cpu_microseconds_per_line'), '.2f')}"
+        f" / {cell(second.get('cpu_microseconds_per_line'), '.2f')}"
+    )
+    return rates, cpu
 
 
 def format_rows(rows: list[dict[str, Any]], min_ratio: float) -> str:
@@ -323,28 +404,71 @@ def format_rows(rows: list[dict[str, Any]], min_ratio: float) -> str:
     for row in rows:
         base = row[BASELINE] or {}
         cand = row[LINESERVER] or {}
+        rates, cpu = side_by_side(base, cand, row["ratio"], row["paired_ratios"])
         body.append(
             (
                 row["scenario"],
-                cell(base.get("best_lines_per_second"), ",.0f"),
-                cell(cand.get("best_lines_per_second"), ",.0f"),
-                cell(row["ratio"], ".2f", suffix="x"),
-                spread(row["paired_ratios"]),
+                *rates,
                 cell(base.get("best_megabytes_per_second"), ".1f"),
                 cell(cand.get("best_megabytes_per_second"), ".1f"),
-                f"{cell(base.get('cpu_microseconds_per_line'), '.2f')}"
-                f" / {cell(cand.get('cpu_microseconds_per_line'), '.2f')}",
+                cpu,
                 {None: "-", True: "yes", False: "NO"}[row["meets_min_ratio"]],
             )
         )
-    return "\n".join(format_table(header, body))
+    lines = format_table(header, body)
+    if any(row["tls"] for row in rows):
+        lines.append(
+            f"tls-*: both servers over TLS; the {min_ratio:g}x bar is set for plain "
+            "TCP, --strict does not fail on these rows"
+        )
+    return "\n".join(lines)
+
+
+def format_tls_rows(rows: list[dict[str, Any]]) -> str:
+    """
+    What TLS costs lineserver: each TLS scenario's lineserver over TLS
+    beside lineserver on a plain port, measured in the same rounds.
+    """
+    header = (
+        "scenario",
+        "plain lines/s",
+        "TLS lines/s",
+        "TLS/plain",
+        "paired",
+        "CPU us/line plain/TLS",
+    )
+    body = []
+    for row in rows:
+        rates, cpu = side_by_side(
+            row["lineserver_plain"] or {},
+            row[LINESERVER] or {},
+            row["tls_over_plain"],
+            row["paired_tls_over_plain"],
+        )
+        body.append((row["scenario"], *rates, cpu))
+    lines = format_table(header, body)
+    lines.append(
+        "TLS cost: lineserver over TLS against lineserver on a plain port, "
+        "same rounds; handshakes before the clock starts"
+    )
+    return "\n".join(lines)
 
 
 def format_servers(reports: list[ServerReport]) -> str:
-    lines = ["server     | mode | peak RSS MiB | CPU s (whole phase)"]
-    for r in sorted(reports, key=lambda r: (r.mode, r.server)):
+    """
+    Each server process's peak RSS and CPU time, by phase: the plain ones,
+    then the TLS ones (with lineserver on its plain port, L{PLAIN}).
+    """
+    modes = [f"tls-{r.mode}" if r.tls else r.mode for r in reports]
+    sw = max([10, *(len(r.server) for r in reports)])
+    mw = max([4, *(len(m) for m in modes)])
+    lines = [f"{'server':{sw}} | {'mode':{mw}} | peak RSS MiB | CPU s (whole phase)"]
+    for r, mode in sorted(
+        zip(reports, modes, strict=True),
+        key=lambda p: (p[0].tls or p[0].server == PLAIN, p[0].mode, p[0].server),
+    ):
         lines.append(
-            f"{r.server:10} | {r.mode:4} | {r.peak_rss_kib / 1024:12.1f} | "
+            f"{r.server:{sw}} | {mode:{mw}} | {r.peak_rss_kib / 1024:12.1f} | "
             f"{r.cpu_seconds:.2f}"
         )
     return "\n".join(lines)
@@ -392,7 +516,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--strict",
         action="store_true",
-        help="exit with status 1 if any ratio is below --min-ratio",
+        help="exit with status 1 if any plain-TCP ratio is below --min-ratio",
     )
     parser.add_argument(
         "--pin",
@@ -439,12 +563,7 @@ def working_directory(given: Path | None) -> Iterator[Path]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     scenarios = [
-        Scenario(
-            s.name,
-            s.mode,
-            s.connections,
-            max(s.connections, int(s.lines * args.scale)),
-        )
+        replace(s, lines=max(s.connections, int(s.lines * args.scale)))
         for s in SCENARIOS
         if s.name in args.scenarios
     ]
@@ -486,12 +605,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         payload = workdir / "payload.bin"
         if scenarios:
             write_payload(str(payload), max(s.lines for s in scenarios))
+        if any(s.tls for s in scenarios):
+            settings.tls = make_tls_files(workdir / "tls")
         try:
-            for mode in ("sink", "echo"):
-                if any(s.mode == mode for s in scenarios):
-                    phase, phase_reports = run_phase(settings, mode, payload)
-                    measurements += phase
-                    reports += phase_reports
+            for tls in (False, True):
+                for mode in ("sink", "echo"):
+                    if any(s.mode == mode and s.tls == tls for s in scenarios):
+                        phase, phase_reports = run_phase(settings, mode, payload, tls)
+                        measurements += phase
+                        reports += phase_reports
             if long_settings.scenarios:
                 print("long lines:", flush=True)
                 long_measurements, long_reports = run_long_phase(long_settings)
@@ -506,6 +628,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("A/A check: the lineserver column is the baseline server again")
     if rows:
         print(format_rows(rows, args.min_ratio))
+        tls_rows = [row for row in rows if row["tls"]]
+        if any(row["lineserver_plain"] for row in tls_rows):
+            print()
+            print(format_tls_rows(tls_rows))
         print()
         print(format_servers(reports))
     if long_rows:
@@ -559,7 +685,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(document, indent=2) + "\n")
     print(f"results: {args.json}")
-    if args.strict and any(row["meets_min_ratio"] is False for row in rows):
+    if args.strict and any(
+        row["meets_min_ratio"] is False for row in rows if not row["tls"]
+    ):
         return 1
     return 0
 

@@ -12,21 +12,27 @@ from collections.abc import Iterable, Sequence
 from benchmarks.procs import BASELINE, LINESERVER
 
 
-def paired_ratios(rates: Iterable[tuple[int, str, float]]) -> list[float]:
+def paired_ratios(
+    rates: Iterable[tuple[int, str, float]],
+    over: str = BASELINE,
+    server: str = LINESERVER,
+) -> list[float]:
     """
     lineserver over baseline for each round: the two ran seconds apart,
     so each ratio saw about the same machine.
 
     @param rates: one scenario's C{(round, server, rate)} for every round.
+    @param over: the server in the denominator.
+    @param server: the server in the numerator.
     @return: the ratios in round order, for the rounds that measured both.
     """
     by_round: dict[int, dict[str, float]] = {}
-    for round_number, server, rate in rates:
-        by_round.setdefault(round_number, {})[server] = rate
+    for round_number, label, rate in rates:
+        by_round.setdefault(round_number, {})[label] = rate
     return [
-        pair[LINESERVER] / pair[BASELINE]
+        pair[server] / pair[over]
         for _, pair in sorted(by_round.items())
-        if LINESERVER in pair and BASELINE in pair
+        if server in pair and over in pair
     ]
 
 
