@@ -52,6 +52,9 @@ MAX_CPU_SHARE = 0.05
 #: The issue's bar: accepting again within a second of descriptors freeing.
 RECOVERY_SECONDS = 1.0
 SIGTERM = -signal.SIGTERM
+#: The server counts its descriptors by listing /proc/self/fd, which takes
+#: one descriptor for a moment; the sampler may see it on top of the count.
+COUNTING = 1
 
 WATERMARK_PAUSED = re.compile(
     r"(\d+) descriptors open, at the watermark (\d+): pausing accept "
@@ -299,7 +302,7 @@ class FdLimitTests(SynchronousTestCase):
         assert paused is not None
         self.assertEqual((int(paused[2]), int(paused[3])), (high, low))
         self.assertRegex(log, WATERMARK_RESUMED)
-        self.assertLessEqual(sampler.highest, high)
+        self.assertLessEqual(sampler.highest, high + COUNTING)
         self.assertNotIn("accept failed", log)
         self.assert_clean_stop(server)
 
@@ -356,7 +359,7 @@ class FdLimitTests(SynchronousTestCase):
         self.assertTrue(last, "nothing reached the sink at the watermark")
         self.assertLess(len(last), CLIENTS)
         self.assertEqual(set(last.values()), {lines_each})
-        self.assertLessEqual(sampler.highest, high)
+        self.assertLessEqual(sampler.highest, high + COUNTING)
 
         # Everyone leaves; the waiting clients are taken and their lines
         # (already in their sockets) written.
@@ -370,4 +373,4 @@ class FdLimitTests(SynchronousTestCase):
         for i in range(CLIENTS):
             mine = [x for x in lines if x.startswith(b"client=%03d " % i)]
             self.assertEqual(mine, [line(i, s) for s in range(lines_each)])
-        self.assertLessEqual(sampler.highest, high)
+        self.assertLessEqual(sampler.highest, high + COUNTING)
