@@ -60,7 +60,14 @@ class ProcessTestCase(SynchronousTestCase):
         self.dir = tempfile.mkdtemp()
         proc = ServerProcess(self.dir, *args)
         self.addCleanup(proc.kill)
-        return proc.ready()
+        proc.ready()
+        # A descriptor baseline is only one once the sink's file is open
+        # (when the reactor runs) and the readiness probe's connection is
+        # gone: the listening socket is the one socket left.
+        if "echo" not in args:
+            wait_until(lambda: "sink file:" in proc.log(), "the sink to open")
+        wait_until(lambda: proc.socket_count() == 1, "the readiness probe to close")
+        return proc
 
     def sink_lines(self) -> list[bytes]:
         return Path(self.dir, "lines.log").read_bytes().split(b"\n")[:-1]
