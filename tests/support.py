@@ -224,18 +224,22 @@ class ServerProcess:
     def fd_count(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
-    def socket_count(self) -> int:
+    def descriptors(self) -> tuple[int, int]:
         """
-        @return: the server's open sockets (listening ones included).
+        @return: how many sockets (listening ones included) and how many
+            other descriptors the server has open, from one listing.
         """
-        count = 0
+        sockets = others = 0
         for fd in os.listdir(f"/proc/{self.pid}/fd"):
             try:
                 target = os.readlink(f"/proc/{self.pid}/fd/{fd}")
             except OSError:
                 continue  # closed meanwhile
-            count += target.startswith("socket:")
-        return count
+            if target.startswith("socket:"):
+                sockets += 1
+            else:
+                others += 1
+        return sockets, others
 
     def cpu_seconds(self) -> float:
         fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
