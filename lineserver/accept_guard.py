@@ -27,7 +27,7 @@ from typing import Any
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from lineserver.flow import PauseGate
+from lineserver.flow import Pause, PauseGate
 from lineserver.stats import Stats
 
 log = Logger(namespace="lineserver.accept")
@@ -39,7 +39,7 @@ RESOURCE_ERRORS: frozenset[int] = frozenset(
 )
 
 #: The listener gate's reason while the throttle holds accepting off.
-THROTTLE_REASON = "accept-errors"
+THROTTLE_REASON = Pause.ACCEPT_ERRORS
 
 
 def errno_name(code: int) -> str:

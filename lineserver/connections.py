@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from lineserver.errors import ErrorCode
-from lineserver.flow import PauseGate
+from lineserver.flow import Pause, PauseGate
 from lineserver.stats import Stats
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ log = Logger(namespace="lineserver.connections")
 
 Overflow = Literal["wait", "reject"]
 OVERFLOW_CHOICES: tuple[Overflow, ...] = ("wait", "reject")
-LIMIT_REASON = "connection-limit"
+LIMIT_REASON = Pause.CONNECTION_LIMIT
 
 
 class ConnectionRegistry:
@@ -125,7 +125,7 @@ class ConnectionRegistry:
                 log.info("refusing {conn}: connection limit", conn=conn.identity)
                 conn.send_error(ErrorCode.TOO_MANY_CONNECTIONS)
                 return
-            conn.gate.hold("waiting")
+            conn.gate.hold(Pause.WAITING)
             self.waiting.append(conn)
             return
         self._activate(conn)
@@ -156,7 +156,7 @@ class ConnectionRegistry:
             while self.waiting and not self.full and self.accepting:
                 waiter = self.waiting.popleft()
                 self._activate(waiter)
-                waiter.gate.release("waiting")
+                waiter.gate.release(Pause.WAITING)
             if not self.full:
                 for gate in self._gates:
                     gate.release(LIMIT_REASON)
@@ -202,4 +202,4 @@ class ConnectionRegistry:
             conn = self.waiting.popleft()
             self.active.add(conn)
             conn.start_serving()
-            conn.gate.release("waiting")
+            conn.gate.release(Pause.WAITING)

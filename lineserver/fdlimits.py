@@ -17,13 +17,13 @@ from collections.abc import Callable
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from lineserver.flow import PauseGate
+from lineserver.flow import Pause, PauseGate
 from lineserver.stats import Stats
 
 log = Logger(namespace="lineserver.fdlimits")
 
 #: The listener gate's reason while too many descriptors are open.
-WATERMARK_REASON = "fd-watermark"
+WATERMARK_REASON = Pause.FD_WATERMARK
 
 #: Descriptors kept free for the sink, log files and the like.
 DEFAULT_RESERVE = 64

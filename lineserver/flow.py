@@ -11,10 +11,39 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from enum import Enum
 
 from twisted.internet.interfaces import IPushProducer
 from typing_extensions import override
 from zope.interface import implementer
+
+
+class Pause(Enum):
+    """
+    Every reason to stop reading a socket, connection or listener.
+
+    One enumeration, so that a misspelt reason is an error at import time
+    and never a socket held paused forever by a string nobody releases.
+    """
+
+    #: The sink queue is above its high watermark.
+    SINK = "sink"
+    #: The client does not read what we write (echo replies, errors).
+    OUTPUT = "output"
+    #: A protocol's own C{pauseProducing} (C{LineReceiver}'s contract).
+    PROTOCOL = "protocol"
+    #: Accepted past the connection limit; waiting for a free slot.
+    WAITING = "waiting"
+    #: The server is stopping and has read what this client sent.
+    DRAINING = "draining"
+    #: An error was sent; nothing more of this client is read.
+    CLOSING = "closing"
+    #: A listener: the connection limit is reached.
+    CONNECTION_LIMIT = "connection-limit"
+    #: A listener: accept() failed for want of a resource; backing off.
+    ACCEPT_ERRORS = "accept-errors"
+    #: A listener: too few descriptors left below RLIMIT_NOFILE.
+    FD_WATERMARK = "fd-watermark"
 
 
 class PauseGate:
@@ -32,31 +61,31 @@ class PauseGate:
     def __init__(self, pause: Callable[[], None], resume: Callable[[], None]) -> None:
         self._pause = pause
         self._resume = resume
-        self._reasons: set[str] = set()
+        self._reasons: set[Pause] = set()
 
     @property
     def paused(self) -> bool:
         return bool(self._reasons)
 
     @property
-    def reasons(self) -> frozenset[str]:
+    def reasons(self) -> frozenset[Pause]:
         return frozenset(self._reasons)
 
-    def hold(self, reason: str) -> None:
+    def hold(self, reason: Pause) -> None:
         if reason in self._reasons:
             return
         self._reasons.add(reason)
         if len(self._reasons) == 1:
             self._pause()
 
-    def release(self, reason: str) -> None:
+    def release(self, reason: Pause) -> None:
         if reason not in self._reasons:
             return
         self._reasons.discard(reason)
         if not self._reasons:
             self._resume()
 
-    def producer(self, reason: str) -> IPushProducer:
+    def producer(self, reason: Pause) -> IPushProducer:
         """
         @return: an IPushProducer that holds and releases C{reason}, for
             consumers (transports, queues) that speak Twisted's protocol.
@@ -68,13 +97,13 @@ class PauseGate:
 class _GateProducer:
     __slots__ = ("_gate", "_reason")
 
-    def __init__(self, gate: PauseGate, reason: str) -> None:
+    def __init__(self, gate: PauseGate, reason: Pause) -> None:
         self._gate = gate
         self._reason = reason
 
     @override
     def __repr__(self) -> str:
-        return f"<producer {self._reason!r} of {self._gate!r}>"
+        return f"<producer {self._reason.value!r} of {self._gate!r}>"
 
     def pauseProducing(self) -> None:
         self._gate.hold(self._reason)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing_extensions import override
 from zope.interface import implementer
 
-from lineserver.flow import SinkQueue
+from lineserver.flow import Pause, SinkQueue
 from lineserver.interfaces import IConnection, ILineHandler, ILineHandlerFactory
 
 
@@ -62,7 +62,7 @@ class SinkHandler:
 
     def __init__(self, connection: IConnection, queue: SinkQueue) -> None:
         self._queue = queue
-        self._producer = connection.producer("sink")
+        self._producer = connection.producer(Pause.SINK)
         queue.register(self._producer)  # type: ignore[arg-type]
 
     def lines_received(self, lines: list[bytes], raw: bytes) -> None:

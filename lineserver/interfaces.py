@@ -6,7 +6,12 @@ use PEP 8 names; Twisted's own interfaces keep Twisted's camelCase.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from lineserver.flow import Pause
 
 
 class ISink(Interface):
@@ -83,7 +88,7 @@ class IConnection(Interface):
         Send one C{ERR <code> [detail]} line and close the connection.
         """
 
-    def producer(reason: str) -> object:
+    def producer(reason: Pause) -> object:
         """
         @return: an IPushProducer whose pause stops reading from this
             connection for C{reason} (and whose resume releases only that

@@ -32,7 +32,7 @@ from zope.interface import implementer
 
 from lineserver.admission import STARTTLS, Admission, AdmissionPolicy, Verdict
 from lineserver.errors import ErrorCode, error_line
-from lineserver.flow import PauseGate
+from lineserver.flow import Pause, PauseGate
 from lineserver.framing import LF, LineFramer
 from lineserver.handlers import LineFailed
 from lineserver.interfaces import IConnection, ILineHandler, ILineHandlerFactory
@@ -59,8 +59,12 @@ class ProtocolSettings:
     @ivar close_timeout: seconds a closing connection may take to flush its
         last bytes before it is aborted (a peer that does not read would
         otherwise keep it forever).
-    @ivar handshake_timeout: seconds a TLS handshake may take (at accept or
-        after STARTTLS) before the connection is aborted; None for no limit.
+    @ivar handshake_timeout: seconds a TLS handshake (at accept or after
+        STARTTLS) or a PROXY header may take before the connection is
+        aborted; None for no limit.
+    @ivar tcp_keepalive: seconds of silence before the kernel probes a TCP
+        peer (and, after a few unanswered probes, drops it, freeing its
+        slot); None turns TCP keepalive off.
     """
 
     max_line_length: int = 65536
@@ -68,6 +72,7 @@ class ProtocolSettings:
     line_timeout: float | None = None
     close_timeout: float = 5.0
     handshake_timeout: float | None = 10.0
+    tcp_keepalive: float | None = 300.0
 
 
 def describe_address(address: IAddress) -> str:
@@ -166,7 +171,7 @@ class LineProtocol(LineReceiver):
 
     @override
     def connectionMade(self) -> None:
-        self.transport.registerProducer(self.gate.producer("output"), True)
+        self.transport.registerProducer(self.gate.producer(Pause.OUTPUT), True)
         self._output_registered = True
         if tls_at_accept(self.transport):
             self._begin_handshake()
@@ -351,12 +356,12 @@ class LineProtocol(LineReceiver):
     @override
     def pauseProducing(self) -> None:
         self.paused = True
-        self.gate.hold("protocol")
+        self.gate.hold(Pause.PROTOCOL)
 
     @override
     def resumeProducing(self) -> None:
         self.paused = False
-        self.gate.release("protocol")
+        self.gate.release(Pause.PROTOCOL)
         if self._held:
             self._deliver_each([])
 
@@ -370,7 +375,7 @@ class LineProtocol(LineReceiver):
     def write(self, data: bytes) -> None:
         self.transport.write(data)
 
-    def producer(self, reason: str) -> IPushProducer:
+    def producer(self, reason: Pause) -> IPushProducer:
         return self.gate.producer(reason)
 
     def send_error(self, code: ErrorCode | str, detail: str = "") -> None:
@@ -383,7 +388,7 @@ class LineProtocol(LineReceiver):
         self._closing = True
         code_text = code.value if isinstance(code, ErrorCode) else code
         self._stats.incr(f"errors.{code_text}")
-        self.gate.hold("closing")
+        self.gate.hold(Pause.CLOSING)
         self.sendLine(error_line(code, detail))
         self.close()
 

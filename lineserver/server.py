@@ -29,7 +29,7 @@ from typing_extensions import override
 
 from lineserver.connections import ConnectionRegistry, Overflow
 from lineserver.fdlimits import DEFAULT_RESERVE
-from lineserver.flow import SinkQueue
+from lineserver.flow import Pause, SinkQueue
 from lineserver.handlers import EchoHandlerFactory, SinkHandlerFactory
 from lineserver.interfaces import ILineHandlerFactory, ISinkFactory
 from lineserver.listener import ListenerService
@@ -43,7 +43,7 @@ from lineserver.supervisor import ChildSpec, Supervisor
 log = Logger(namespace="lineserver.server")
 
 DEFAULT_PORT = "tcp:4040:interface=127.0.0.1"
-DRAIN_REASON = "draining"
+DRAIN_REASON = Pause.DRAINING
 
 HandlerBuilder = Callable[[SinkQueue], ILineHandlerFactory]
 """

@@ -31,7 +31,7 @@ from lineserver.accept_guard import (
     GuardedSocket,
     guard_port,
 )
-from lineserver.flow import PauseGate
+from lineserver.flow import Pause, PauseGate
 from lineserver.stats import Stats
 from tests.support import Client, RecordingGate, connect, later, reactor
 
@@ -180,9 +180,9 @@ class AcceptThrottleTests(SynchronousTestCase):
         """
         throttle, clock, gate, _stats = make_throttle()
         throttle.on_error(errno.EMFILE)
-        gate.gate.hold("connection-limit")
+        gate.gate.hold(Pause.CONNECTION_LIMIT)
         clock.advance(1)
-        self.assertEqual(gate.gate.reasons, {"connection-limit"})
+        self.assertEqual(gate.gate.reasons, {Pause.CONNECTION_LIMIT})
         self.assertEqual(gate.calls, ["pause"])
 
     def test_stop(self) -> None:
@@ -322,13 +322,13 @@ class GuardedSocketTests(SynchronousTestCase):
         without calling the real accept; without it, accept goes on.
         """
         honouring = GuardedSocket(self.fake, self.throttle, honour_gate=True)
-        self.gate.gate.hold("connection-limit")
+        self.gate.gate.hold(Pause.CONNECTION_LIMIT)
         error = self.assertRaises(OSError, honouring.accept)
         self.assertEqual(error.errno, errno.EAGAIN)
         self.assertEqual(self.fake.accepts, 0)
         self.fake.results.append(("client", ()))
         self.assertEqual(self.guarded.accept(), ("client", ()))
-        self.gate.gate.release("connection-limit")
+        self.gate.gate.release(Pause.CONNECTION_LIMIT)
         self.fake.results.append(("other", ()))
         self.assertEqual(honouring.accept(), ("other", ()))
 

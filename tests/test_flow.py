@@ -9,7 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from lineserver.flow import PauseGate, SinkQueue
+from lineserver.flow import Pause, PauseGate, SinkQueue
 
 
 class Switch:
@@ -48,11 +48,11 @@ class PauseGateTests(SynchronousTestCase):
         """
         switch = Switch()
         gate = PauseGate(switch.pause, switch.resume)
-        gate.hold("sink")
-        gate.hold("output")
-        gate.release("sink")
+        gate.hold(Pause.SINK)
+        gate.hold(Pause.OUTPUT)
+        gate.release(Pause.SINK)
         self.assertFalse(switch.reading)
-        gate.release("output")
+        gate.release(Pause.OUTPUT)
         self.assertTrue(switch.reading)
         self.assertEqual(switch.calls, ["pause", "resume"])
 
@@ -62,24 +62,24 @@ class PauseGateTests(SynchronousTestCase):
         """
         switch = Switch()
         gate = PauseGate(switch.pause, switch.resume)
-        producer = gate.producer("output")
+        producer = gate.producer(Pause.OUTPUT)
         verifyObject(IPushProducer, producer)
         producer.pauseProducing()
-        self.assertEqual(gate.reasons, {"output"})
+        self.assertEqual(gate.reasons, {Pause.OUTPUT})
         producer.resumeProducing()
         self.assertFalse(gate.paused)
         producer.stopProducing()
         self.assertTrue(switch.reading)
 
-    @given(st.lists(st.tuples(st.booleans(), st.sampled_from("abc"))))
-    def test_reading_iff_no_reason(self, ops: list[tuple[bool, str]]) -> None:
+    @given(st.lists(st.tuples(st.booleans(), st.sampled_from(list(Pause)))))
+    def test_reading_iff_no_reason(self, ops: list[tuple[bool, Pause]]) -> None:
         """
         Property: for any sequence of holds and releases, the source reads
         exactly when no reason is held, and pause/resume alternate.
         """
         switch = Switch()
         gate = PauseGate(switch.pause, switch.resume)
-        held: set[str] = set()
+        held: set[Pause] = set()
         for hold, reason in ops:
             if hold:
                 gate.hold(reason)

@@ -15,7 +15,7 @@ from zope.interface.verify import verifyObject
 
 from lineserver.admission import AdmissionPolicy
 from lineserver.connections import ConnectionRegistry
-from lineserver.flow import SinkQueue
+from lineserver.flow import Pause, SinkQueue
 from lineserver.handlers import (
     EchoHandlerFactory,
     LineFailed,
@@ -128,7 +128,7 @@ class BatchTests(SynchronousTestCase):
         assert transport.producer is not None
         transport.producer.pauseProducing()
         self.assertEqual(transport.producerState, "paused")
-        self.assertEqual(proto.gate.reasons, {"output"})
+        self.assertEqual(proto.gate.reasons, {Pause.OUTPUT})
         transport.producer.resumeProducing()
         self.assertEqual(transport.producerState, "producing")
 

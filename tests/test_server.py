@@ -13,7 +13,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from lineserver.flow import SinkQueue
+from lineserver.flow import Pause, SinkQueue
 from lineserver.handlers import EchoHandler
 from lineserver.interfaces import IConnection, ILineHandler, ISink, ISinkFactory
 from lineserver.protocol import ProtocolSettings
@@ -78,7 +78,7 @@ class EchoTests(ServerTestCase):
             yield later(0)
         self.assertIsNotNone(stalled_since, "the server never stopped reading")
         (conn,) = server.registry.active
-        self.assertIn("output", conn.gate.reasons)
+        self.assertIn(Pause.OUTPUT, conn.gate.reasons)
         buffered = len(conn.transport.dataBuffer) + sum(
             map(len, conn.transport._tempDataBuffer)
         )
@@ -289,7 +289,7 @@ class FaultTests(ServerTestCase):
         port = server.port_numbers()[0]
         first = yield connect(port)
         yield later(0.05)
-        server.listeners[0].gate.release("connection-limit")  # let one slip in
+        server.listeners[0].gate.release(Pause.CONNECTION_LIMIT)  # let one slip in
         second = yield connect(port)
         yield second.gone
         self.assertEqual(second.received, b"ERR too-many-connections\n")
