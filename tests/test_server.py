@@ -266,7 +266,7 @@ class FaultTests(ServerTestCase):
         first = yield connect(port)
         second = yield connect(port)
         yield later(0.05)
-        self.assertIn("connection-limit", server.listeners[0].gate.reasons)
+        self.assertIn(Pause.CONNECTION_LIMIT, server.listeners[0].gate.reasons)
         third = yield connect(port)  # completes in the kernel's backlog
         third.transport.write(b"waiting\n")
         yield later(0.2)
