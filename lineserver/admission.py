@@ -52,16 +52,24 @@ START_TLS = Decision(Verdict.START_TLS)
 @dataclass(frozen=True)
 class AdmissionPolicy:
     """
-    What every connection of a listener must do before its lines count.
+    Who may connect, and what each connection must do before its lines
+    count.  Built once (by L{lineserver.security.Security}) and handed to
+    the protocol factory; what it refers to (tokens, contexts) reloads in
+    place.
 
     @ivar starttls: C{STARTTLS} is offered on this plain port.
     @ivar require_tls: no line is accepted before TLS is on.
     @ivar check_token: checks an C{AUTH} token; None if no auth is required.
+    @ivar allow: admits a client by its IP address (C{--allow}); None
+        admits every address.
+    @ivar starttls_context: the TLS context C{STARTTLS} upgrades with.
     """
 
     starttls: bool = False
     require_tls: bool = False
     check_token: Callable[[bytes], bool] | None = None
+    allow: Callable[[str], bool] | None = None
+    starttls_context: object | None = None
 
 
 def parse_auth_line(line: bytes) -> bytes | None:

@@ -231,7 +231,7 @@ class LineProtocol(LineReceiver):
             self._proxy_wait = None
         self.peer = self.transport.getPeer()
         self._set_identity()
-        allow = self.factory.allow
+        allow = self.factory.admission.allow
         host = getattr(self.peer, "host", None)
         if allow is not None and host is not None and not allow(host):
             self._stats.incr("connections.refused.forbidden")
@@ -472,7 +472,7 @@ class LineProtocol(LineReceiver):
         self.sendLine(b"OK starttls")
         self._framer = LineFramer(self.MAX_LENGTH)
         self._stats.incr("tls.starttls")
-        self.transport.startTLS(self.factory.starttls_context)
+        self.transport.startTLS(self.factory.admission.starttls_context)
         self._begin_handshake()
 
     def _begin_handshake(self) -> None:
@@ -650,6 +650,7 @@ class LineFactory(ServerFactory):
         stats: Stats | None = None,
         protocol_class: Callable[[LineFactory, IAddress, int], LineProtocol]
         | None = None,
+        policy: AdmissionPolicy | None = None,
     ) -> None:
         self.handler_factory = handler_factory
         self.registry = registry
@@ -658,12 +659,8 @@ class LineFactory(ServerFactory):
         self.stats = stats if stats is not None else Stats()
         self._make = protocol_class or LineProtocol
         self._numbers = itertools.count(1)
-        #: Admits a client by its IP address (C{--allow}); None admits all.
-        self.allow: Callable[[str], bool] | None = None
-        #: The rules for a connection's first lines (STARTTLS, AUTH).
-        self.admission = AdmissionPolicy()
-        #: The TLS context C{STARTTLS} upgrades with.
-        self.starttls_context: object | None = None
+        #: Who may connect; the rules for a connection's first lines.
+        self.admission = policy if policy is not None else AdmissionPolicy()
 
     @override
     def buildProtocol(self, addr: IAddress | None) -> LineProtocol:  # type: ignore[override]

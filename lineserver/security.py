@@ -20,7 +20,6 @@ from twisted.logger import Logger
 
 from lineserver.access import AllowList, TokenFileError, TokenSet
 from lineserver.admission import AdmissionPolicy
-from lineserver.protocol import LineFactory
 from lineserver.tls import (
     ReloadableServerTLS,
     TLSConfigError,
@@ -125,21 +124,16 @@ class Security:
 
     def policy(self) -> AdmissionPolicy:
         """
-        @return: the rules for each connection's first lines.
+        @return: who may connect and the rules for each connection's first
+            lines, for L{lineserver.protocol.LineFactory}.
         """
         return AdmissionPolicy(
             starttls=self.starttls is not None,
             require_tls=self.config.require_tls,
             check_token=None if self.tokens is None else self.tokens.check,
+            allow=None if self.allow_list is None else self.allow_list.allows,
+            starttls_context=self.starttls,
         )
-
-    def apply(self, factory: LineFactory) -> None:
-        """
-        Make C{factory}'s connections follow these rules.
-        """
-        factory.allow = None if self.allow_list is None else self.allow_list.allows
-        factory.admission = self.policy()
-        factory.starttls_context = self.starttls
 
     def endpoint(self, reactor: Any, description: str) -> IStreamServerEndpoint | None:
         """

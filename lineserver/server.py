@@ -142,6 +142,9 @@ class LineServer(Supervisor):
             overflow=config.overflow,
             stats=self.stats,
         )
+        #: Allow list, tokens and TLS contexts; reading their files here
+        #: makes a bad one fail the start, not a connection.
+        self.security = Security(config.security)
         self.factory = LineFactory(
             build(self.queue),
             self.registry,
@@ -149,11 +152,8 @@ class LineServer(Supervisor):
             config.settings,
             self.stats,
             protocol_class,
+            policy=self.security.policy(),
         )
-        #: Allow list, tokens and TLS contexts; reading their files here
-        #: makes a bad one fail the start, not a connection.
-        self.security = Security(config.security)
-        self.security.apply(self.factory)
         self.sink_factory = sink
         self.stopping: Deferred[None] | None = None
         if sink is not None:

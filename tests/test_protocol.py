@@ -330,9 +330,8 @@ class ScreeningTests(SynchronousTestCase):
             clock,
             ProtocolSettings(),
             stats,
+            policy=AdmissionPolicy(**policy, starttls_context=(context := object())),
         )
-        factory.admission = AdmissionPolicy(**policy)
-        factory.starttls_context = context = object()
         proto = factory.buildProtocol(PEER)
         transport = StartTLSTransport()
         proto.makeConnection(transport)
