@@ -1,18 +1,28 @@
 """The connections: temporary children, tracked, limited, never restarted.
 
-The registry is shared by every listener, so limits hold across ports.  At
-the connection limit the listeners stop reading their sockets (new clients
-wait in the kernel's backlog, as with Ranch) and read again as soon as a
-connection closes; clients that one accept batch took past the limit wait,
-paused, for a free slot, so the listener never wedges and never refuses a
-client it could serve a moment later.
+The registry is shared by every listener, so limits hold across ports.  It
+never calls into a connection: L{ConnectionRegistry.admit} answers with a
+verdict, and L{ConnectionRegistry.remove} returns the waiting connections
+that a freed slot lets in, for the caller to start.
+
+At the connection limit, in C{wait} mode, the listeners stop reading their
+sockets (new clients wait in the kernel's backlog, as with Ranch) and read
+again as soon as a connection closes; clients that one accept batch took
+past the limit wait, paused, for a free slot, so the listener never wedges
+and never refuses a client it could serve a moment later.  In C{reject}
+mode the listeners keep accepting, so that a client past the limit gets
+its C{ERR too-many-connections} at once instead of silence in the backlog;
+the descriptor watermark stays the hard stop.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections import Counter, deque
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass
+from enum import Enum
+from typing import Generic, Literal, Protocol, TypeVar
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
@@ -21,9 +31,6 @@ from lineserver.errors import ErrorCode
 from lineserver.flow import Pause, PauseGate
 from lineserver.stats import Stats
 
-if TYPE_CHECKING:
-    from lineserver.protocol import LineProtocol
-
 log = Logger(namespace="lineserver.connections")
 
 Overflow = Literal["wait", "reject"]
@@ -31,7 +38,58 @@ OVERFLOW_CHOICES: tuple[Overflow, ...] = ("wait", "reject")
 LIMIT_REASON = Pause.CONNECTION_LIMIT
 
 
-class ConnectionRegistry:
+class Tracked(Hashable, Protocol):
+    """
+    What the registry reads of a connection: whether it is paused (for the
+    C{connections.paused} gauge).
+    """
+
+    @property
+    def gate(self) -> PauseGate: ...
+
+
+Conn = TypeVar("Conn", bound=Tracked)
+
+
+class Slot(Enum):
+    """
+    The registry's verdict on a connection it admits.
+    """
+
+    #: Serve it now.
+    SERVE = "serve"
+    #: Past the limit: the caller pauses it until L{ConnectionRegistry.remove}
+    #: or L{ConnectionRegistry.stop_accepting} hands it back.
+    WAIT = "wait"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """
+    The registry's verdict on a connection it will not serve.
+
+    @ivar why: for the log line.
+    """
+
+    code: ErrorCode
+    why: str
+
+
+def peer_key(host: str) -> str:
+    """
+    @return: the address that counts as one peer: C{::ffff:1.2.3.4} (an
+        IPv4 client on a dual-stack socket) is C{1.2.3.4}.
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
+class ConnectionRegistry(Generic[Conn]):
     """
     Tracks every live connection and admits it, queues it, or refuses it.
 
@@ -51,12 +109,12 @@ class ConnectionRegistry:
         self.max_per_peer = max_per_peer
         self.overflow = overflow
         self.stats = stats if stats is not None else Stats()
-        self.active: set[LineProtocol] = set()
-        self.waiting: deque[LineProtocol] = deque()
+        self.active: set[Conn] = set()
+        self.waiting: deque[Conn] = deque()
         self.accepting = True
-        self._all: set[LineProtocol] = set()
+        self._all: set[Conn] = set()
         self._per_peer: Counter[str] = Counter()
-        self._counted: set[LineProtocol] = set()
+        self._peer_of: dict[Conn, str] = {}
         self._gates: list[PauseGate] = []
         self._empty: list[Deferred[None]] = []
         #: Called after every admission and removal (the fd watermark).
@@ -74,7 +132,7 @@ class ConnectionRegistry:
         """
         return len(self._all)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[Conn]:
         return iter(list(self._all))
 
     @property
@@ -82,12 +140,19 @@ class ConnectionRegistry:
         limit = self.max_connections
         return limit is not None and len(self.active) >= limit
 
+    @property
+    def _holds_listeners(self) -> bool:
+        """
+        Should the listeners stop accepting?  At the limit in C{wait} mode.
+        """
+        return self.full and self.overflow == "wait"
+
     def add_listener_gate(self, gate: PauseGate) -> None:
         """
         A listener's accept gate, held while the registry is full.
         """
         self._gates.append(gate)
-        if self.full:
+        if self._holds_listeners:
             gate.hold(LIMIT_REASON)
 
     def remove_listener_gate(self, gate: PauseGate) -> None:
@@ -95,69 +160,66 @@ class ConnectionRegistry:
             self._gates.remove(gate)
             gate.release(LIMIT_REASON)
 
-    def admit(self, conn: LineProtocol) -> None:
+    def admit(self, conn: Conn, host: str | None) -> Slot | Refusal:
         """
-        Called by a new connection: serve it, queue it, or refuse it.
+        A new connection, from C{host} (None for a unix socket): serve it,
+        queue it, or refuse it.  It is tracked until L{remove} either way.
         """
         self._all.add(conn)
         self.stats.incr("connections.opened")
         self._notify()
         if not self.accepting:
-            conn.send_error(ErrorCode.SHUTTING_DOWN)
-            return
-        host = getattr(conn.peer, "host", None)
+            return Refusal(ErrorCode.SHUTTING_DOWN, "shutting down")
         if self.max_per_peer is not None and host is not None:
-            if self._per_peer[host] >= self.max_per_peer:
+            peer = peer_key(host)
+            count = self._per_peer[peer]
+            if count >= self.max_per_peer:
                 self.stats.incr("connections.refused.peer")
-                log.info(
-                    "refusing {conn}: {n} connections from {host} already",
-                    conn=conn.identity,
-                    n=self._per_peer[host],
-                    host=host,
+                return Refusal(
+                    ErrorCode.TOO_MANY_CONNECTIONS_FROM_PEER,
+                    f"{count} connections from {peer} already",
                 )
-                conn.send_error(ErrorCode.TOO_MANY_CONNECTIONS_FROM_PEER)
-                return
-            self._per_peer[host] += 1
-            self._counted.add(conn)
+            self._per_peer[peer] = count + 1
+            self._peer_of[conn] = peer
         if self.full:
             if self.overflow == "reject":
                 self.stats.incr("connections.refused.limit")
-                log.info("refusing {conn}: connection limit", conn=conn.identity)
-                conn.send_error(ErrorCode.TOO_MANY_CONNECTIONS)
-                return
-            conn.gate.hold(Pause.WAITING)
+                return Refusal(ErrorCode.TOO_MANY_CONNECTIONS, "connection limit")
             self.waiting.append(conn)
-            return
+            return Slot.WAIT
         self._activate(conn)
+        return Slot.SERVE
 
-    def _activate(self, conn: LineProtocol) -> None:
+    def _activate(self, conn: Conn) -> None:
         self.active.add(conn)
-        conn.start_serving()
-        if self.full:
+        if self._holds_listeners:
             for gate in self._gates:
                 gate.hold(LIMIT_REASON)
 
-    def remove(self, conn: LineProtocol) -> None:
+    def remove(self, conn: Conn) -> list[Conn]:
         """
-        Called by a connection that is gone.
+        A connection is gone.
+
+        @return: the waiting connections its slot lets in, now active; the
+            caller starts serving them (and releases their pause).
         """
         if conn not in self._all:
-            return  # refused before admission (not allowed by address)
+            return []  # refused before admission (not allowed by address)
         self._all.discard(conn)
-        if conn in self._counted:
-            self._counted.discard(conn)
-            host = conn.peer.host  # type: ignore[attr-defined]
-            self._per_peer[host] -= 1
-            if self._per_peer[host] <= 0:
-                del self._per_peer[host]
+        peer = self._peer_of.pop(conn, None)
+        if peer is not None:
+            self._per_peer[peer] -= 1
+            if self._per_peer[peer] <= 0:
+                del self._per_peer[peer]
         self.stats.incr("connections.closed")
+        promoted: list[Conn] = []
         if conn in self.active:
             self.active.discard(conn)
             while self.waiting and not self.full and self.accepting:
                 waiter = self.waiting.popleft()
                 self._activate(waiter)
-                waiter.gate.release(Pause.WAITING)
-            if not self.full:
+                promoted.append(waiter)
+            if not self._holds_listeners:
                 for gate in self._gates:
                     gate.release(LIMIT_REASON)
         elif conn in self.waiting:
@@ -167,6 +229,7 @@ class ConnectionRegistry:
             empty_waiters, self._empty = self._empty, []
             for empty in empty_waiters:
                 empty.callback(None)
+        return promoted
 
     def _notify(self) -> None:
         """
@@ -189,17 +252,23 @@ class ConnectionRegistry:
         self._empty.append(waiter)
         return waiter
 
-    def stop_accepting(self) -> None:
+    def stop_accepting(self) -> list[Conn]:
         """
         From now on, refuse new connections with C{ERR shutting-down}.
 
-        Connections still waiting for a slot are served now, past the
-        limit: their clients may have sent lines already, and the ordered
-        stop drains those like any other.
+        @return: the connections that were waiting for a slot, now active
+            past the limit, for the caller to start serving: their clients
+            may have sent lines already, and the ordered stop drains those
+            like any other.
         """
         self.accepting = False
-        while self.waiting:
-            conn = self.waiting.popleft()
-            self.active.add(conn)
-            conn.start_serving()
-            conn.gate.release(Pause.WAITING)
+        promoted = list(self.waiting)
+        self.waiting.clear()
+        self.active.update(promoted)
+        return promoted
+
+    def start_accepting(self) -> None:
+        """
+        Accept again (a server started again after a stop).
+        """
+        self.accepting = True

@@ -16,6 +16,10 @@ Rules:
   - Bytes are never decoded: NUL, invalid UTF-8 and binary junk are data.
   - After an error the framer is spent: a client that broke the limit is
     disconnected, and nothing it sends afterwards is framed.
+
+Another delimiter (a C{LineReceiver} subclass that sets C{delimiter}) is
+taken exactly: lines end with it, nothing is stripped, and it may arrive
+split across reads.
 """
 
 from __future__ import annotations
@@ -68,15 +72,28 @@ class LineFramer:
     rather than the quadratic append-then-split of C{LineReceiver}.
     """
 
-    __slots__ = ("_chunks", "_failed", "_pending", "max_line_length")
+    __slots__ = (
+        "_chunks",
+        "_failed",
+        "_pending",
+        "_suffix",
+        "delimiter",
+        "max_line_length",
+    )
 
-    def __init__(self, max_line_length: int) -> None:
+    def __init__(self, max_line_length: int, delimiter: bytes = LF) -> None:
         if max_line_length < 1:
             raise ValueError("max_line_length must be at least 1")
+        if not delimiter:
+            raise ValueError("the delimiter must not be empty")
         self.max_line_length = max_line_length
+        self.delimiter = delimiter
         self._chunks: list[bytes] = []
         self._pending = 0
         self._failed = False
+        #: The tail's last len(delimiter) - 1 bytes: where a delimiter split
+        #: across reads begins (other delimiters than LF only).
+        self._suffix = b""
 
     @property
     def pending(self) -> int:
@@ -92,6 +109,25 @@ class LineFramer:
         """
         return b"".join(self._chunks)
 
+    @property
+    def _slack(self) -> int:
+        """
+        Bytes a partial line may hold past the limit: a pending CR before
+        LF, or all but the last byte of a longer delimiter.
+        """
+        return 1 if self.delimiter == LF else len(self.delimiter) - 1
+
+    def take_tail(self) -> bytes:
+        """
+        Hand over the unterminated tail and forget it (a protocol switching
+        to raw mode takes what followed its last line).
+        """
+        tail = b"".join(self._chunks)
+        self._chunks = []
+        self._pending = 0
+        self._suffix = b""
+        return tail
+
     def feed(self, data: bytes) -> Frames:
         """
         Add one read's bytes.
@@ -101,6 +137,8 @@ class LineFramer:
         """
         if self._failed:
             return EMPTY
+        if self.delimiter != LF:
+            return self._feed_other(data)
         end = data.rfind(LF)
         if end < 0:
             return self._hold(data)
@@ -124,12 +162,40 @@ class LineFramer:
             return Frames(lines, head, LineTooLong(len(rest), limit))
         return Frames(lines, head)
 
+    def _feed_other(self, data: bytes) -> Frames:
+        """
+        L{feed} for a delimiter other than LF, taken exactly.
+        """
+        delimiter = self.delimiter
+        suffix = self._suffix
+        end = (suffix + data).rfind(delimiter) if suffix else data.rfind(delimiter)
+        if end < 0:
+            if len(delimiter) > 1:
+                self._suffix = (suffix + data)[1 - len(delimiter) :]
+            return self._hold(data)
+        cut = end + len(delimiter) - len(suffix)  # just past it, in data
+        self._chunks.append(data[:cut])
+        head = b"".join(self._chunks)
+        rest = data[cut:]
+        self._chunks = [rest] if rest else []
+        self._pending = len(rest)
+        self._suffix = rest[1 - len(delimiter) :] if len(delimiter) > 1 else b""
+        lines = head.split(delimiter)
+        lines.pop()
+        limit = self.max_line_length
+        if max(map(len, lines)) > limit:
+            return self._cut(head, lines)
+        if self._pending > limit + self._slack:
+            self._fail()
+            return Frames(lines, head, LineTooLong(len(rest), limit))
+        return Frames(lines, head)
+
     def _hold(self, data: bytes) -> Frames:
         if not data:
             return EMPTY
         self._chunks.append(data)
         self._pending += len(data)
-        if self._pending > self.max_line_length + 1:
+        if self._pending > self.max_line_length + self._slack:
             length = self._pending
             self._fail()
             return Frames(_NOTHING, b"", LineTooLong(length, self.max_line_length))
@@ -142,8 +208,9 @@ class LineFramer:
         limit = self.max_line_length
         bad = next(i for i, line in enumerate(lines) if len(line) > limit)
         offset = 0
+        delimiter = self.delimiter
         for _ in range(bad):
-            offset = head.index(LF, offset) + 1
+            offset = head.index(delimiter, offset) + len(delimiter)
         self._fail()
         return Frames(lines[:bad], head[:offset], LineTooLong(len(lines[bad]), limit))
 
@@ -151,3 +218,4 @@ class LineFramer:
         self._failed = True
         self._chunks = []
         self._pending = 0
+        self._suffix = b""

@@ -91,7 +91,7 @@ class ListenerService(Service):
         self,
         description: str,
         factory: LineFactory,
-        registry: ConnectionRegistry,
+        registry: ConnectionRegistry[Any],
         reactor: Any,
         retry: Callable[[int], float] = DEFAULT_LISTEN_RETRY,
         stats: Stats | None = None,

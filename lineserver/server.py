@@ -136,7 +136,7 @@ class LineServer(Supervisor):
         self.queue = SinkQueue(config.high_watermark, config.low_watermark)
         self.stats.add_gauge("queue.bytes", lambda: self.queue.buffered)
         self.stats.add_gauge("queue.pauses", lambda: self.queue.pauses)
-        self.registry = ConnectionRegistry(
+        self.registry: ConnectionRegistry[LineProtocol] = ConnectionRegistry(
             max_connections=config.max_connections,
             max_per_peer=config.max_connections_per_peer,
             overflow=config.overflow,
@@ -258,7 +258,8 @@ class LineServer(Supervisor):
             [listener.stopService() for listener in self.listeners],
             consumeErrors=True,
         )
-        self.registry.stop_accepting()
+        for waiter in self.registry.stop_accepting():
+            waiter.slot_granted()
         stopped.addCallback(lambda _: self._drain_input(deadline))
         stopped.addCallback(lambda _: self._flush_sink(deadline))
         stopped.addCallback(lambda _: self._close_connections(deadline))

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from twisted.internet.address import IPv4Address
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from lineserver.connections import LIMIT_REASON, ConnectionRegistry, Overflow
+from lineserver.connections import (
+    LIMIT_REASON,
+    ConnectionRegistry,
+    Overflow,
+    peer_key,
+)
 from lineserver.flow import PauseGate
 from lineserver.handlers import EchoHandlerFactory
 from lineserver.protocol import LineFactory, LineProtocol
@@ -37,8 +44,8 @@ class RegistryTests(SynchronousTestCase):
         max_connections: int | None = None,
         max_per_peer: int | None = None,
         overflow: Overflow = "wait",
-    ) -> ConnectionRegistry:
-        self.registry = ConnectionRegistry(
+    ) -> ConnectionRegistry[LineProtocol]:
+        self.registry: ConnectionRegistry[LineProtocol] = ConnectionRegistry(
             max_connections, max_per_peer, overflow, self.stats
         )
         self.factory = LineFactory(
@@ -161,11 +168,39 @@ class RegistryTests(SynchronousTestCase):
         registry = self.make(max_connections=1)
         self.open()
         waiting, _ = self.open()
-        registry.stop_accepting()
+        promoted = registry.stop_accepting()
+        self.assertEqual(promoted, [waiting])
         self.assertIn(waiting, registry.active)
+        self.assertIsNone(waiting.handler)  # the caller starts it
+        waiting.slot_granted()
         self.assertIsNotNone(waiting.handler)
         _, late = self.open()
         self.assertEqual(late.value(), b"ERR shutting-down\n")
+
+    def test_reject_keeps_accepting(self) -> None:
+        """
+        In reject mode the listeners keep accepting at the limit, so that
+        a client past it gets its ERR at once, not silence in the backlog.
+        """
+        self.make(max_connections=1, overflow="reject")
+        self.open()
+        self.assertTrue(self.listener.reading)
+        _, refused = self.open()
+        self.assertEqual(refused.value(), b"ERR too-many-connections\n")
+        self.assertTrue(self.listener.reading)
+
+    def test_mapped_addresses_are_one_peer(self) -> None:
+        """
+        C{::ffff:10.0.0.1} (an IPv4 client on a dual-stack socket) and
+        C{10.0.0.1} count as one peer.
+        """
+        self.make(max_per_peer=1)
+        self.open("10.0.0.1")
+        peer = IPv6Address("TCP", "::ffff:10.0.0.1", 40000)
+        proto = self.factory.buildProtocol(peer)
+        transport = StringTransport(peerAddress=peer)
+        proto.makeConnection(transport)
+        self.assertEqual(transport.value(), b"ERR too-many-connections-from-peer\n")
 
     def test_when_empty(self) -> None:
         """
@@ -191,3 +226,28 @@ class RegistryTests(SynchronousTestCase):
         self.assertEqual(snapshot["connections.waiting"], 1)
         self.assertEqual(snapshot["connections.paused"], 1)
         self.assertEqual(snapshot["connections.opened"], 2)
+
+
+class PeerKeyTests(SynchronousTestCase):
+    @given(st.ip_addresses(v=4))
+    def test_mapped_is_the_ipv4_address(self, address: object) -> None:
+        """
+        Property: an IPv4 address and its IPv4-mapped IPv6 form have one key.
+        """
+        self.assertEqual(peer_key(f"::ffff:{address}"), peer_key(str(address)))
+        self.assertEqual(peer_key(str(address)), str(address))
+
+    @given(st.ip_addresses(v=6))
+    def test_ipv6_is_canonical(self, address: object) -> None:
+        """
+        Property: an IPv6 address that is not mapped keeps its canonical
+        form, however it was written.
+        """
+        if getattr(address, "ipv4_mapped", None) is None:
+            self.assertEqual(peer_key(str(address).upper()), str(address))
+
+    def test_not_an_address(self) -> None:
+        """
+        A host that is not an IP address is its own key.
+        """
+        self.assertEqual(peer_key("unix"), "unix")

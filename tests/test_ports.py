@@ -129,7 +129,7 @@ class EveryInterfaceWarningTests(SynchronousTestCase):
                 return listening
 
         reactor = Reactor()
-        registry = ConnectionRegistry()
+        registry: ConnectionRegistry[Any] = ConnectionRegistry()
         factory = LineFactory(EchoHandlerFactory(), registry, reactor)
         service = ListenerService(description, factory, registry, reactor)
         service.running = True

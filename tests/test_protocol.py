@@ -72,7 +72,7 @@ def connect(
     handler_factory: Any,
     settings: ProtocolSettings | None = None,
     protocol_class: Any = None,
-    registry: ConnectionRegistry | None = None,
+    registry: ConnectionRegistry[LineProtocol] | None = None,
 ) -> tuple[LineProtocol, StringTransport, LineFactory, Clock]:
     clock = Clock()
     stats = Stats()
@@ -365,17 +365,29 @@ class ScreeningTests(SynchronousTestCase):
             transport.value().startswith(b"ERR protocol-error"), transport.value()
         )
 
-    def test_not_offered(self) -> None:
+    def test_no_rule_every_line_is_data(self) -> None:
         """
-        Without --starttls, STARTTLS as a first line is refused; later it
-        is data.
+        Where no admission rule applies (no --starttls, --require-tls or
+        --auth-tokens), a first line STARTTLS or AUTH is data, unchanged.
         """
         proto, transport, log = self.starttls_connection()
+        proto.dataReceived(b"STARTTLS\nAUTH x\n")
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(log, [[b"STARTTLS", b"AUTH x"]])
+        self.assertEqual(transport.tls, [])
+
+    def test_not_offered_where_rules_apply(self) -> None:
+        """
+        Where a rule applies but STARTTLS is not offered (tokens on a plain
+        port), STARTTLS as a first line is refused; once lines flow, it is
+        data.
+        """
+        proto, transport, log = self.starttls_connection(check_token=b"t".__eq__)
         proto.dataReceived(b"STARTTLS\n")
         self.assertEqual(transport.value(), b"ERR tls-unavailable\n")
         self.assertEqual(log, [])
-        proto, transport, log = self.starttls_connection()
-        proto.dataReceived(b"x\n")
+        proto, transport, log = self.starttls_connection(check_token=b"t".__eq__)
+        proto.dataReceived(b"AUTH t\nx\n")
         proto.dataReceived(b"STARTTLS\ny\n")
         self.assertEqual(log, [[b"x"], [b"STARTTLS", b"y"]])
         self.assertEqual(transport.value(), b"")
