@@ -233,8 +233,6 @@ class LineProtocol(LineReceiver):
         self._run(self.session.expired(kind, self._now(), self.gate.paused))
 
     def _do_ask_slot(self, action: AskSlot) -> None:
-        self.peer = self.transport.getPeer()
-        self._set_identity()
         verdict = self.factory.registry.admit(self, action.host)
         if verdict is Slot.SERVE:
             self._run(self.session.served(self._now()))
@@ -310,8 +308,11 @@ class LineProtocol(LineReceiver):
         """
         The PROXY header is in (L{lineserver.proxy}): judge the real client.
         """
-        host = _host(self.transport.getPeer())
-        self._run(self.session.proxy_header(host, self._now()))
+        if self.session.phase is not Phase.PROXY:
+            return  # under TLS, judged when the handshake completes
+        self.peer = self.transport.getPeer()  # the header's
+        self._set_identity()
+        self._run(self.session.proxy_header(_host(self.peer), self._now()))
 
     def handshakeCompleted(self) -> None:
         """

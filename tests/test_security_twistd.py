@@ -837,20 +837,53 @@ class StartTLSTests(SecurityCase):
 
 
 class StartTLSNotOfferedTests(SecurityCase):
-    def test_starttls_not_offered(self) -> None:
+    def test_no_rule_commands_are_data(self) -> None:
         """
-        Without C{--starttls}, a first line C{STARTTLS} is refused with
-        C{ERR tls-unavailable}, on a plain port and on an C{ssl:} port (TLS
-        is on already); it is not taken for a line, nor is the one after it.
+        Where no admission rule applies (no C{--starttls}, C{--require-tls}
+        or C{--auth-tokens}), a first line C{STARTTLS} or C{AUTH x} is data:
+        it reaches the sink unchanged, on a plain port and on an C{ssl:}
+        port, and so do the lines after it.
         """
         tls_port = free_ports(1)[0]
         server = self.start("--port", ssl_port(tls_port, self.pki), ports=2)
+        plain = plain_client(
+            server.port,
+            b"STARTTLS\nplainafter-1\n",
+            then=self.landed([b"plainafter-1"]),
+        )
+        auth = plain_client(
+            server.port, b"AUTH x\nauthafter-1\n", then=self.landed([b"authafter-1"])
+        )
+        tls = self.tls_served(
+            tls_port, client_context(self.pki), [b"STARTTLS", b"tlsafter-1"]
+        )
+        self.stop(server)
+        for seen in (plain, auth):
+            self.assertEqual(seen.received, b"", seen)
+            self.assertFalse(seen.closed_by_server, seen)
+        self.assertIsNone(tls.handshake_error, tls)
+        self.assertEqual(tls.received, b"", tls)
+        self.assertEqual(
+            Counter(self.sink_lines()),
+            Counter(
+                [b"STARTTLS", b"plainafter-1", b"AUTH x", b"authafter-1"]
+                + [b"STARTTLS", b"tlsafter-1"]
+            ),
+        )
+
+    def test_starttls_not_offered_where_rules_apply(self) -> None:
+        """
+        Where a rule applies but C{STARTTLS} is not offered (C{--auth-tokens}
+        on a plain port), a first line C{STARTTLS} is refused with
+        C{ERR tls-unavailable}; it is not taken for a line, nor is the one
+        after it.
+        """
+        tokens = self.dir / "tokens"
+        tokens.write_text("sesame\n")
+        server = self.start("--auth-tokens", str(tokens))
         plain = plain_client(server.port, b"STARTTLS\nplainafter-1\n")
-        tls = tls_client(tls_port, client_context(self.pki), b"STARTTLS\ntlsafter-1\n")
         self.stop(server)
         self.assert_refused_with(plain, "tls-unavailable")
-        self.assertIsNone(tls.handshake_error, tls)
-        self.assert_refused_with(tls, "tls-unavailable")
         self.assert_sink([])
 
 
