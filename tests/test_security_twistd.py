@@ -866,8 +866,10 @@ class StartTLSNotOfferedTests(SecurityCase):
         self.assertEqual(
             Counter(self.sink_lines()),
             Counter(
-                [b"STARTTLS", b"plainafter-1", b"AUTH x", b"authafter-1"]
-                + [b"STARTTLS", b"tlsafter-1"]
+                [
+                    *(b"STARTTLS", b"plainafter-1", b"AUTH x", b"authafter-1"),
+                    *(b"STARTTLS", b"tlsafter-1"),
+                ]
             ),
         )
 

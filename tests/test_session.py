@@ -186,9 +186,7 @@ class SessionMachine(RuleBasedStateMachine):
             elif isinstance(action, StartTLS):
                 assert self.policy.starttls
             else:
-                assert isinstance(
-                    action, Send | Close | Abort | Authenticated
-                ), action
+                assert isinstance(action, Send | Close | Abort | Authenticated), action
 
     # -- events --------------------------------------------------------------
 
@@ -212,8 +210,10 @@ class SessionMachine(RuleBasedStateMachine):
         self.perform(self.session.slot_granted(self.now))
 
     @precondition(
-        lambda self: self.session.phase
-        not in (Phase.NEW, Phase.PROXY, Phase.HANDSHAKE, Phase.UPGRADING)
+        lambda self: (
+            self.session.phase
+            not in (Phase.NEW, Phase.PROXY, Phase.HANDSHAKE, Phase.UPGRADING)
+        )
     )
     @rule(pieces=st.lists(PIECES, min_size=1, max_size=6), wait=st.floats(0, 2))
     def data(self, pieces: list[bytes], wait: float) -> None:
@@ -222,9 +222,7 @@ class SessionMachine(RuleBasedStateMachine):
         self.perform(self.session.data(data, self.now))
 
     @precondition(lambda self: bool(self.session.armed))
-    @rule(
-        pick=st.integers(0, 4), wait=st.floats(0, 6), paused=st.booleans()
-    )
+    @rule(pick=st.integers(0, 4), wait=st.floats(0, 6), paused=st.booleans())
     def deadline(self, pick: int, wait: float, paused: bool) -> None:
         kinds = sorted(self.session.armed, key=lambda kind: kind.value)
         kind = kinds[pick % len(kinds)]
@@ -363,7 +361,9 @@ class SessionExampleTests(SynchronousTestCase):
         self.assertEqual(session.served(0), [Serve()])
         self.assertEqual(session.phase, Phase.OPEN)
         actions = session.data(b"STARTTLS\nAUTH x\n", 0)
-        self.assertEqual(actions, [Deliver([b"STARTTLS", b"AUTH x"], b"STARTTLS\nAUTH x\n")])
+        self.assertEqual(
+            actions, [Deliver([b"STARTTLS", b"AUTH x"], b"STARTTLS\nAUTH x\n")]
+        )
 
     def test_starttls_upgrade(self) -> None:
         """
@@ -383,7 +383,9 @@ class SessionExampleTests(SynchronousTestCase):
             ],
         )
         self.assertEqual(session.phase, Phase.UPGRADING)
-        self.assertEqual(session.handshake_done(ALLOWED, 1), [Disarm(Deadline.HANDSHAKE)])
+        self.assertEqual(
+            session.handshake_done(ALLOWED, 1), [Disarm(Deadline.HANDSHAKE)]
+        )
         self.assertEqual(session.phase, Phase.OPEN)
 
     def test_waiting_lines_are_held_then_screened(self) -> None:
@@ -410,9 +412,13 @@ class SessionExampleTests(SynchronousTestCase):
         self.assertEqual(session.served(0), [Serve(), Arm(Deadline.IDLE, 10.0)])
         for second in range(1, 8):
             self.assertEqual(session.data(b"x\n", second)[1:], [])
-        self.assertEqual(session.expired(Deadline.IDLE, 10, False), [Arm(Deadline.IDLE, 7.0)])
+        self.assertEqual(
+            session.expired(Deadline.IDLE, 10, False), [Arm(Deadline.IDLE, 7.0)]
+        )
         actions = session.expired(Deadline.IDLE, 17, False)
-        self.assertEqual(actions[0], Refuse(ErrorCode.IDLE_TIMEOUT, "", "idle for 10.0s"))
+        self.assertEqual(
+            actions[0], Refuse(ErrorCode.IDLE_TIMEOUT, "", "idle for 10.0s")
+        )
         self.assertEqual(session.reason, CloseReason.IDLE_TIMEOUT)
 
     def test_paused_connection_never_idles_out(self) -> None:
@@ -421,14 +427,18 @@ class SessionExampleTests(SynchronousTestCase):
         """
         session = self.connect(AdmissionPolicy(), idle_timeout=10.0)
         session.served(0)
-        self.assertEqual(session.expired(Deadline.IDLE, 50, True), [Arm(Deadline.IDLE, 10.0)])
+        self.assertEqual(
+            session.expired(Deadline.IDLE, 50, True), [Arm(Deadline.IDLE, 10.0)]
+        )
 
     def test_proxy_header_deadline_none_means_no_limit(self) -> None:
         """
         A handshake timeout of None means no limit for the PROXY header too.
         """
         session = Session(ProtocolSettings(handshake_timeout=None), AdmissionPolicy())
-        actions = session.connected(tls=False, behind_proxy=True, host="127.0.0.1", now=0)
+        actions = session.connected(
+            tls=False, behind_proxy=True, host="127.0.0.1", now=0
+        )
         self.assertEqual(actions, [])
         self.assertEqual(session.phase, Phase.PROXY)
 

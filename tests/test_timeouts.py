@@ -16,7 +16,6 @@ from lineserver.flow import SinkQueue
 from lineserver.handlers import EchoHandlerFactory, SinkHandlerFactory
 from lineserver.protocol import LineFactory, LineProtocol, ProtocolSettings
 from lineserver.stats import Stats
-from lineserver.timeouts import Deadline
 from tests.support import connect, reactor, start_server
 
 
@@ -30,55 +29,23 @@ class CountingClock(Clock):
         return super().callLater(*args, **kwargs)
 
 
-class DeadlineTests(SynchronousTestCase):
-    def test_expires_after_timeout(self) -> None:
+class ProtocolTimerChurnTests(SynchronousTestCase):
+    def test_reads_cost_no_timer_churn(self) -> None:
         """
-        Without activity, the callback runs once, at the timeout.
+        A read every millisecond for 100 s, with both deadlines on, keeps
+        the connection alive and schedules about one timer per timeout
+        period, not one per read.
         """
-        clock = Clock()
-        fired: list[float] = []
-        deadline = Deadline(clock, 10, lambda: fired.append(clock.seconds()))
-        deadline.begin()
-        clock.advance(9.9)
-        self.assertEqual(fired, [])
-        clock.advance(0.1)
-        self.assertEqual(fired, [10])
-        clock.advance(100)
-        self.assertEqual(fired, [10])
-        self.assertFalse(deadline.active)
-
-    def test_touch_extends_without_timer_churn(self) -> None:
-        """
-        A touch every millisecond for 100 s keeps it alive and schedules
-        one timer per timeout period, not one per touch.
-        """
-        clock = CountingClock()
-        fired: list[float] = []
-        deadline = Deadline(clock, 10, lambda: fired.append(clock.seconds()))
-        deadline.begin()
-        for _ in range(100_000):
+        settings = ProtocolSettings(idle_timeout=10, line_timeout=10)
+        proto, transport, clock, _, _ = connected(settings)
+        before = clock.scheduled
+        for n in range(100_000):
             clock.advance(0.001)
-            deadline.touch()
-        self.assertEqual(fired, [])
-        self.assertLessEqual(clock.scheduled, 11)
-        self.assertEqual(len(clock.getDelayedCalls()), 1)
-        clock.advance(10)
-        self.assertEqual(len(fired), 1)
-
-    def test_clear_and_cancel(self) -> None:
-        """
-        A cleared deadline lapses without firing; cancel drops the timer.
-        """
-        clock = Clock()
-        fired: list[int] = []
-        deadline = Deadline(clock, 5, lambda: fired.append(1))
-        deadline.begin()
-        deadline.clear()
-        clock.advance(6)
-        self.assertEqual((fired, clock.getDelayedCalls()), ([], []))
-        deadline.begin()
-        deadline.cancel()
-        self.assertEqual(clock.getDelayedCalls(), [])
+            # a complete line and the start of the next: both deadlines move
+            proto.dataReceived(b"x\ny" if n % 2 else b"\nx")
+        self.assertFalse(transport.disconnecting)
+        self.assertLessEqual(clock.scheduled - before, 25)
+        self.assertLessEqual(len(clock.getDelayedCalls()), 2)
 
 
 def connected(
