@@ -26,6 +26,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import (
     IAddress,
+    IDelayedCall,
     IHandshakeListener,
     IListeningPort,
     IOpenSSLContextFactory,
@@ -42,7 +43,6 @@ from typing_extensions import override
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from lineserver.timeouts import Deadline
 from lineserver.tls import (
     ReloadableServerTLS,
     TLSConfigError,
@@ -90,15 +90,14 @@ class Echo(Protocol):
         self.subject: str | None = None
         self.lost: Deferred[None] = Deferred()
         self.reason: Failure | None = None
-        self.deadline: Deadline | None = None
+        self.deadline: IDelayedCall | None = None
         self.expired = False
 
     def connectionMade(self) -> None:
         self.factory.connections.append(self)
         timeout = self.factory.handshake_timeout
         if timeout is not None:
-            self.deadline = Deadline(reactor, timeout, self.expire)
-            self.deadline.begin()
+            self.deadline = reactor.callLater(timeout, self.expire)
 
     def expire(self) -> None:
         self.expired = True
@@ -107,7 +106,7 @@ class Echo(Protocol):
     def handshakeCompleted(self) -> None:
         self.handshake_done = True
         self.subject = peer_subject(self.transport)
-        if self.deadline is not None:
+        if self.deadline is not None and self.deadline.active():
             self.deadline.cancel()
 
     def dataReceived(self, data: bytes) -> None:
@@ -115,7 +114,7 @@ class Echo(Protocol):
         self.transport.write(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self.deadline is not None:
+        if self.deadline is not None and self.deadline.active():
             self.deadline.cancel()
         self.reason = reason
         self.lost.callback(None)
