@@ -508,7 +508,9 @@ class LineProtocol(LineReceiver):
         held = self._held
         if lines:
             held.append((lines, raw, 0))
-        while held and not self.paused and self.session.phase is Phase.OPEN:
+        # Not the phase OPEN: a read's lines before an error that the same
+        # read brought are delivered, though the session is closing by now.
+        while held and not self.paused and self.session.phase is not Phase.CLOSED:
             batch, batch_raw, index = held[0]
             while index < len(batch) and not self.paused:
                 line = batch[index]

@@ -190,3 +190,48 @@ class FramingTests(SynchronousTestCase):
         else:
             self.assertIsNone(error)
             self.assertEqual(lines, expected)
+
+
+class OtherDelimiterTests(SynchronousTestCase):
+    """
+    A delimiter other than LF (a LineReceiver subclass's) is taken exactly.
+    """
+
+    @given(
+        data=st.lists(
+            st.sampled_from([b"\r\n", b"\r", b"\n", b"||", b"|", b"ab", b"\x00"]),
+            max_size=40,
+        ).map(b"".join),
+        cuts=st.lists(st.integers(min_value=0, max_value=200)),
+        delimiter=st.sampled_from([b"\r\n", b"||", b"\x00", b"|a|"]),
+    )
+    def test_any_split_same_lines(
+        self, data: bytes, cuts: list[int], delimiter: bytes
+    ) -> None:
+        """
+        Property: however the stream is cut into reads (a delimiter split
+        between two included), the lines are C{data.split(delimiter)}
+        without the tail, nothing stripped, and raw is the stream up to the
+        last delimiter.
+        """
+        framer = LineFramer(1000, delimiter)
+        lines, raw, error = feed_all(framer, split_at(data, cuts))
+        self.assertIsNone(error)
+        self.assertEqual(lines, data.split(delimiter)[:-1])
+        end = data.rfind(delimiter)
+        self.assertEqual(raw, data[: end + len(delimiter)] if end >= 0 else b"")
+        self.assertEqual(framer.take_tail(), data[len(raw) :])
+
+    def test_limit_with_delimiter(self) -> None:
+        """
+        A line of exactly the limit passes; a partial line fails once it
+        cannot be a line of the limit plus a split delimiter.
+        """
+        framer = LineFramer(3, b"\r\n")
+        self.assertEqual(framer.feed(b"abc\r").lines, [])
+        self.assertEqual(framer.feed(b"\n").lines, [b"abc"])
+        self.assertIsNotNone(LineFramer(3, b"\r\n").feed(b"abcde").error)
+
+    def test_empty_delimiter_refused(self) -> None:
+        with self.assertRaises(ValueError):
+            LineFramer(3, b"")

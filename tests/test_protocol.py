@@ -295,6 +295,97 @@ class ClassicSubclassTests(SynchronousTestCase):
         self.flushLoggedErrors(KeyError)
 
 
+class ShortLines(LineProtocol):
+    """
+    A subclass that sets its own MAX_LENGTH and a CRLF delimiter.
+    """
+
+    MAX_LENGTH = 5
+    delimiter = b"\r\n"
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.got: list[bytes] = []
+
+    def lineReceived(self, line: bytes) -> None:
+        self.got.append(line)
+
+
+class RawSwitch(LineProtocol):
+    """
+    A subclass that switches to raw mode after a C{RAW} line, as
+    C{LineReceiver} protocols do for a length-prefixed body, and back to
+    lines after C{n} raw bytes.
+    """
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.got: list[bytes] = []
+        self.raw: list[bytes] = []
+        self.want = 0
+
+    def lineReceived(self, line: bytes) -> None:
+        self.got.append(line)
+        if line.startswith(b"RAW "):
+            self.want = int(line[4:])
+            self.setRawMode()
+
+    def rawDataReceived(self, data: bytes) -> None:
+        body, rest = data[: self.want], data[self.want :]
+        self.raw.append(body)
+        self.want -= len(body)
+        if self.want == 0:
+            self.setLineMode(rest)
+
+
+class LineReceiverContractTests(SynchronousTestCase):
+    """
+    What a LineReceiver subclass may set or call is honoured, not
+    silently overridden.
+    """
+
+    def test_subclass_max_length_and_delimiter(self) -> None:
+        """
+        A subclass's MAX_LENGTH wins over the configured limit, and its
+        delimiter is taken exactly: a bare LF is data, CRLF ends a line
+        (also split across reads), and sendLine ends with it.
+        """
+        proto, transport, *_ = connect(
+            EchoHandlerFactory(),
+            settings=ProtocolSettings(max_line_length=1000),
+            protocol_class=ShortLines,
+        )
+        assert isinstance(proto, ShortLines)
+        self.assertEqual(proto.MAX_LENGTH, 5)
+        proto.dataReceived(b"a\nb\r\nabcde\r")
+        proto.dataReceived(b"\ntoolong\r\n")
+        self.assertEqual(proto.got, [b"a\nb", b"abcde"])
+        self.assertEqual(transport.value(), b"ERR line-too-long limit 5\r\n")
+
+    def test_configured_limit_without_override(self) -> None:
+        """
+        Without a subclass MAX_LENGTH, the configured limit applies.
+        """
+        proto, *_ = connect(
+            EchoHandlerFactory(), settings=ProtocolSettings(max_line_length=1000)
+        )
+        self.assertEqual(proto.MAX_LENGTH, 1000)
+
+    def test_raw_mode(self) -> None:
+        """
+        setRawMode in lineReceived hands what follows that line (in the same
+        read and later ones) to rawDataReceived; setLineMode hands the rest
+        back to lines.
+        """
+        proto, *_ = connect(EchoHandlerFactory(), protocol_class=RawSwitch)
+        assert isinstance(proto, RawSwitch)
+        proto.dataReceived(b"a\nRAW 6\nxy\nz")
+        self.assertEqual((proto.got, proto.raw), ([b"a", b"RAW 6"], [b"xy\nz"]))
+        proto.dataReceived(b"wvb\nc\n")
+        self.assertEqual(proto.raw, [b"xy\nz", b"wv"])
+        self.assertEqual(proto.got, [b"a", b"RAW 6", b"b", b"c"])
+
+
 class AddressTests(SynchronousTestCase):
     def test_describe(self) -> None:
         """
