@@ -220,6 +220,12 @@ class Options(usage.Options):
     optFlags: list[list[Any]] = [
         ["starttls", None, "Offer STARTTLS on plain ports (needs --tls-cert)."],
         ["require-tls", None, "Refuse every line sent before TLS is on."],
+        [
+            "quiet-connections",
+            None,
+            "Do not log a line per closed connection (refusals are still "
+            "logged).",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -393,6 +399,7 @@ def config_from_options(options: Options) -> ServerConfig:
         idle_timeout=options["idle-timeout"] or None,
         line_timeout=options["line-timeout"] or None,
         handshake_timeout=options["tls-handshake-timeout"],
+        log_connections=not options["quiet-connections"],
     )
     return ServerConfig(
         ports=list(options["ports"]),
