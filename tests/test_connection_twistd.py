@@ -111,9 +111,20 @@ class ConnectionLogTests(SynchronousTestCase):
         clients reconnect often); refusals are still logged.
         """
         server = self.start("--quiet-connections", "--max-connections-per-peer", "1")
-        first = socket.create_connection(("127.0.0.1", server.port))
-        first.sendall(b"x\n")
-        self.assertEqual(first.recv(10), b"x\n")
+        served: list[socket.socket] = []
+
+        def serve_first() -> bool:
+            # The readiness probe may hold the peer's one slot for a moment.
+            first = socket.create_connection(("127.0.0.1", server.port))
+            first.sendall(b"x\n")
+            if first.recv(10) == b"x\n":
+                served.append(first)
+                return True
+            first.close()
+            return False
+
+        wait_until(serve_first, "the first client served")
+        first = served[0]
         second = socket.create_connection(("127.0.0.1", server.port))
         self.assertEqual(read_to_eof(second), b"ERR too-many-connections-from-peer\n")
         second_port = second.getsockname()[1]
