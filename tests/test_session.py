@@ -454,3 +454,24 @@ class SessionExampleTests(SynchronousTestCase):
         self.assertIn(Close(), actions)
         self.assertEqual(session.phase, Phase.CLOSING)
         self.assertEqual(session.data(b"more\n", 0), [])
+
+
+class DocumentedTableTests(SynchronousTestCase):
+    def test_architecture_page_shows_the_table(self) -> None:
+        """
+        docs/architecture.md's transition table is the code's, move for move.
+        """
+        from pathlib import Path
+
+        page = Path(__file__).parent.parent / "docs" / "architecture.md"
+        rows = set()
+        for line in page.read_text().splitlines():
+            cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+            if len(cells) == 3 and cells[0] in {phase.value for phase in Phase}:
+                rows.add((Phase(cells[0]), Event(cells[1]), Phase(cells[2])))
+        code = {
+            (phase, event, target)
+            for (phase, event), target in TRANSITIONS.items()
+            if event not in (Event.CLOSE, Event.LOST)
+        }
+        self.assertEqual(rows, code)
