@@ -87,6 +87,7 @@ _REFUSAL_COUNTERS: dict[str, str] = {
 _CLOSING_ERRORS: frozenset[str] = frozenset(
     {ErrorCode.LINE_TOO_LONG, ErrorCode.IDLE_TIMEOUT, ErrorCode.LINE_TIMEOUT}
 )
+_CLOSED_PHASES = frozenset({Phase.CLOSING, Phase.CLOSED})
 _ABORT_COUNTERS = {
     Deadline.PROXY: "timeouts.proxy",
     Deadline.HANDSHAKE: "timeouts.handshake",
@@ -561,10 +562,13 @@ class LineProtocol(LineReceiver):
         self.handler = self.factory.handler_factory(self)
 
     def _pause_transport(self) -> None:
-        self.transport.pauseProducing()
+        # Once closing, reading is the close's business: TCP stopped it,
+        # TLS keeps it on to read the peer's close_notify.
+        if self.session.phase not in _CLOSED_PHASES:
+            self.transport.pauseProducing()
 
     def _resume_transport(self) -> None:
-        if self.session.phase is not Phase.CLOSING:
+        if self.session.phase not in _CLOSED_PHASES:
             self.transport.resumeProducing()
 
 
