@@ -74,7 +74,7 @@ class ProtocolMachine(RuleBasedStateMachine):
             max_connections=1, stats=self.stats
         )
         self.factory = LineFactory(
-            lambda conn: Collect(self.got, conn),
+            lambda conn: Collect(self.got, conn),  # type: ignore[arg-type]
             self.registry,
             self.clock,
             ProtocolSettings(
@@ -149,7 +149,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         mine = [
             call
             for call in self.clock.getDelayedCalls()
-            if getattr(call.func, "__self__", None) is self.proto
+            if getattr(getattr(call, "func", None), "__self__", None) is self.proto
         ]
         assert mine == [], mine
         assert self.proto not in list(self.registry)
