@@ -340,7 +340,13 @@ class LineProtocol(LineReceiver):
         if session.phase is Phase.PROXY:
             # The wrapper passes data on only once the header is parsed.
             self.proxy_header_received()
-        self._run(session.data(data, self._now()))
+        # Only the idle and line deadlines read the time of a read.
+        now = self._now() if self.factory.timed_reads else 0.0
+        actions = session.data(data, now)
+        if len(actions) == 1 and type(actions[0]) is Deliver:
+            self._do_deliver(actions[0])  # the common case, without dispatch
+        else:
+            self._run(actions)
 
     @override
     def lineReceived(self, line: bytes) -> None:
@@ -617,6 +623,10 @@ class LineFactory(ServerFactory):
         self._make = protocol_class or LineProtocol
         self._numbers = itertools.count(1)
         self.admission = policy if policy is not None else AdmissionPolicy()
+        #: Does a read need the time (an idle or line deadline is set)?
+        self.timed_reads = bool(
+            self.settings.idle_timeout or self.settings.line_timeout
+        )
 
     @override
     def buildProtocol(self, addr: IAddress | None) -> LineProtocol:  # type: ignore[override]

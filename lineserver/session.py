@@ -150,10 +150,12 @@ _ERROR_REASONS: dict[str, CloseReason] = {
 # -- actions: what the glue must do -------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Deliver:
     """
-    Hand these lines (and their bytes as received) to the handler.
+    Hand these lines (and their bytes as received) to the handler.  (Not
+    frozen: one is made per read, and a frozen dataclass's constructor
+    costs twice as much.)
     """
 
     lines: list[bytes]
@@ -511,9 +513,20 @@ class Session:
         self.bytes += len(data)
         framer = self._framer
         frames = framer.feed(data)
-        actions: list[Action] = []
         if self._idle_since is not None:
             self._idle_since = now
+        if (
+            phase is Phase.OPEN
+            and frames.lines
+            and frames.error is None
+            and not self.settings.line_timeout
+        ):
+            # The common case, kept short: an open connection's lines.
+            count = len(frames.lines)
+            self.lines += count
+            self.delivered += count
+            return [Deliver(frames.lines, frames.raw)]
+        actions: list[Action] = []
         line_timeout = self.settings.line_timeout
         if line_timeout:
             # A read that completed lines and left a tail started a new line.
