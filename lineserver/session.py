@@ -311,8 +311,8 @@ class Session:
 
     @ivar phase: where the connection is in its life; one value, never
         inferred from which attributes happen to be set.
-    @ivar lines: complete lines received; each is delivered, consumed (an
-        C{AUTH} line), dropped (sent by a client that was refused, from the
+    @ivar lines: complete lines received; each is delivered, consumed (a
+        command: C{AUTH}, C{STARTTLS}), dropped (sent by a client that was refused, from the
         offending line on), or still held (read before the connection was
         served): C{lines == delivered + consumed + dropped + held}.
     @ivar delivered: lines handed out in L{Deliver} actions.
@@ -618,8 +618,9 @@ class Session:
                 offset = end
                 continue
             if verdict is Verdict.START_TLS:
-                # Any line after it was refused with the STARTTLS line's
-                # verdict (it had to be the last); none is left here.
+                # A command, consumed like AUTH.  It had to be the last line
+                # sent, so no line is left after it here.
+                self.consumed += 1
                 return actions + self._start_tls()
             assert decision.code is not None
             self.dropped += count - index

@@ -15,6 +15,8 @@ checks after every step the promises of docs/architecture.md:
 
 from __future__ import annotations
 
+import os
+
 from typing import Any
 
 from hypothesis import settings
@@ -295,7 +297,11 @@ class SessionStateMachineTests(SynchronousTestCase):
         """
         run_state_machine_as_test(
             SessionMachine,
-            settings=settings(max_examples=400, stateful_step_count=30, deadline=None),
+            settings=settings(
+                max_examples=int(os.environ.get("SESSION_EXAMPLES", "400")),
+                stateful_step_count=30,
+                deadline=None,
+            ),
         )
 
 
