@@ -16,7 +16,6 @@ checks after every step the promises of docs/architecture.md:
 from __future__ import annotations
 
 import os
-
 from typing import Any
 
 from hypothesis import settings
