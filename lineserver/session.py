@@ -312,8 +312,8 @@ class Session:
     @ivar phase: where the connection is in its life; one value, never
         inferred from which attributes happen to be set.
     @ivar lines: complete lines received; each is delivered, consumed (a
-        command: C{AUTH}, C{STARTTLS}), dropped (sent by a client that was refused, from the
-        offending line on), or still held (read before the connection was
+        command: C{AUTH}, C{STARTTLS}), dropped (sent by a client that was
+        refused, from the offending line on), or still held (read before the connection was
         served): C{lines == delivered + consumed + dropped + held}.
     @ivar delivered: lines handed out in L{Deliver} actions.
     @ivar bytes: bytes received.
