@@ -313,8 +313,9 @@ class Session:
         inferred from which attributes happen to be set.
     @ivar lines: complete lines received; each is delivered, consumed (a
         command: C{AUTH}, C{STARTTLS}), dropped (sent by a client that was
-        refused, from the offending line on), or still held (read before the connection was
-        served): C{lines == delivered + consumed + dropped + held}.
+        refused, from the offending line on), or still held (read before
+        the connection was served):
+        C{lines == delivered + consumed + dropped + held}.
     @ivar delivered: lines handed out in L{Deliver} actions.
     @ivar bytes: bytes received.
     @ivar reason: why the connection ended (or is ending), once known.
