@@ -254,13 +254,35 @@ class Supervisor(MultiService):
     @override
     def startService(self) -> None:
         """
-        Start the children (by default in the order they were added),
-        building a fresh instance for any child that was stopped with the
-        supervisor or whose restart was cut short by a stop.
+        Start the children (by default in the order they were added).
+
+        A child stopped with the supervisor is replaced by a fresh instance
+        first, as OTP starts children from their specs: a stopped instance
+        is not trusted to start again.  A child whose restart was cut short
+        by a stop gets its fresh instance now too.
         """
+        self._renew_spent()
         Service.startService(self)  # type: ignore[no-untyped-call]
         self._window.clear()
         self.start_children()
+
+    def _renew_spent(self) -> None:
+        """
+        Put fresh, unstarted instances in place of the children stopped by
+        the last stop (before running, so that they are not started yet).
+        """
+        spent, self._spent = self._spent, set()
+        for name in spent:
+            old = self.namedServices.get(name)
+            if name not in self._specs or old is None:
+                continue
+            self._detach(name, old)
+            try:
+                fresh = self._specs[name].start()
+                fresh.setName(name)  # type: ignore[no-untyped-call]
+            except Exception:
+                continue  # start_child builds it again, as a failure
+            self._attach(name, fresh)
 
     def start_children(self) -> None:
         """
@@ -276,17 +298,12 @@ class Supervisor(MultiService):
 
     def start_child(self, name: str) -> None:
         """
-        Start child C{name} if it is not running: its current instance the
-        first time, a fresh one after a stop of the supervisor.  A start
-        that raises is the child's failure.
+        Start child C{name} if it is not running (building it if it has no
+        instance).  A start that raises is the child's failure.
         """
         if not self.running or name not in self._specs:
             return
         service = self.namedServices.get(name)
-        if service is not None and name in self._spent:
-            self._detach(name, service)
-            service = None
-        self._spent.discard(name)
         if service is None:
             self._spawn(name)
         elif not service.running:
