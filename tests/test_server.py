@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 import time
 from collections.abc import Callable, Generator
@@ -371,7 +372,6 @@ class AcceptFaultTests(ServerTestCase):
         and a client that connected during the fault is served by itself
         once the fault clears.
         """
-        import errno
 
         server = yield self.start(handler="echo")
         port = server.port_numbers()[0]
@@ -602,6 +602,38 @@ class StartTests(ServerTestCase):
         self.assertEqual(self.start_failures, [])
         yield client.gone
         self.flushLoggedErrors(OSError)
+
+
+class BindTests(ServerTestCase):
+    @inlineCallbacks
+    def test_bound_in_privileged_start_listens_in_start(
+        self,
+    ) -> Generator[Any, Any, None]:
+        """
+        privilegedStartService (what twistd calls before dropping
+        privileges) binds the port without listening: it is taken, yet
+        refuses connections; startService then listens on that very socket.
+        """
+        port = free_port()
+        server = LineServer(
+            ServerConfig(ports=[f"tcp:{port}:interface=127.0.0.1"]), reactor, "echo"
+        )
+        server.privilegedStartService()
+        self.addCleanup(server.stopService)
+        other = socket.socket()
+        self.addCleanup(other.close)
+        error = self.assertRaises(OSError, other.bind, ("127.0.0.1", port))
+        self.assertEqual(error.errno, errno.EADDRINUSE)
+        yield self.assertFailure(connect(port), ConnectionRefusedError)
+        server.startService()
+        yield server.when_listening()
+        self.assertEqual(server.port_numbers(), [port])
+        client = yield connect(port)
+        client.transport.write(b"bound early\n")
+        data = yield client.wait_for(12)
+        self.assertEqual(data, b"bound early\n")
+        client.transport.loseConnection()
+        yield client.gone
 
 
 class StopTests(ServerTestCase):
