@@ -47,6 +47,7 @@ from lineserver.ports import with_defaults
 from lineserver.protocol import LineFactory, LineProtocol, ProtocolSettings
 from lineserver.security import Security, SecurityConfig
 from lineserver.sink_service import (
+    SinkFailed,
     SinkService,
     describe_failure,
     queued_lines,
@@ -242,7 +243,10 @@ class LineServer(Supervisor):
         self.start_child(SINK)
         service = self.sink_service
         if service is None:
-            return  # could not even be built: already failed the start
+            self._start_failed(
+                Failure(SinkFailed("the sink service could not be built"))
+            )
+            return
         service.when_open().addCallbacks(
             self._sink_opened,
             self._sink_not_opened,
