@@ -27,7 +27,7 @@ from lineserver.interfaces import (
 from lineserver.listener import ListenerService
 from lineserver.protocol import LineFactory, LineProtocol, ProtocolSettings
 from lineserver.security import Security, SecurityConfig, SecurityConfigError
-from lineserver.server import DEFAULT_PORT, LineServer, ServerConfig
+from lineserver.server import DEFAULT_PORT, LineServer, Phase, ServerConfig
 from lineserver.signals import HangupReload
 from lineserver.sink_service import SinkService
 from lineserver.sinks import SinkURL, SinkURLError, sink_factory_from_url
@@ -58,6 +58,7 @@ __all__ = [
     "ListenerService",
     "PauseGate",
     "PerLineHandler",
+    "Phase",
     "ProtocolSettings",
     "Security",
     "SecurityConfig",

@@ -8,16 +8,25 @@ dies under us is a crash: the listener reports it to its supervisor.
 Reading the listening socket is behind a L{PauseGate}, so the reasons to
 stop accepting (connection limit, accept errors, descriptor watermark)
 compose: accepting resumes only when none of them holds.
+
+Binding and listening are two steps.  A TCP port is bound in
+C{privilegedStartService}, before twistd drops privileges (C{--uid}), so a
+port below 1024 can be had; it starts listening only when the service runs
+and the reactor does, so no client reaches a server that is not ready (a
+bound socket that does not listen refuses connections).  See L{PortBinder}.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from twisted.application.internet import backoffPolicy
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.abstract import isIPv6Address
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
@@ -59,6 +68,127 @@ def describe_listen_error(reason: Failure) -> str:
     return str(error) or error.__class__.__name__
 
 
+class _NotBoundEarly(Exception):
+    """
+    This kind of endpoint is not bound ahead of listening (only TCP is).
+    """
+
+
+class _BoundOnly:
+    """
+    What a dry-run C{listenTCP} returns: a port that is bound, not
+    listening, and owned by the L{PortBinder}.
+    """
+
+    def __init__(self, skt: socket.socket) -> None:
+        self.socket = skt
+
+
+class PortBinder:
+    """
+    A view of the reactor for endpoints, that lets a TCP port be bound
+    early and listen later.
+
+    Inside L{binding}, C{endpoint.listen(factory)} is a dry run: the
+    C{listenTCP} it ends in only creates and binds the socket, and keeps it.
+    The next real C{listenTCP} for the same port and interface makes that
+    socket listen and hands it to the reactor (C{adoptStreamPort}).  Any
+    other C{listenTCP} goes to the reactor as usual, so a port bound once,
+    lost and listened on again is bound with the privileges the process
+    has by then.  Everything else is the reactor's own.
+
+    TCP is what needs privileges (ports below 1024); every endpoint kind we
+    build on it (C{tcp:}, C{tcp6:}, C{ssl:}, C{haproxy:}) goes through
+    C{listenTCP}.  Other kinds (C{unix:}) are not bound early.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+        self._bound: dict[tuple[int, str], socket.socket] = {}
+        self._dry_run = False
+
+    def __getattr__(self, name: str) -> Any:
+        if self._dry_run and name.startswith(("listen", "adopt")):
+            raise _NotBoundEarly(name)
+        return getattr(self._reactor, name)
+
+    @contextmanager
+    def binding(self) -> Iterator[None]:
+        """
+        Within this block, listening on a TCP endpoint only binds it.
+        """
+        self._dry_run = True
+        try:
+            yield
+        finally:
+            self._dry_run = False
+
+    def listenTCP(  # noqa: N802 (IReactorTCP's name)
+        self, port: int, factory: Any, backlog: int = 50, interface: str = ""
+    ) -> Any:
+        key = (port, interface)
+        if self._dry_run:
+            if key not in self._bound:
+                self._bound[key] = _bind(port, interface)
+            return _BoundOnly(self._bound[key])
+        skt = self._bound.pop(key, None)
+        if skt is None:
+            return self._reactor.listenTCP(port, factory, backlog, interface)
+        try:
+            skt.listen(backlog)
+            return self._reactor.adoptStreamPort(skt.fileno(), skt.family, factory)
+        except OSError as error:
+            raise CannotListenError(interface, port, error) from error
+        finally:
+            # adoptStreamPort made its own copy of the descriptor.
+            skt.close()
+
+    @property
+    def bound(self) -> int:
+        """
+        How many sockets are bound and waiting to listen.
+        """
+        return len(self._bound)
+
+    def release(self) -> None:
+        """
+        Close the sockets bound early that never came to listen.
+        """
+        bound, self._bound = self._bound, {}
+        for skt in bound.values():
+            skt.close()
+
+
+def _bind(port: int, interface: str) -> socket.socket:
+    """
+    A non-blocking TCP socket bound as Twisted's C{tcp.Port} binds it
+    (C{SO_REUSEADDR}), not listening.
+
+    @raise CannotListenError: as C{listenTCP} would.
+    """
+    family = socket.AF_INET6 if isIPv6Address(interface) else socket.AF_INET
+    try:
+        address = socket.getaddrinfo(
+            interface or None,
+            port,
+            family,
+            socket.SOCK_STREAM,
+            0,
+            socket.AI_PASSIVE | socket.AI_NUMERICHOST,
+        )[0][4]
+        skt = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as error:
+        raise CannotListenError(interface, port, error) from error
+    try:
+        skt.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        skt.setblocking(False)
+        skt.bind(address)
+    except OSError as error:
+        skt.close()
+        raise CannotListenError(interface, port, error) from error
+    return skt
+
+
 class _PortFactory(Factory):
     """
     Per-port wrapper: tells the listener when its port stops.
@@ -85,6 +215,8 @@ class ListenerService(Service):
 
     @ivar port: the listening port, or None while not listening.
     @ivar gate: holds the reasons not to accept; None while not listening.
+    @ivar binder: binds the port in C{privilegedStartService}; the
+        C{endpoint}, if given, must have been built on it to benefit.
     """
 
     def __init__(
@@ -95,14 +227,16 @@ class ListenerService(Service):
         reactor: Any,
         retry: Callable[[int], float] = DEFAULT_LISTEN_RETRY,
         stats: Stats | None = None,
-        on_listening: Callable[[ListenerService], None] | None = None,
         endpoint: IStreamServerEndpoint | None = None,
         fd_reserve: int = DEFAULT_RESERVE,
+        binder: PortBinder | None = None,
     ) -> None:
         """
         @param endpoint: listen on this rather than on what Twisted's parser
             makes of C{description} (a TLS port with our own context).
         @param fd_reserve: descriptors kept free below C{RLIMIT_NOFILE}.
+        @param binder: the reactor view C{endpoint} was built on (a new one
+            on C{reactor} if None).
         """
         self.description = description
         self.endpoint = endpoint
@@ -112,7 +246,7 @@ class ListenerService(Service):
         self.reactor = reactor
         self.retry = retry
         self.stats = stats if stats is not None else Stats()
-        self.on_listening = on_listening
+        self.binder = binder if binder is not None else PortBinder(reactor)
         self.port: IListeningPort | None = None
         self.gate: PauseGate | None = None
         self.attempts = 0
@@ -140,6 +274,32 @@ class ListenerService(Service):
         return f"<ListenerService {self.description}>"
 
     @override
+    def privilegedStartService(self) -> None:
+        """
+        Bind the port now, while the process may still have the privileges
+        a port below 1024 needs; it listens only in L{startService}.  A
+        port that cannot be bound now is left to the listen and its retries.
+        """
+        super().privilegedStartService()
+        try:
+            with self.binder.binding():
+                dry_run = self._endpoint().listen(Factory())
+        except Exception:
+            dry_run = fail()
+        dry_run.addErrback(self._not_bound_early)
+
+    def _not_bound_early(self, reason: Failure) -> None:
+        if not reason.check(_NotBoundEarly):
+            log.debug(
+                "could not bind {endpoint} early: {reason}; binding when listening",
+                endpoint=self.description,
+                reason=describe_listen_error(reason),
+            )
+
+    def _endpoint(self) -> IStreamServerEndpoint:
+        return self.endpoint or _endpoint(self.binder, self.description)
+
+    @override
     def startService(self) -> None:
         super().startService()
         self._stopping = False
@@ -156,8 +316,9 @@ class ListenerService(Service):
         self._retry_call = None
         self.attempts += 1
         try:
-            endpoint = self.endpoint or _endpoint(self.reactor, self.description)
-            listening = endpoint.listen(_PortFactory(self.factory, self._port_stopped))
+            listening = self._endpoint().listen(
+                _PortFactory(self.factory, self._port_stopped)
+            )
         except Exception:
             listening = Deferred()
             listening.errback(Failure())
@@ -205,8 +366,6 @@ class ListenerService(Service):
                 "reach this machine can connect",
                 endpoint=self.description,
             )
-        if self.on_listening is not None:
-            self.on_listening(self)
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.callback(port)
@@ -265,6 +424,7 @@ class ListenerService(Service):
         self._retry_call = None
         if self._listening is not None:
             self._listening.cancel()
+        self.binder.release()
         port = self.port
         if port is not None and self.gate is not None and not self.gate.paused:
             accept_backlog(port)

@@ -5,10 +5,14 @@
     ├── listener *  permanent: one ListenerService per endpoint
     └── connections temporary: tracked by the ConnectionRegistry
 
-Start order is sink first, listeners last.  Stopping is sequenced here,
-because MultiService would stop every child at once: stop accepting, let
-what clients already sent drain into the queue, flush and close the sink,
-then close the connections, all within the shutdown timeout.
+The whole life of the server is sequenced here, in one place.  Starting:
+the sink opens first, and the listeners listen only once it is open (a sink
+that cannot open fails the start, and no client was ever let in).
+Stopping, which MultiService would do to every child at once: stop
+accepting, let what clients already sent drain into the queue, flush and
+close the sink, then close the connections, all within the shutdown
+timeout, each child stopped once (the L{Supervisor} sees to that, and
+restarts nothing while it stops).  A stopped server can be started again.
 """
 
 from __future__ import annotations
@@ -18,9 +22,15 @@ import socket
 import termios
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
+from twisted.internet.defer import (
+    Deferred,
+    DeferredList,
+    TimeoutError,
+    gatherResults,
+)
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -32,11 +42,16 @@ from lineserver.fdlimits import DEFAULT_RESERVE
 from lineserver.flow import Pause, SinkQueue
 from lineserver.handlers import EchoHandlerFactory, SinkHandlerFactory
 from lineserver.interfaces import ILineHandlerFactory, ISinkFactory
-from lineserver.listener import ListenerService
+from lineserver.listener import ListenerService, PortBinder
 from lineserver.ports import with_defaults
 from lineserver.protocol import LineFactory, LineProtocol, ProtocolSettings
 from lineserver.security import Security, SecurityConfig
-from lineserver.sink_service import SinkService
+from lineserver.sink_service import (
+    SinkFailed,
+    SinkService,
+    describe_failure,
+    queued_lines,
+)
 from lineserver.stats import Stats
 from lineserver.supervisor import ChildSpec, Supervisor
 
@@ -44,6 +59,7 @@ log = Logger(namespace="lineserver.server")
 
 DEFAULT_PORT = "tcp:4040:interface=127.0.0.1"
 DRAIN_REASON = Pause.DRAINING
+SINK = "sink"
 
 HandlerBuilder = Callable[[SinkQueue], ILineHandlerFactory]
 """
@@ -103,6 +119,18 @@ def pending_input(conn: LineProtocol) -> int:
     return 0
 
 
+class Phase(Enum):
+    """
+    Where a L{LineServer} is in its life; one value, never inferred.
+    """
+
+    STOPPED = "stopped"
+    #: The sink is opening; no port listens yet.
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+
+
 class LineServer(Supervisor):
     """
     The whole server as one service, to run under twistd or to embed.
@@ -111,6 +139,9 @@ class LineServer(Supervisor):
     @ivar queue: the sink queue (also in echo mode, where it stays empty).
     @ivar registry: the live connections.
     @ivar factory: the protocol factory every listener shares.
+    @ivar phase: where the server is in its life.
+    @ivar start_failure: why the last start failed (the sink could not
+        open), or None.
     """
 
     def __init__(
@@ -122,14 +153,31 @@ class LineServer(Supervisor):
         stats: Stats | None = None,
         on_escalate: Callable[[Failure], None] | None = None,
         protocol_class: type[LineProtocol] | None = None,
+        on_start_failed: Callable[[Failure], None] | None = None,
     ) -> None:
+        """
+        @param handler: C{"sink"}, C{"echo"}, or a handler builder.
+        @param sink: where lines go; required with the C{"sink"} handler.
+        @param on_escalate: called, once the server has stopped, when the
+            restart intensity is exceeded.
+        @param on_start_failed: called, once the server has stopped, when a
+            start fails because the sink could not open; C{on_escalate} if
+            not given (either way the server gave up).
+        @raise ValueError: the C{"sink"} handler without a sink.
+        """
+        build = HANDLERS[handler] if isinstance(handler, str) else handler
+        if build is SinkHandlerFactory and sink is None:
+            raise ValueError(
+                "the sink handler needs a sink: pass sink= an ISinkFactory "
+                "(e.g. sink_factory_from_url('file:lines.log', reactor)), "
+                "or use handler='echo'"
+            )
         super().__init__(
             clock=reactor,
             max_restarts=config.max_restarts,
             period=config.restart_period,
             on_escalate=on_escalate,
         )
-        build = HANDLERS[handler] if isinstance(handler, str) else handler
         self.config = config
         self.reactor = reactor
         self.stats = stats if stats is not None else Stats()
@@ -155,16 +203,21 @@ class LineServer(Supervisor):
             policy=self.security.policy(),
         )
         self.sink_factory = sink
-        self.stopping: Deferred[None] | None = None
+        self.phase = Phase.STOPPED
+        self.start_failure: Failure | None = None
+        self._on_start_failed = on_start_failed or on_escalate
         if sink is not None:
-            self.add_child(ChildSpec("sink", self._make_sink_service))
+            self.add_child(ChildSpec(SINK, self._make_sink_service))
         for index, given in enumerate(config.ports):
             description = with_defaults(given, config.backlog)
-            endpoint = self.security.endpoint(reactor, description)
+            # Endpoints are built on a binder, so that they can be bound in
+            # privilegedStartService and listen later.
+            binder = PortBinder(reactor)
+            endpoint = self.security.endpoint(binder, description)
             self.add_child(
                 ChildSpec(
                     f"listener {index} {description}",
-                    self._listener_maker(description, endpoint),
+                    self._listener_maker(description, endpoint, binder),
                 )
             )
 
@@ -173,6 +226,73 @@ class LineServer(Supervisor):
         self.security.log_contexts()
         super().startService()
 
+    @override
+    def start_children(self) -> None:
+        """
+        Open the sink, then start the listeners (and the rest) once it is
+        open: a client must never be let in by a server whose sink cannot
+        take its lines.  Without a sink, everything starts at once.
+        """
+        self.start_failure = None
+        self.registry.start_accepting()
+        if self.sink_factory is None:
+            self.phase = Phase.RUNNING
+            super().start_children()
+            return
+        self.phase = Phase.STARTING
+        self.start_child(SINK)
+        service = self.sink_service
+        if service is None:
+            self._start_failed(
+                Failure(SinkFailed("the sink service could not be built"))
+            )
+            return
+        service.when_open().addCallbacks(
+            self._sink_opened,
+            self._sink_not_opened,
+            callbackArgs=(service,),
+            errbackArgs=(service,),
+        )
+
+    def _sink_opened(self, _: object, service: SinkService) -> None:
+        if self.phase is not Phase.STARTING or service is not self.sink_service:
+            return  # stopped meanwhile
+        self.phase = Phase.RUNNING
+        super().start_children()
+
+    def _sink_not_opened(self, reason: Failure, service: SinkService) -> None:
+        if self.phase is not Phase.STARTING or service is not self.sink_service:
+            return
+        self._start_failed(reason)
+
+    def _start_failed(self, reason: Failure) -> None:
+        """
+        The sink could not open at start: nothing listens yet, so stop
+        (the sink service has logged why) and give up.
+        """
+        self.start_failure = reason
+        assert self.sink_factory is not None
+        log.critical(
+            "cannot start: could not open sink {sink}: {reason}; stopping",
+            sink=self.sink_factory.description,
+            reason=describe_failure(reason),
+        )
+        stopped = self.stopService()
+        on_start_failed = self._on_start_failed
+        if on_start_failed is not None:
+            stopped.addCallback(lambda _: on_start_failed(reason))
+            stopped.addErrback(lambda f: log.failure("on_start_failed raised", f))
+
+    @override
+    def child_failed(self, child: object, reason: object) -> None:
+        """
+        While starting, a sink that fails fails the start (handled where
+        the start waits for it); otherwise supervise as usual.
+        """
+        if self.phase is Phase.STARTING and child is self.sink_service:
+            return
+        super().child_failed(child, reason)
+
     def _make_sink_service(self) -> SinkService:
         assert self.sink_factory is not None
         return SinkService(
@@ -180,7 +300,10 @@ class LineServer(Supervisor):
         )
 
     def _listener_maker(
-        self, description: str, endpoint: IStreamServerEndpoint | None
+        self,
+        description: str,
+        endpoint: IStreamServerEndpoint | None,
+        binder: PortBinder,
     ) -> Callable[[], ListenerService]:
         def make() -> ListenerService:
             return ListenerService(
@@ -191,6 +314,7 @@ class LineServer(Supervisor):
                 stats=self.stats,
                 endpoint=endpoint,
                 fd_reserve=self.config.fd_reserve,
+                binder=binder,
             )
 
         return make
@@ -208,6 +332,9 @@ class LineServer(Supervisor):
     @property
     def listeners(self) -> list[ListenerService]:
         return [s for s in self if isinstance(s, ListenerService)]
+
+    def _listener_names(self) -> list[str]:
+        return [str(listener.name) for listener in self.listeners]
 
     def when_listening(self) -> Deferred[list[Any]]:
         """
@@ -237,15 +364,12 @@ class LineServer(Supervisor):
         return None
 
     @override
-    def stopService(self) -> Deferred[None]:
+    async def stop_children(self) -> None:
         """
-        Stop in order: accept nothing, drain, flush the sink, close.
+        Stop in order, within the shutdown timeout: accept nothing, drain,
+        flush and close the sink, close the connections.
         """
-        if self.stopping is None:
-            self.stopping = self._stop_in_order()
-        return self.stopping
-
-    def _stop_in_order(self) -> Deferred[None]:
+        self.phase = Phase.STOPPING
         timeout = self.config.shutdown_timeout
         deadline = self.reactor.seconds() + timeout
         log.info(
@@ -254,17 +378,20 @@ class LineServer(Supervisor):
             q=self.queue.buffered,
             t=timeout,
         )
-        stopped = DeferredList(
-            [listener.stopService() for listener in self.listeners],
-            consumeErrors=True,
-        )
+        # Each listener's stop takes in its backlog first, so the registry
+        # stops accepting only after: those clients are drained like others.
+        listeners = [self.stop_child(name) for name in self._listener_names()]
         for waiter in self.registry.stop_accepting():
             waiter.slot_granted()
-        stopped.addCallback(lambda _: self._drain_input(deadline))
-        stopped.addCallback(lambda _: self._flush_sink(deadline))
-        stopped.addCallback(lambda _: self._close_connections(deadline))
-        stopped.addCallback(lambda _: super(LineServer, self).stopService())
-        return stopped.addCallback(self._stopped)
+        await DeferredList(listeners, consumeErrors=True)
+        await self._drain_input(deadline)
+        await self._flush_sink(deadline)
+        await self._close_connections(deadline)
+        self.phase = Phase.STOPPED
+        log.info(
+            "stopped: {delivered} line(s) delivered",
+            delivered=self.stats.get("lines.delivered"),
+        )
 
     def _drain_input(self, deadline: float) -> Deferred[None]:
         """
@@ -291,24 +418,51 @@ class LineServer(Supervisor):
         poll.start(0.02, now=True).addCallback(lambda _: done.callback(None))
         return done
 
-    def _flush_sink(self, deadline: float) -> Deferred[None]:
+    async def _flush_sink(self, deadline: float) -> None:
+        """
+        Stop the sink (flush, then close) by the deadline; say how many
+        lines were left unwritten if it could not.
+        """
         service = self.sink_service
         if service is None:
-            return succeed(None)
-        flushed = service.stopService()
-        remaining = max(0.0, deadline - self.reactor.seconds())
-
-        def too_late(result: object, waited: float) -> object:
-            log.error(
-                "sink did not flush within {t:.1f}s; {q} bytes still queued",
-                t=waited,
-                q=self.queue.buffered,
+            if self.sink_factory is not None and self.queue.buffered:
+                self._report_unwritten(
+                    "no sink to flush to (it was being restarted)",
+                    queued_lines(self.queue),
+                )
+            return
+        waited = max(0.0, deadline - self.reactor.seconds())
+        stopping = self.stop_child(SINK)
+        stopping.addTimeout(waited, self.reactor)
+        try:
+            await stopping
+        except TimeoutError:
+            lines, _ = service.unwritten()
+            self._report_unwritten(
+                f"sink {service.sink_factory.description} did not flush "
+                f"within {waited:.1f}s",
+                lines,
             )
-            return None
+            return
+        except Exception:
+            log.failure(
+                "sink {sink} failed to stop", sink=service.sink_factory.description
+            )
+        lines, _ = service.unwritten()
+        if lines:
+            failure = service.failure
+            why = describe_failure(failure) if failure is not None else "unknown"
+            self._report_unwritten(
+                f"sink {service.sink_factory.description} failed ({why})", lines
+            )
 
-        flushed.addTimeout(remaining, self.reactor, onTimeoutCancel=too_late)
-        flushed.addErrback(lambda reason: log.failure("sink failed to stop", reason))
-        return flushed
+    def _report_unwritten(self, why: str, lines: int) -> None:
+        log.error(
+            "{why}: {lines} line(s) ({size} bytes) left unwritten",
+            why=why,
+            lines=lines,
+            size=self.queue.buffered,
+        )
 
     def _close_connections(self, deadline: float) -> Deferred[None]:
         for conn in self.registry:
@@ -322,10 +476,3 @@ class LineServer(Supervisor):
 
         empty.addTimeout(remaining, self.reactor, onTimeoutCancel=abort_rest)
         return empty
-
-    def _stopped(self, _: object) -> None:
-        log.info(
-            "stopped: {delivered} line(s) delivered, {queued} bytes left queued",
-            delivered=self.stats.get("lines.delivered"),
-            queued=self.queue.buffered,
-        )

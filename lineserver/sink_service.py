@@ -5,6 +5,11 @@ fresh SinkService with a fresh sink around the same queue, and the batch
 that failed is put back at the front, so no accepted line is lost to a
 sink crash (a sink that failed half-way through a batch may see that batch
 again: at least once, never zero times).
+
+A stop flushes what is queued, then closes the sink.  The stop's Deferred
+can be cancelled (a deadline): the service then gives the sink up, writes
+nothing more, and closes it once the batch in flight, if any, has ended;
+L{SinkService.unwritten} says what was left.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from typing_extensions import override
@@ -30,11 +35,36 @@ class SinkFailed(Exception):
     """
 
 
+def describe_failure(reason: Failure) -> str:
+    """
+    @return: the OS's words for an C{OSError} ("Permission denied"),
+        the exception's text otherwise.
+    """
+    error = reason.value
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error) or type(error).__name__
+
+
+def queued_lines(queue: SinkQueue) -> int:
+    """
+    @return: how many lines C{queue} holds (not counting a batch in
+        flight), leaving it exactly as it was.
+    """
+    taken: list[tuple[list[bytes], int]] = []
+    while len(queue):
+        taken.append(queue.take(0))
+    for lines, cost in reversed(taken):
+        queue.give_back(lines, cost)
+    return sum(len(lines) for lines, _ in taken)
+
+
 class SinkService(Service):
     """
     Pumps batches from a L{SinkQueue} into an L{ISink}, one batch in flight.
 
     @ivar sink: the current sink, or None before C{startService}.
+    @ivar failure: why the sink failed (to open or to write), or None.
     """
 
     def __init__(
@@ -49,24 +79,61 @@ class SinkService(Service):
         self.stats = stats if stats is not None else Stats()
         self.max_batch_bytes = max_batch_bytes
         self.sink: ISink | None = None
+        self.failure: Failure | None = None
+        self._opening = False
         self._open = False
         self._failed = False
-        self._writing = False
+        self._in_flight = 0
         self._pumping = False
+        self._abandoned = False
         self._idle: list[Deferred[None]] = []
+        self._open_waiters: list[Deferred[None]] = []
         self._closing: Deferred[None] | None = None
+
+    @property
+    def _writing(self) -> bool:
+        return self._in_flight > 0
 
     @override
     def startService(self) -> None:
         super().startService()
-        self.sink = self.sink_factory()
-        opened = maybeDeferred(self.sink.open)
-        opened.addCallbacks(self._opened, self._crash)
+        self._opening = True
+        try:
+            self.sink = self.sink_factory()
+            opened = maybeDeferred(self.sink.open)
+        except Exception:
+            opened = fail()
+        opened.addCallbacks(self._opened, self._open_failed)
+
+    def when_open(self) -> Deferred[None]:
+        """
+        @return: a Deferred that fires once the sink is open, or fails with
+            the reason it could not open (or L{SinkFailed} if the service
+            stopped first).
+        """
+        if self._open:
+            return succeed(None)
+        if self.failure is not None:
+            return fail(self.failure)
+        waiter: Deferred[None] = Deferred()
+        self._open_waiters.append(waiter)
+        return waiter
 
     def _opened(self, _: object) -> None:
+        self._opening = False
+        if self._abandoned:
+            self._close()
+            return
         log.info("sink {sink} open", sink=self.sink_factory.description)
         self._open = True
+        waiters, self._open_waiters = self._open_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
         self._pump()
+
+    def _open_failed(self, reason: Failure) -> None:
+        self._opening = False
+        self._crash(reason, opening=True)
 
     def _pump(self) -> None:
         if self._pumping:
@@ -79,7 +146,7 @@ class SinkService(Service):
                     self.queue.when_ready(self._pump)
                     self._notify_idle()
                     return
-                self._writing = True
+                self._in_flight = len(lines)
                 assert self.sink is not None
                 written = maybeDeferred(self.sink.write, lines)
                 written.addCallbacks(
@@ -92,34 +159,52 @@ class SinkService(Service):
             self._pumping = False
 
     def _written(self, _: object, count: int, cost: int) -> None:
-        self._writing = False
+        self._in_flight = 0
         self.queue.confirm(cost)
         self.stats.incr("lines.delivered", count)
+        if self._abandoned:
+            self._close()
+            return
         self._pump()
 
     def _write_failed(self, reason: Failure, lines: list[bytes], cost: int) -> None:
-        self._writing = False
+        self._in_flight = 0
         self.queue.give_back(lines, cost)
-        self._crash(reason)
+        self._crash(reason, opening=False)
+        if self._abandoned:
+            self._close()
 
-    def _crash(self, reason: Failure) -> None:
+    def _crash(self, reason: Failure, opening: bool) -> None:
         if self._failed:
             return
         self._failed = True
         self._open = False
+        self.failure = reason
         self.stats.incr("sink.failures")
-        log.failure(
-            "sink {sink} failed; its lines stay queued",
-            reason,
-            sink=self.sink_factory.description,
-        )
+        if opening:
+            log.failure(
+                "could not open sink {sink}: {reason}",
+                reason,
+                sink=self.sink_factory.description,
+                reason=describe_failure(reason),
+            )
+        else:
+            log.failure(
+                "sink {sink} failed: {reason}; its lines stay queued",
+                reason,
+                sink=self.sink_factory.description,
+                reason=describe_failure(reason),
+            )
+        waiters, self._open_waiters = self._open_waiters, []
+        for waiter in waiters:
+            waiter.errback(reason)
         self._notify_idle()
         parent = self.parent
         if ISupervisor.providedBy(parent):
             parent.child_failed(self, reason)
 
     def _notify_idle(self) -> None:
-        if self._writing or (self.queue and not self._failed):
+        if self._opening or self._writing or (self.queue and not self._failed):
             return
         waiters, self._idle = self._idle, []
         for waiter in waiters:
@@ -131,24 +216,52 @@ class SinkService(Service):
             is in flight (or at once, if the sink has failed: then what is
             left stays queued for the next incarnation).
         """
-        if self._failed or (not self._writing and not self.queue):
+        if self._failed or (not self._opening and not self._writing and not self.queue):
             return succeed(None)
         waiter: Deferred[None] = Deferred()
         self._idle.append(waiter)
         return waiter
 
+    def unwritten(self) -> tuple[int, int]:
+        """
+        @return: lines and bytes accepted for this sink and not confirmed
+            written: those queued and the batch in flight.
+        """
+        return queued_lines(self.queue) + self._in_flight, self.queue.buffered
+
     @override
     def stopService(self) -> Deferred[None]:
         """
         Write out what is queued, then close the sink.
+
+        Cancelling the Deferred gives the sink up: nothing more is written,
+        and the sink is closed once the write in flight, if any, has ended.
         """
         super().stopService()
         if self._closing is not None:
             return self._closing
+        self._closing = Deferred(canceller=self._abandon)
         done = self.flushed()
         done.addCallback(lambda _: self._close())
-        self._closing = done
-        return done
+        done.addBoth(self._stop_ended)
+        return self._closing
+
+    def _stop_ended(self, _: object) -> None:
+        waiters, self._open_waiters = self._open_waiters, []
+        for waiter in waiters:
+            waiter.errback(SinkFailed("stopped before the sink opened"))
+        if self._closing is not None and not self._closing.called:
+            self._closing.callback(None)
+
+    def _abandon(self, _: Deferred[None]) -> None:
+        log.debug("giving up sink {sink}", sink=self.sink_factory.description)
+        self._abandoned = True
+        self._open = False
+        waiters, self._open_waiters = self._open_waiters, []
+        for waiter in waiters:
+            waiter.errback(SinkFailed("given up before the sink opened"))
+        if not self._opening and not self._writing:
+            self._close()
 
     def _close(self) -> Deferred[Any]:
         self._open = False

@@ -2,10 +2,16 @@
 
 A L{Supervisor} is a L{MultiService} whose children are described by
 L{ChildSpec}s rather than given as instances, because a crashed service is
-not trusted again: the supervisor builds a fresh one.  Twisted's own
-L{MultiService} stops its children all at once; the supervisor stops them one
-after the other in reverse start order, so "stop accepting, drain, flush the
-sink" is a matter of adding children in the right order.
+not trusted again: the supervisor builds a fresh one (and, as in OTP, a
+child stopped with its supervisor is built afresh when the supervisor
+starts again).  Twisted's own L{MultiService} stops its children all at
+once; the supervisor stops each child exactly once, by default one after the
+other in reverse start order.  A subclass that needs its own order (stop
+accepting, drain, flush the sink) overrides L{Supervisor.start_children} and
+L{Supervisor.stop_children} and calls L{Supervisor.start_child} and
+L{Supervisor.stop_child}; the supervisor still guarantees that no child is
+stopped twice, that every child is stopped, and that nothing is restarted
+while it stops.
 
 Time comes from an L{IReactorTime} given to the constructor, so tests drive
 restarts, backoff and the intensity window with a L{Clock}.
@@ -94,6 +100,32 @@ class _PendingRestart:
     call: IDelayedCall | None = None
 
 
+class _ChildStop:
+    """
+    The one stop of one child during a stop of its supervisor, for whoever
+    else waits for it to end (however it ends).
+    """
+
+    def __init__(self, stopping: Deferred[None]) -> None:
+        self.done = False
+        self._waiters: list[Deferred[None]] = []
+        stopping.addBoth(self._ended)
+
+    def _ended(self, result: object) -> object:
+        self.done = True
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+        return result
+
+    def when_done(self) -> Deferred[None]:
+        if self.done:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._waiters.append(waiter)
+        return waiter
+
+
 @implementer(ISupervisor)
 class Supervisor(MultiService):
     """
@@ -161,6 +193,11 @@ class Supervisor(MultiService):
         self._detached_stops: set[Deferred[None]] = set()
         self._stopping = False
         self._stop_waiters: list[Deferred[None]] = []
+        # The one stop of each child during the current stop, by name.
+        self._child_stops: dict[str, _ChildStop] = {}
+        # Children whose current instance was stopped with the supervisor:
+        # rebuilt from their spec at the next start.
+        self._spent: set[str] = set()
 
     def add_child(self, spec: ChildSpec) -> IService:
         """
@@ -217,32 +254,72 @@ class Supervisor(MultiService):
     @override
     def startService(self) -> None:
         """
-        Start the children in the order they were added, building a fresh
-        instance for any child whose restart was cut short by a stop.
+        Start the children (by default in the order they were added).
+
+        A child stopped with the supervisor is replaced by a fresh instance
+        first, as OTP starts children from their specs: a stopped instance
+        is not trusted to start again.  A child whose restart was cut short
+        by a stop gets its fresh instance now too.
         """
+        self._renew_spent()
         Service.startService(self)  # type: ignore[no-untyped-call]
         self._window.clear()
+        self.start_children()
+
+    def _renew_spent(self) -> None:
+        """
+        Put fresh, unstarted instances in place of the children stopped by
+        the last stop (before running, so that they are not started yet).
+        """
+        spent, self._spent = self._spent, set()
+        for name in spent:
+            old = self.namedServices.get(name)
+            if name not in self._specs or old is None:
+                continue
+            self._detach(name, old)
+            try:
+                fresh = self._specs[name].start()
+                fresh.setName(name)  # type: ignore[no-untyped-call]
+            except Exception:
+                continue  # start_child builds it again, as a failure
+            self._attach(name, fresh)
+
+    def start_children(self) -> None:
+        """
+        Start every child, in the order they were added.  Override to start
+        them in stages (with L{start_child}); the supervisor is running
+        while this runs.
+        """
         for name in list(self._specs):
             if not self.running:
                 # A child escalated while starting.
                 return
-            if name not in self._specs:
-                continue
-            service = self.namedServices.get(name)
-            if service is None:
-                self._spawn(name)
-            else:
-                self._start(name, service)
+            self.start_child(name)
+
+    def start_child(self, name: str) -> None:
+        """
+        Start child C{name} if it is not running (building it if it has no
+        instance).  A start that raises is the child's failure.
+        """
+        if not self.running or name not in self._specs:
+            return
+        service = self.namedServices.get(name)
+        if service is None:
+            self._spawn(name)
+        elif not service.running:
+            self._start(name, service)
 
     @override
     def stopService(self) -> Deferred[None]:
         """
-        Cancel pending restarts, then stop the children in reverse order,
-        each one only after the previous one's stop has finished.
+        Cancel pending restarts, then stop every child once: those that
+        L{stop_children} stops, in its order, then any it left running, in
+        reverse start order.
 
-        A child whose stop fails is logged and the others still stop.
-        Calling this again while a stop is under way returns a Deferred
-        for the same stop.
+        The supervisor stops running at once, so a child failing while it
+        stops is not restarted.  A child whose stop fails is logged and the
+        others still stop.  Calling this again while a stop is under way
+        returns a Deferred for the same stop.
         """
         if self._stopping:
             waiter: Deferred[None] = Deferred()
@@ -256,7 +333,62 @@ class Supervisor(MultiService):
                 pending.call.cancel()
         self._restarting.clear()
         self._stopping = True
-        return Deferred.fromCoroutine(self._stop_children())
+        self._child_stops = {}
+        return Deferred.fromCoroutine(self._stop_everything())
+
+    async def stop_children(self) -> None:
+        """
+        Stop the children, each after the previous one's stop has finished,
+        in reverse start order.  Override to stop them in another order
+        (with L{stop_child}); children left running are stopped afterwards.
+        """
+        await self._stop_the_rest()
+
+    def stop_child(self, name: str) -> Deferred[None]:
+        """
+        Stop the current instance of child C{name}, once per stop of the
+        supervisor: asked again, it returns a Deferred that fires when that
+        one stop has ended.
+
+        @return: the child's own stop Deferred the first time, so that the
+            caller may put a deadline on it (what cancelling means is the
+            child's business); a fired Deferred if there is no such child.
+        """
+        done = self._child_stops.get(name)
+        if done is not None:
+            return done.when_done()
+        service = self.namedServices.get(name)
+        if service is None:
+            return succeed(None)
+        stopping: Deferred[None] = maybeDeferred(service.stopService)
+        self._child_stops[name] = _ChildStop(stopping)
+        self._spent.add(name)
+        return stopping
+
+    async def _stop_the_rest(self) -> None:
+        for service in reversed(list(self.services)):
+            if service.name in self._child_stops:
+                continue
+            try:
+                await self.stop_child(service.name)
+            except Exception:
+                self._log_stop_error(_caught(), service.name)
+
+    async def _stop_everything(self) -> None:
+        try:
+            try:
+                await self.stop_children()
+            except Exception:
+                self.log.failure("stopping the children failed")
+            await self._stop_the_rest()
+            pending = list(self._detached_stops)
+            if pending:
+                await DeferredList(pending)
+        finally:
+            self._stopping = False
+            waiters, self._stop_waiters = self._stop_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
 
     @override
     def addService(self, service: IService) -> None:
@@ -436,19 +568,3 @@ class Supervisor(MultiService):
         if on_escalate is not None:
             stopped.addCallback(lambda _: on_escalate(failure))
             stopped.addErrback(lambda f: self.log.failure("on_escalate raised", f))
-
-    async def _stop_children(self) -> None:
-        try:
-            for service in reversed(list(self.services)):
-                try:
-                    await maybeDeferred(service.stopService)
-                except Exception:
-                    self._log_stop_error(_caught(), service.name)
-            pending = list(self._detached_stops)
-            if pending:
-                await DeferredList(pending)
-        finally:
-            self._stopping = False
-            waiters, self._stop_waiters = self._stop_waiters, []
-            for waiter in waiters:
-                waiter.callback(None)

@@ -2,25 +2,55 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail, inlineCallbacks
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
+from twisted.internet.error import ConnectionRefusedError
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
 from lineserver.flow import Pause, SinkQueue
-from lineserver.handlers import EchoHandler
+from lineserver.handlers import EchoHandler, SinkHandlerFactory
 from lineserver.interfaces import IConnection, ILineHandler, ISink, ISinkFactory
 from lineserver.protocol import ProtocolSettings
-from lineserver.server import LineServer, ServerConfig
-from tests.support import MemorySinkFactory, connect, later, reactor, start_server
+from lineserver.server import LineServer, Phase, ServerConfig
+from tests.support import (
+    MemorySinkFactory,
+    connect,
+    free_port,
+    later,
+    reactor,
+    start_server,
+)
 
 LOCAL = "tcp:0:interface=127.0.0.1"
+
+
+def until(
+    check: Callable[[], bool], what: str, timeout: float = 10.0
+) -> Deferred[None]:
+    """
+    Poll C{check} every 20 ms from the reactor (a test's own reactor must
+    keep running to serve, so L{tests.support.wait_until} cannot be used).
+
+    @return: a Deferred that fires once C{check()} is true, or fails naming
+        C{what} after C{timeout} seconds.
+    """
+
+    async def poll() -> None:
+        deadline = reactor.seconds() + timeout
+        while not check():
+            if reactor.seconds() > deadline:
+                raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            await later(0.02)
+
+    return Deferred.fromCoroutine(poll())
 
 
 def numbered(prefix: bytes, count: int) -> list[bytes]:
@@ -180,36 +210,15 @@ class SinkTests(ServerTestCase):
         )
         for n, client in enumerate(clients):
             client.transport.write(b"\n".join(numbered(b"s%d" % n, 500)) + b"\n")
-        yield later(0.2)
+        yield until(
+            lambda: server.stats.get("lines.received") == 1500, "lines received"
+        )
         yield server.stopService()
         self.assertEqual(len(sink.store), 1500)
         self.assertTrue(sink.sinks[0].closed)
         for client in clients:
             yield client.gone
         self.assertEqual(len(server.registry), 0)
-
-    @inlineCallbacks
-    def test_sink_that_never_opens_escalates(self) -> Generator[Any, Any, None]:
-        """
-        A sink that fails every time is restarted until the restart
-        intensity is exceeded; then the server escalates.
-        """
-        escalated: Deferred[list[Failure]] = Deferred()
-        factory = FailingSinkFactory()
-        server = LineServer(
-            ServerConfig(ports=[LOCAL], max_restarts=2, restart_period=30),
-            reactor,
-            sink=factory,
-            on_escalate=lambda reason: escalated.callback([reason]),
-        )
-        server.startService()
-        self.addCleanup(server.stopService)
-        escalated.addTimeout(10, reactor)
-        (reason,) = yield escalated
-        self.assertEqual(factory.built, 3)
-        self.assertTrue(server.escalated)
-        self.assertIsInstance(reason, Failure)
-        self.flushLoggedErrors(OSError)
 
 
 async def _connect_many(port: int, count: int) -> list[Any]:
@@ -236,10 +245,7 @@ class FaultTests(ServerTestCase):
         a fresh handler, the other connection is untouched.
         """
 
-        def fragile(queue: SinkQueue) -> Any:
-            return lambda conn: Fragile(conn)
-
-        server = yield self.start(handler=fragile)
+        server = yield self.start(handler=fragile_handlers)
         port = server.port_numbers()[0]
         bad = yield connect(port)
         good = yield connect(port)
@@ -265,38 +271,24 @@ class FaultTests(ServerTestCase):
         port = server.port_numbers()[0]
         first = yield connect(port)
         second = yield connect(port)
-        yield later(0.05)
-        self.assertIn(Pause.CONNECTION_LIMIT, server.listeners[0].gate.reasons)
+        gate = server.listeners[0].gate
+        yield until(
+            lambda: Pause.CONNECTION_LIMIT in gate.reasons, "the listener pausing"
+        )
         third = yield connect(port)  # completes in the kernel's backlog
         third.transport.write(b"waiting\n")
-        yield later(0.2)
+        # A round trip on a served connection: the server has been through
+        # its loop since the third connected, and still does not serve it.
+        second.transport.write(b"ping\n")
+        yield second.wait_for(5)
         self.assertEqual(third.received, b"")
+        self.assertEqual(len(server.registry), 2)
         first.transport.loseConnection()
         data = yield third.wait_for(8, timeout=5)
         self.assertEqual(data, b"waiting\n")
         for client in (second, third):
             client.transport.loseConnection()
             yield client.gone
-
-    @inlineCallbacks
-    def test_over_limit_reject(self) -> Generator[Any, Any, None]:
-        """
-        With overflow "reject", a client over the limit accepted in the same
-        accept batch gets ERR too-many-connections.
-        """
-        server = yield self.start(handler="echo", max_connections=1, overflow="reject")
-        registry = server.registry
-        port = server.port_numbers()[0]
-        first = yield connect(port)
-        yield later(0.05)
-        server.listeners[0].gate.release(Pause.CONNECTION_LIMIT)  # let one slip in
-        second = yield connect(port)
-        yield second.gone
-        self.assertEqual(second.received, b"ERR too-many-connections\n")
-        self.assertEqual(server.stats.get("connections.refused.limit"), 1)
-        self.assertEqual(len(registry.active), 1)
-        first.transport.loseConnection()
-        yield first.gone
 
     @inlineCallbacks
     def test_listen_retries_until_port_frees(self) -> Generator[Any, Any, None]:
@@ -323,10 +315,11 @@ class FaultTests(ServerTestCase):
         )
         server.startService()
         self.addCleanup(server.stopService)
-        yield later(0.5)
-        self.assertTrue(
-            any(m.startswith(f"could not listen on tcp:{port}") for m in messages),
-            messages,
+        yield until(
+            lambda: any(
+                m.startswith(f"could not listen on tcp:{port}") for m in messages
+            ),
+            "the listen failure log",
         )
         self.assertIn("Address already in use", messages[0])
         blocker.close()
@@ -379,7 +372,6 @@ class AcceptFaultTests(ServerTestCase):
         and a client that connected during the fault is served by itself
         once the fault clears.
         """
-        import errno
 
         server = yield self.start(handler="echo")
         port = server.port_numbers()[0]
@@ -398,3 +390,356 @@ class AcceptFaultTests(ServerTestCase):
         for client in (existing, waiting):
             client.transport.loseConnection()
             yield client.gone
+
+
+def captured_logs(case: TestCase) -> list[str]:
+    """
+    @return: a list that receives every log event, formatted, until the
+        end of the test.
+    """
+    messages: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        messages.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)  # type: ignore[arg-type]
+    case.addCleanup(globalLogPublisher.removeObserver, observe)  # type: ignore[arg-type]
+    return messages
+
+
+@implementer(ISink)
+class GatedSink:
+    """
+    A sink whose open and writes wait for the test: C{opened} and each
+    Deferred in C{writes} fire when the test fires them.
+    """
+
+    def __init__(self, open_now: bool) -> None:
+        self.opened: Deferred[None] = succeed(None) if open_now else Deferred()
+        self.writes: list[tuple[list[bytes], Deferred[None]]] = []
+        self.closes = 0
+
+    def open(self) -> Deferred[None]:
+        return self.opened
+
+    def write(self, lines: list[bytes]) -> Deferred[None]:
+        done: Deferred[None] = Deferred()
+        self.writes.append((lines, done))
+        return done
+
+    def close(self) -> Deferred[None]:
+        self.closes += 1
+        return succeed(None)
+
+
+@implementer(ISinkFactory)
+class GatedSinkFactory:
+    description = "gated:"
+
+    def __init__(self, open_now: bool = True) -> None:
+        self.open_now = open_now
+        self.sinks: list[GatedSink] = []
+
+    def __call__(self) -> GatedSink:
+        sink = GatedSink(self.open_now)
+        self.sinks.append(sink)
+        return sink
+
+
+@implementer(ISinkFactory)
+class FlakySinkFactory:
+    """
+    The first sink opens, then fails its first write; every later one
+    fails to open.
+    """
+
+    description = "flaky:"
+
+    def __init__(self) -> None:
+        self.built = 0
+
+    def __call__(self) -> ISink:
+        self.built += 1
+        if self.built > 1:
+            return FailingSink()
+        sink = GatedSink(open_now=True)
+        sink.write = lambda lines: fail(OSError("disk full"))  # type: ignore[method-assign]
+        return sink
+
+
+def fragile_handlers(queue: SinkQueue) -> Any:
+    return lambda conn: Fragile(conn)
+
+
+class ConstructionTests(TestCase):
+    def test_sink_handler_needs_a_sink(self) -> None:
+        """
+        The sink handler without a sink would pause every client forever at
+        the watermark: it is a ValueError at construction, whether the
+        handler is named or given.
+        """
+        for handler in ("sink", SinkHandlerFactory):
+            error = self.assertRaises(
+                ValueError, LineServer, ServerConfig(ports=[LOCAL]), reactor, handler
+            )
+            self.assertIn("needs a sink", str(error))
+        error = self.assertRaises(ValueError, LineServer, ServerConfig(), reactor)
+        self.assertIn("handler='echo'", str(error))
+
+    def test_echo_and_own_handlers_need_no_sink(self) -> None:
+        """
+        Echo and a handler builder of one's own build without a sink.
+        """
+        LineServer(ServerConfig(ports=[LOCAL]), reactor, "echo")
+        LineServer(ServerConfig(ports=[LOCAL]), reactor, fragile_handlers)
+
+
+class StartTests(ServerTestCase):
+    def server(self, sink: ISinkFactory, port: int, **config: Any) -> LineServer:
+        config.setdefault("max_restarts", 2)
+        config.setdefault("restart_period", 30)
+        server = LineServer(
+            ServerConfig(ports=[f"tcp:{port}:interface=127.0.0.1"], **config),
+            reactor,
+            sink=sink,
+            on_start_failed=self.start_failures.append,
+            on_escalate=self.escalations.append,
+        )
+        self.addCleanup(server.stopService)
+        return server
+
+    def setUp(self) -> None:
+        self.start_failures: list[Failure] = []
+        self.escalations: list[Failure] = []
+
+    @inlineCallbacks
+    def test_listens_only_once_sink_is_open(self) -> Generator[Any, Any, None]:
+        """
+        While the sink opens, the port refuses connections; once it is
+        open, the server listens and lines flow.
+        """
+        sink = GatedSinkFactory(open_now=False)
+        port = free_port()
+        server = self.server(sink, port)
+        server.startService()
+        self.assertIs(server.phase, Phase.STARTING)
+        yield self.assertFailure(connect(port), ConnectionRefusedError)
+        sink.sinks[0].opened.callback(None)
+        yield server.when_listening()
+        client = yield connect(port)
+        client.transport.write(b"after open\n")
+        yield until(lambda: bool(sink.sinks[0].writes), "a write")
+        self.assertEqual(sink.sinks[0].writes[0][0], [b"after open"])
+        sink.sinks[0].writes[0][1].callback(None)
+        client.transport.loseConnection()
+        yield client.gone
+
+    @inlineCallbacks
+    def test_sink_that_cannot_open_fails_start(self) -> Generator[Any, Any, None]:
+        """
+        A sink that fails to open at start fails the start: the reason is
+        logged as "could not open sink <url>: <reason>", the server stops,
+        on_start_failed is called once, the sink is not restarted, and the
+        port refused connections throughout.
+        """
+        messages = captured_logs(self)
+        sink = GatedSinkFactory(open_now=False)
+        port = free_port()
+        server = self.server(sink, port)
+        server.startService()
+        yield self.assertFailure(connect(port), ConnectionRefusedError)
+        sink.sinks[0].opened.errback(OSError(13, "Permission denied"))
+        yield until(lambda: bool(self.start_failures), "on_start_failed")
+        self.assertEqual(len(self.start_failures), 1)
+        self.assertIsInstance(self.start_failures[0].value, OSError)
+        self.assertEqual(self.escalations, [])
+        self.assertFalse(server.running)
+        self.assertIs(server.phase, Phase.STOPPED)
+        self.assertIs(server.start_failure, self.start_failures[0])
+        self.assertIn("could not open sink gated:: Permission denied", messages)
+        self.assertEqual(len(sink.sinks), 1)
+        self.assertEqual(server.restarts, 0)
+        yield self.assertFailure(connect(port), ConnectionRefusedError)
+        self.assertFalse(any(m.startswith("listening on") for m in messages))
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
+    @inlineCallbacks
+    def test_stop_while_sink_opens(self) -> Generator[Any, Any, None]:
+        """
+        A stop while the sink is still opening ends; a sink that opens
+        after it starts nothing: the port stays closed and the sink is
+        closed.
+        """
+        sink = GatedSinkFactory(open_now=False)
+        port = free_port()
+        server = self.server(sink, port, shutdown_timeout=5)
+        server.startService()
+        stopped = server.stopService()
+        sink.sinks[0].opened.callback(None)
+        yield stopped
+        self.assertIs(server.phase, Phase.STOPPED)
+        self.assertEqual(sink.sinks[0].closes, 1)
+        yield self.assertFailure(connect(port), ConnectionRefusedError)
+        self.assertEqual(self.start_failures, [])
+
+    @inlineCallbacks
+    def test_sink_crash_after_start_escalates(self) -> Generator[Any, Any, None]:
+        """
+        After a good start, a sink that fails is restarted as before; one
+        that keeps failing exceeds the restart intensity and the server
+        escalates (not a start failure).
+        """
+        factory = FlakySinkFactory()
+        port = free_port()
+        server = self.server(factory, port)
+        server.startService()
+        yield server.when_listening()
+        client = yield connect(port)
+        client.transport.write(b"one line\n")
+        yield until(lambda: bool(self.escalations), "escalation")
+        self.assertEqual(factory.built, 3)
+        self.assertTrue(server.escalated)
+        self.assertEqual(self.start_failures, [])
+        yield client.gone
+        self.flushLoggedErrors(OSError)
+
+
+class BindTests(ServerTestCase):
+    @inlineCallbacks
+    def test_bound_in_privileged_start_listens_in_start(
+        self,
+    ) -> Generator[Any, Any, None]:
+        """
+        privilegedStartService (what twistd calls before dropping
+        privileges) binds the port without listening: it is taken, yet
+        refuses connections; startService then listens on that very socket.
+        """
+        port = free_port()
+        server = LineServer(
+            ServerConfig(ports=[f"tcp:{port}:interface=127.0.0.1"]), reactor, "echo"
+        )
+        server.privilegedStartService()
+        self.addCleanup(server.stopService)
+        other = socket.socket()
+        self.addCleanup(other.close)
+        error = self.assertRaises(OSError, other.bind, ("127.0.0.1", port))
+        self.assertEqual(error.errno, errno.EADDRINUSE)
+        yield self.assertFailure(connect(port), ConnectionRefusedError)
+        server.startService()
+        yield server.when_listening()
+        self.assertEqual(server.port_numbers(), [port])
+        client = yield connect(port)
+        client.transport.write(b"bound early\n")
+        data = yield client.wait_for(12)
+        self.assertEqual(data, b"bound early\n")
+        client.transport.loseConnection()
+        yield client.gone
+
+
+class StopTests(ServerTestCase):
+    @inlineCallbacks
+    def send_and_hold(
+        self, server: LineServer, sink: GatedSinkFactory, count: int
+    ) -> Generator[Any, Any, Any]:
+        """
+        A client sends C{count} lines; the first batch is in the sink's
+        hands (its write pending), the rest queued.
+        """
+        client = yield connect(server.port_numbers()[0])
+        client.transport.write(b"\n".join(numbered(b"held", count // 2)) + b"\n")
+        yield until(lambda: bool(sink.sinks[0].writes), "the first write")
+        client.transport.write(b"\n".join(numbered(b"late", count // 2)) + b"\n")
+        yield until(
+            lambda: server.stats.get("lines.received") == count, "every line received"
+        )
+        return client
+
+    @inlineCallbacks
+    def test_hanging_sink_stop_meets_deadline(self) -> Generator[Any, Any, None]:
+        """
+        A sink that never finishes its write does not hold the stop up: it
+        ends within the shutdown timeout plus a small margin, with one log
+        line counting the lines left unwritten; the client is disconnected.
+        The sink gets no more writes, and is closed once its write ends.
+        """
+        messages = captured_logs(self)
+        sink = GatedSinkFactory()
+        server = yield self.start(sink=sink, shutdown_timeout=1.0)
+        client = yield self.send_and_hold(server, sink, 200)
+        began = reactor.seconds()
+        yield server.stopService()
+        took = reactor.seconds() - began
+        self.assertGreaterEqual(took, 0.9)
+        self.assertLess(took, 1.0 + 1.0)
+        unwritten = [m for m in messages if "left unwritten" in m]
+        self.assertEqual(len(unwritten), 1, messages)
+        self.assertIn("sink gated: did not flush within", unwritten[0])
+        self.assertIn(": 200 line(s) (", unwritten[0])
+        yield client.gone
+        (held,) = sink.sinks
+        self.assertEqual(held.closes, 0)
+        held.writes[0][1].callback(None)
+        self.assertEqual(held.closes, 1)
+        self.assertEqual(len(held.writes), 1)
+
+    @inlineCallbacks
+    def test_sink_failing_in_final_flush(self) -> Generator[Any, Any, None]:
+        """
+        A sink whose write fails during the final flush ends the stop at
+        once (no wait for the deadline), is not restarted, and one log line
+        counts the lines left unwritten, with the reason.
+        """
+        messages = captured_logs(self)
+        sink = GatedSinkFactory()
+        server = yield self.start(sink=sink, shutdown_timeout=30)
+        client = yield self.send_and_hold(server, sink, 200)
+        began = reactor.seconds()
+        service = server.sink_service
+        stopped = server.stopService()
+        yield until(lambda: not service.running, "the stop to reach the sink")
+        sink.sinks[0].writes[0][1].errback(OSError(28, "No space left on device"))
+        yield stopped
+        self.assertLess(reactor.seconds() - began, 10)
+        unwritten = [m for m in messages if "left unwritten" in m]
+        self.assertEqual(len(unwritten), 1, messages)
+        self.assertIn(
+            "sink gated: failed (No space left on device): 200 line(s) (",
+            unwritten[0],
+        )
+        self.assertEqual(len(sink.sinks), 1)
+        self.assertEqual(sink.sinks[0].closes, 1)
+        self.assertEqual(server.restarts, 0)
+        yield client.gone
+        self.flushLoggedErrors(OSError)
+
+    @inlineCallbacks
+    def test_stop_then_start_again(self) -> Generator[Any, Any, None]:
+        """
+        stopService then startService on the same server: it listens on its
+        port again, a fresh sink opens (the old one stays closed), new
+        clients are accepted, and their lines reach the sink.
+        """
+        sink = MemorySinkFactory()
+        port = free_port()
+        server = yield self.start(
+            sink=sink, ports=[f"tcp:{port}:interface=127.0.0.1"], shutdown_timeout=5
+        )
+        first = yield connect(port)
+        first.transport.write(b"before\n")
+        yield until(lambda: sink.store == [b"before"], "the first line")
+        yield server.stopService()
+        yield first.gone
+        self.assertTrue(sink.sinks[0].closed)
+        yield self.assertFailure(connect(port), ConnectionRefusedError)
+        server.startService()
+        yield server.when_listening()
+        self.assertEqual(server.port_numbers(), [port])
+        second = yield connect(port)
+        second.transport.write(b"after\n")
+        yield until(lambda: sink.store == [b"before", b"after"], "the second line")
+        self.assertEqual(second.received, b"")
+        self.assertEqual(len(sink.sinks), 2)
+        self.assertFalse(sink.sinks[1].closed)
+        yield server.stopService()
+        yield second.gone
+        self.assertTrue(sink.sinks[1].closed)

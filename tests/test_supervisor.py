@@ -727,3 +727,122 @@ class IntensityTests(SupervisorTestsMixin, SynchronousTestCase):
         self.assertEqual(supervisor.escalated, expected)
         self.assertEqual(len(escalations), int(expected))
         self.flushLoggedErrors(CrashError)
+
+
+class Staged(Supervisor):
+    """
+    A supervisor with its own order: starts only C{first} by itself, and
+    stops C{first_to_stop} before the rest.
+    """
+
+    def __init__(self, first: str, first_to_stop: list[str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.first = first
+        self.first_to_stop = first_to_stop
+        self.stop_results: list[Deferred[None]] = []
+
+    @override
+    def start_children(self) -> None:
+        self.start_child(self.first)
+
+    @override
+    async def stop_children(self) -> None:
+        for name in self.first_to_stop:
+            first = self.stop_child(name)
+            again = self.stop_child(name)
+            self.stop_results += [first, again]
+            await first
+            await again
+
+
+class LifecycleTests(SupervisorTestsMixin, SynchronousTestCase):
+    def staged(self, first: str, first_to_stop: list[str]) -> Staged:
+        return Staged(
+            first,
+            first_to_stop,
+            clock=self.clock,
+            backoff=fixed(1.0),
+            on_escalate=self.escalations.append,
+        )
+
+    def test_staged_start(self) -> None:
+        """
+        An overridden start_children starts what it chooses; start_child
+        starts the others later, each once.
+        """
+        supervisor = self.staged("b", [])
+        for name in "abc":
+            supervisor.add_child(ChildSpec(name, self.factory(name)))
+        supervisor.startService()
+        self.assertEqual(self.events, ["start b1"])
+        for name in "abc":
+            supervisor.start_child(name)
+        self.assertEqual(self.events, ["start b1", "start a1", "start c1"])
+
+    def test_custom_stop_order_each_child_once(self) -> None:
+        """
+        Children an overridden stop_children stops are stopped in its
+        order, once each even if asked twice (the second ask waits for the
+        first stop); the supervisor then stops the rest in reverse order.
+        """
+        stop_b: Deferred[None] = Deferred()
+        supervisor = self.staged("a", ["b", "a"])
+        supervisor.add_child(ChildSpec("a", self.factory("a")))
+        supervisor.add_child(ChildSpec("b", self.factory("b", stops={1: stop_b})))
+        supervisor.add_child(ChildSpec("c", self.factory("c")))
+        supervisor.add_child(ChildSpec("d", self.factory("d")))
+        for name in "bcd":
+            supervisor.start_child(name)
+        supervisor.startService()
+        del self.events[:]
+        stopped = supervisor.stopService()
+        self.assertEqual(self.events, ["stop b1"])
+        first, again = supervisor.stop_results
+        self.assertNoResult(first)
+        self.assertNoResult(again)
+        stop_b.callback(None)
+        self.successResultOf(stopped)
+        self.assertEqual(self.events, ["stop b1", "stop a1", "stop d1", "stop c1"])
+
+    def test_no_restart_while_stopping(self) -> None:
+        """
+        A child that fails while the supervisor stops (here: while another
+        child's stop is still pending) is not restarted, and nothing is
+        scheduled.
+        """
+        stop_b: Deferred[None] = Deferred()
+        supervisor = self.supervisor()
+        factory = self.factory("a")
+        supervisor.add_child(ChildSpec("a", factory))
+        supervisor.add_child(ChildSpec("b", self.factory("b", stops={1: stop_b})))
+        supervisor.startService()
+        stopped = supervisor.stopService()
+        supervisor.child_failed(factory.built[0], boom())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        stop_b.callback(None)
+        self.successResultOf(stopped)
+        self.clock.advance(10.0)
+        self.assertEqual(len(factory.built), 1)
+        self.assertEqual(self.events.count("stop a1"), 1)
+        self.assertEqual(self.flushLoggedErrors(CrashError), [])
+
+    def test_start_after_stop_builds_fresh_children(self) -> None:
+        """
+        A stopped supervisor started again starts a fresh instance of every
+        child, in order, and never the stopped ones again; a child is
+        reachable by name from the moment the start begins.
+        """
+        supervisor = self.supervisor()
+        factories = {name: self.factory(name) for name in "ab"}
+        for name in "ab":
+            supervisor.add_child(ChildSpec(name, factories[name]))
+        supervisor.startService()
+        self.successResultOf(supervisor.stopService())
+        del self.events[:]
+        supervisor.startService()
+        self.assertEqual(self.events, ["start a2", "start b2"])
+        for name in "ab":
+            self.assertIs(supervisor.child(name), factories[name].built[1])
+            self.assertFalse(factories[name].built[0].running)
+        self.successResultOf(supervisor.stopService())
+        self.assertEqual(self.events[-2:], ["stop b2", "stop a2"])

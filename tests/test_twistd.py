@@ -281,19 +281,24 @@ class ShutdownUnderLoadTests(TwistdTestCase):
 
 class SinkSupervisionTests(TwistdTestCase):
     """
-    A sink that cannot open, provoked cheaply: C{lines.log} is a symlink
-    into a directory that does not exist.  The option check passes (the
-    link's own directory exists), and every C{open} fails with ENOENT, as
-    it would for a file on a filesystem that went away.
+    A sink that fails after a good start, provoked cheaply: C{lines.log} is
+    a symlink to C{/dev/full}, which opens (so the start succeeds) and
+    fails every write with ENOSPC, as a full disk would.  A sink that
+    cannot open at start is a startup error instead
+    (L{tests.test_lifecycle_twistd}).
     """
 
-    def dangling_sink_file(self) -> Path:
+    def full_sink_file(self) -> Path:
         """
-        @return: the missing directory the sink file's symlink points into.
+        @return: the symlink C{lines.log}, pointing at C{/dev/full}.
         """
-        missing = Path(self.dir, "missing")
-        os.symlink(missing / "lines.log", Path(self.dir, "lines.log"))
-        return missing
+        link = Path(self.dir, "lines.log")
+        os.symlink("/dev/full", link)
+        return link
+
+    def send(self, server: ServerProcess, lines: list[bytes]) -> None:
+        with socket.create_connection(("127.0.0.1", server.port), 10) as sock:
+            sock.sendall(b"".join(line + b"\n" for line in lines))
 
     def test_escalation_exits_70(self) -> None:
         """
@@ -302,13 +307,16 @@ class SinkSupervisionTests(TwistdTestCase):
         gives up and exits on its own, without a signal, with status 70
         (EX_SOFTWARE, L{lineserver.tap.EXIT_ESCALATED}), in bounded time.
         """
-        self.dangling_sink_file()
+        self.full_sink_file()
         server = self.server(
             "--sink", "file:lines.log", "--max-restarts", "1", "--restart-period", "60"
         )
+        self.running(server)
+        self.send(server, [b"one line"])
         status = server.proc.wait(timeout=15)
         log = server.log()
         self.assertEqual(status, EXIT_ESCALATED, log[-3000:])
+        self.assertIn("sink file:lines.log failed: No space left on device", log)
         self.assertIn("restarting child sink", log)
         self.assertIn("restart intensity exceeded", log)
         self.assertIn("lineserver gives up", log)
@@ -316,26 +324,31 @@ class SinkSupervisionTests(TwistdTestCase):
 
     def test_sink_recovers_and_delivers_queued_lines(self) -> None:
         """
-        Lines sent while the sink cannot open stay queued; once its path
-        works again, the restarted sink writes them, and the lines sent
+        Lines sent while the sink fails stay queued; once its path leads to
+        a working file, the restarted sink writes them, and the lines sent
         after them, in order, and a SIGTERM then stops the server as usual.
         """
-        missing = self.dangling_sink_file()
+        link = self.full_sink_file()
         server = self.server("--sink", "file:lines.log", "--max-restarts", "50")
-        server.ready()
-        wait_until(lambda: "child sink failed" in server.log(), "a sink failure")
-        with socket.create_connection(("127.0.0.1", server.port), 10) as sock:
-            sock.sendall(b"".join(b"early %03d\n" % n for n in range(100)))
-        missing.mkdir()
         self.running(server)
-        with socket.create_connection(("127.0.0.1", server.port), 10) as sock:
-            sock.sendall(b"".join(b"late %03d\n" % n for n in range(100)))
+        self.send(server, [b"early %03d" % n for n in range(100)])
+        wait_until(lambda: "child sink failed" in server.log(), "a sink failure")
+        working = Path(self.dir, "working.log")
+        os.symlink(working, Path(self.dir, "next-link"))
+        os.replace(Path(self.dir, "next-link"), link)
+        wait_until(
+            lambda: working.exists() and working.read_bytes().count(b"\n") == 100,
+            "the queued lines in the file",
+            timeout=20,
+        )
+        self.send(server, [b"late %03d" % n for n in range(100)])
+        wait_until(lambda: working.read_bytes().count(b"\n") == 200, "the later lines")
         # Not self.stop: the sink's failures rightly logged tracebacks.
         status = server.stop(timeout=15)
         self.assertEqual(status, SIGTERM, server.log()[-3000:])
         self.assertIn("restarting child sink", server.log())
         self.assertEqual(
-            self.file_lines(),
+            self.file_lines("working.log"),
             [b"early %03d" % n for n in range(100)]
             + [b"late %03d" % n for n in range(100)],
         )
