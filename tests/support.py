@@ -600,3 +600,27 @@ def without_ipv6(why: str) -> NoReturn:
     if in_ci():
         raise AssertionError(f"CI=true and no IPv6 loopback: {why}")
     raise SkipTest(why)
+
+
+# -- waiting from the reactor -------------------------------------------------
+
+
+def eventually(
+    check: Callable[[], bool], what: str, timeout: float = 10.0
+) -> Deferred[None]:
+    """
+    Poll C{check} every 20 ms from the running reactor (for a
+    L{TestCase} that yields): the reactor-side L{wait_until}.
+
+    @return: a Deferred that fires once C{check()} is true, or fails with
+        an AssertionError naming C{what} after C{timeout} seconds.
+    """
+
+    async def poll() -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            await later(0.02)
+
+    return Deferred.fromCoroutine(poll())
