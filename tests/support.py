@@ -624,3 +624,27 @@ def eventually(
             await later(0.02)
 
     return Deferred.fromCoroutine(poll())
+
+
+def unread_bytes(port: int, count_empty: bool = False) -> dict[str, int]:
+    """
+    Bytes the kernel holds for a server that it has not read yet, from
+    the kernel's own table (/proc/net/tcp and tcp6): the receive queue of
+    every established connection whose local port is C{port}.
+
+    @param count_empty: include connections with nothing unread.
+    @return: the unread bytes by the client's address (C{ADDR:PORT} in
+        hex, as the kernel prints it).
+    """
+    found: dict[str, int] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError):
+            for row in Path(table).read_text().splitlines()[1:]:
+                fields = row.split()
+                local_port = int(fields[1].partition(":")[2], 16)
+                if fields[3] != "01" or local_port != port:
+                    continue  # not ESTABLISHED, or not the server's side
+                unread = int(fields[4].partition(":")[2], 16)
+                if unread or count_empty:
+                    found[fields[2]] = unread
+    return found
