@@ -648,3 +648,22 @@ def unread_bytes(port: int, count_empty: bool = False) -> dict[str, int]:
                 if unread or count_empty:
                     found[fields[2]] = unread
     return found
+
+
+def accept_queue(port: int) -> int:
+    """
+    @return: how many connections wait in the kernel's accept queue of
+        the socket listening on TCP C{port} (handshake done, not yet
+        accepted by the server), from /proc/net/tcp and tcp6.
+    """
+    waiting = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError):
+            for row in Path(table).read_text().splitlines()[1:]:
+                fields = row.split()
+                local_port = int(fields[1].partition(":")[2], 16)
+                if fields[3] == "0A" and local_port == port:
+                    # For a listening socket the kernel prints its accept
+                    # queue's length as the receive queue.
+                    waiting += int(fields[4].partition(":")[2], 16)
+    return waiting
