@@ -561,6 +561,17 @@ def completed_handshakes(
         raise
 
 
+def handshakes_for_backlog(backlog: int) -> range:
+    """
+    How many connects Linux completes for a listening socket with this
+    C{backlog} that nobody accepts from: C{backlog + 1} (its queue is full
+    only once it holds more than the backlog).  One more is tolerated: a
+    SYN answered while the queue still had room, whose final ACK the
+    kernel then drops for the full queue, looks completed to its client.
+    """
+    return range(backlog + 1, backlog + 3)
+
+
 # -- IPv6 -------------------------------------------------------------------
 
 

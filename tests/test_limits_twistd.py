@@ -39,6 +39,7 @@ from tests.support import (
     ServerProcess,
     completed_handshakes,
     free_port,
+    handshakes_for_backlog,
     proxy_v1,
     temp_dir,
     wait_until,
@@ -338,8 +339,9 @@ class BacklogTests(LimitsCase):
         """
         C{--backlog N}, seen through the kernel: with accepting stopped
         (C{--max-connections 1} and one client served), Linux completes
-        the handshakes of N+1 further clients (its accept queue holds N+1)
-        and drops the SYNs of the rest.  Two servers, N = 3 and N = 9, so
+        the handshakes of N+1 further clients (its accept queue holds N+1;
+        one more is tolerated, L{handshakes_for_backlog}) and drops the
+        SYNs of the rest.  Two servers, N = 3 and N = 9, so
         the count follows the option and is not a constant.
         """
         for backlog in (3, 9):
@@ -355,9 +357,9 @@ class BacklogTests(LimitsCase):
             holder = self.served(server, "holder")
             completed, socks = completed_handshakes(server.port, backlog + 8, wait=1.5)
             try:
-                self.assertEqual(
+                self.assertIn(
                     completed,
-                    backlog + 1,
+                    handshakes_for_backlog(backlog),
                     f"--backlog {backlog}: {completed} handshakes completed",
                 )
             finally:
