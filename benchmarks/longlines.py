@@ -393,8 +393,9 @@ def build_long_rows(
 ) -> list[dict[str, Any]]:
     """
     Per scenario and server: the best and median MiB/s, the server's CPU
-    milliseconds per MiB (median), its peak RSS; and the ratio of the
-    bests, with the per-round ratios.
+    milliseconds per MiB (median), its peak RSS; and the headline ratio
+    (the median of the per-round ratios), the per-round ratios, and the
+    ratio of the bests.
     """
     rows = []
     for scenario in settings.scenarios:
@@ -435,16 +436,23 @@ def build_long_rows(
                 "peak_rss_kib": None if report is None else report.peak_rss_kib,
             }
         base, cand = row[BASELINE], row[LINESERVER]
-        row["ratio"] = (
-            cand["best_mib_per_second"] / base["best_mib_per_second"]
-            if base and cand
-            else None
-        )
-        row["paired_ratios"] = paired_ratios(
+        paired = paired_ratios(
             (m.round, m.server, m.mib_per_second)
             for m in measurements
             if m.scenario == scenario.name
         )
+        row["paired_ratios"] = paired
+        if base and cand:
+            row["ratio"] = (
+                statistics.median(paired)
+                if paired
+                else cand["median_mib_per_second"] / base["median_mib_per_second"]
+            )
+            row["best_ratio"] = (
+                cand["best_mib_per_second"] / base["best_mib_per_second"]
+            )
+        else:
+            row["ratio"] = row["best_ratio"] = None
         rows.append(row)
     return rows
 
@@ -456,6 +464,7 @@ def format_long_table(rows: list[dict[str, Any]]) -> str:
         "lineserver MiB/s",
         "ratio",
         "paired",
+        "best/best",
         "CPU ms/MiB b/ls",
         "peak RSS MiB b/ls",
     )
@@ -467,10 +476,11 @@ def format_long_table(rows: list[dict[str, Any]]) -> str:
         body.append(
             (
                 row["scenario"],
-                cell(base.get("best_mib_per_second"), ".1f", suffix=capped),
-                cell(cand.get("best_mib_per_second"), ".1f"),
+                cell(base.get("median_mib_per_second"), ".1f", suffix=capped),
+                cell(cand.get("median_mib_per_second"), ".1f"),
                 cell(row["ratio"], ".1f", suffix="x"),
                 spread(row["paired_ratios"]),
+                cell(row["best_ratio"], ".1f", suffix="x"),
                 f"{cell(base.get('cpu_ms_per_mib'), '.1f')}"
                 f" / {cell(cand.get('cpu_ms_per_mib'), '.1f')}",
                 f"{cell(base.get('peak_rss_kib'), '.0f', 1024)}"
@@ -480,7 +490,9 @@ def format_long_table(rows: list[dict[str, Any]]) -> str:
     lines = format_table(header, body)
     lines.append(
         "one connection, lines sent in 64 KiB writes, echoed; both servers "
-        "with a 16 MiB line limit"
+        "with a 16 MiB line limit; MiB/s: each server's median round; ratio: "
+        "the median of the paired (same-round) ratios; best/best: of the best "
+        "rounds"
     )
     if any(row[BASELINE] and row[BASELINE]["capped_rounds"] for row in rows):
         lines.append("* baseline rounds stopped by the time cap (rate achieved)")

@@ -4,8 +4,12 @@ The machine is small (2 cores) and shared, so absolute figures wander from
 run to run; only the ratio to a baseline measured minutes apart on the same
 machine means much.  So this script starts both servers as real processes,
 runs every scenario in rounds that alternate the two servers (and which of
-them goes first), keeps the best round of each, and prints each figure
-beside the baseline's.  Each measurement is one L{benchmarks.loadgen}
+them goes first), and prints each server's median round beside the
+baseline's.  The headline ratio is the median of the per-round ratios (each
+round's two servers ran seconds apart, on about the same machine); the
+ratio of the best rounds is printed beside it, for reference only: a best
+round is the luckiest one, and a ratio of two lucky rounds flatters
+whichever was luckier.  Each measurement is one L{benchmarks.loadgen}
 process, so the load generator has the other core to itself.
 
     python -m benchmarks.run               # the full run, about 4.5 minutes
@@ -155,6 +159,7 @@ class Figure:
     best_lines_per_second: float
     median_lines_per_second: float
     best_megabytes_per_second: float
+    median_megabytes_per_second: float
     cpu_microseconds_per_line: float
     rounds: list[float] = field(default_factory=list)
 
@@ -308,6 +313,9 @@ def summarize(
         best_lines_per_second=best.lines_per_second,
         median_lines_per_second=statistics.median(rates),
         best_megabytes_per_second=best.megabytes_per_second,
+        median_megabytes_per_second=statistics.median(
+            m.megabytes_per_second for m in rounds
+        ),
         cpu_microseconds_per_line=statistics.median(
             m.server_cpu_seconds / m.lines * 1e6 for m in rounds
         ),
@@ -324,6 +332,22 @@ def best_ratio(top: Figure | None, bottom: Figure | None) -> float | None:
     return top.best_lines_per_second / bottom.best_lines_per_second
 
 
+def median_ratio(
+    top: Figure | None, bottom: Figure | None, paired: list[float]
+) -> float | None:
+    """
+    The headline ratio: the median of the per-round C{paired} ratios, or,
+    without pairs, C{top}'s median rate over C{bottom}'s.
+
+    @return: None without both servers' figures.
+    """
+    if top is None or bottom is None:
+        return None
+    if paired:
+        return statistics.median(paired)
+    return top.median_lines_per_second / bottom.median_lines_per_second
+
+
 def build_rows(
     settings: Settings, measurements: list[Measurement], min_ratio: float
 ) -> list[dict[str, Any]]:
@@ -337,12 +361,13 @@ def build_rows(
     for scenario in settings.scenarios:
         base = summarize(measurements, scenario.name, BASELINE)
         cand = summarize(measurements, scenario.name, LINESERVER)
-        ratio = best_ratio(cand, base)
         rates = [
             (m.round, m.server, m.lines_per_second)
             for m in measurements
             if m.scenario == scenario.name
         ]
+        paired = paired_ratios(rates)
+        ratio = median_ratio(cand, base, paired)
         row: dict[str, Any] = {
             "scenario": scenario.name,
             "mode": scenario.mode,
@@ -351,15 +376,18 @@ def build_rows(
             "baseline": None if base is None else asdict(base),
             "lineserver": None if cand is None else asdict(cand),
             "ratio": ratio,
-            "paired_ratios": paired_ratios(rates),
+            "best_ratio": best_ratio(cand, base),
+            "paired_ratios": paired,
             "meets_min_ratio": None if ratio is None else ratio >= min_ratio,
             "tls": scenario.tls,
         }
         if scenario.tls:
             plain = summarize(measurements, scenario.name, PLAIN)
+            paired_plain = paired_ratios(rates, over=PLAIN)
             row["lineserver_plain"] = None if plain is None else asdict(plain)
-            row["tls_over_plain"] = best_ratio(cand, plain)
-            row["paired_tls_over_plain"] = paired_ratios(rates, over=PLAIN)
+            row["tls_over_plain"] = median_ratio(cand, plain, paired_plain)
+            row["best_tls_over_plain"] = best_ratio(cand, plain)
+            row["paired_tls_over_plain"] = paired_plain
         rows.append(row)
     return rows
 
@@ -369,17 +397,20 @@ def side_by_side(
     second: dict[str, Any],
     ratio: float | None,
     paired: list[float],
-) -> tuple[tuple[str, str, str, str], str]:
+    best: float | None,
+) -> tuple[tuple[str, str, str, str, str], str]:
     """
     The cells that set two servers' figures (L{Figure} as a dict, empty
-    if missing) beside each other: their best lines/s, the ratio of the
-    second to the first, the paired range; and their CPU per line.
+    if missing) beside each other: their median lines/s, the ratio of the
+    second to the first (the median of the paired ratios), the paired
+    range, the ratio of the best rounds; and their CPU per line.
     """
     rates = (
-        cell(first.get("best_lines_per_second"), ",.0f"),
-        cell(second.get("best_lines_per_second"), ",.0f"),
+        cell(first.get("median_lines_per_second"), ",.0f"),
+        cell(second.get("median_lines_per_second"), ",.0f"),
         cell(ratio, ".2f", suffix="x"),
         spread(paired),
+        cell(best, ".2f", suffix="x"),
     )
     cpu = (
         f"{cell(first.get('cpu_microseconds_per_line'), '.2f')}"
@@ -395,6 +426,7 @@ def format_rows(rows: list[dict[str, Any]], min_ratio: float) -> str:
         "lineserver lines/s",
         "ratio",
         "paired",
+        "best/best",
         "base MB/s",
         "ls MB/s",
         "CPU us/line b/ls",
@@ -404,18 +436,24 @@ def format_rows(rows: list[dict[str, Any]], min_ratio: float) -> str:
     for row in rows:
         base = row[BASELINE] or {}
         cand = row[LINESERVER] or {}
-        rates, cpu = side_by_side(base, cand, row["ratio"], row["paired_ratios"])
+        rates, cpu = side_by_side(
+            base, cand, row["ratio"], row["paired_ratios"], row["best_ratio"]
+        )
         body.append(
             (
                 row["scenario"],
                 *rates,
-                cell(base.get("best_megabytes_per_second"), ".1f"),
-                cell(cand.get("best_megabytes_per_second"), ".1f"),
+                cell(base.get("median_megabytes_per_second"), ".1f"),
+                cell(cand.get("median_megabytes_per_second"), ".1f"),
                 cpu,
                 {None: "-", True: "yes", False: "NO"}[row["meets_min_ratio"]],
             )
         )
     lines = format_table(header, body)
+    lines.append(
+        "lines/s and MB/s: each server's median round; ratio: the median of "
+        "the paired (same-round) ratios; best/best: ratio of the best rounds"
+    )
     if any(row["tls"] for row in rows):
         lines.append(
             f"tls-*: both servers over TLS; the {min_ratio:g}x bar is set for plain "
@@ -435,6 +473,7 @@ def format_tls_rows(rows: list[dict[str, Any]]) -> str:
         "TLS lines/s",
         "TLS/plain",
         "paired",
+        "best/best",
         "CPU us/line plain/TLS",
     )
     body = []
@@ -444,6 +483,7 @@ def format_tls_rows(rows: list[dict[str, Any]]) -> str:
             row[LINESERVER] or {},
             row["tls_over_plain"],
             row["paired_tls_over_plain"],
+            row["best_tls_over_plain"],
         )
         body.append((row["scenario"], *rates, cpu))
     lines = format_table(header, body)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
 import resource
+import select
 import shutil
 import signal
 import socket
@@ -16,14 +19,14 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from lineserver.interfaces import ISink, ISinkFactory
@@ -202,6 +205,29 @@ class ServerProcess:
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
+    def wait_listening(self, ports: int = 1, timeout: float = 15.0) -> ServerProcess:
+        """
+        Wait until the server logged "listening on" for C{ports} ports,
+        without connecting to it (a probe would take a connection slot).
+        The listeners listen from the running reactor, so by then twistd's
+        signal handlers are installed too.
+
+        @raise AssertionError: with the server's output, if it exits first.
+        """
+
+        def listening() -> bool:
+            if self.proc.poll() is not None:
+                out, err = self.proc.communicate(timeout=5)
+                raise AssertionError(
+                    f"server exited with {self.proc.returncode}:\n"
+                    f"{out.decode(errors='replace')[-2000:]}\n"
+                    f"{err.decode(errors='replace')[-2000:]}\n{self.log()[-2000:]}"
+                )
+            return self.log().count("listening on ") >= ports
+
+        wait_until(listening, f"{ports} listening port(s)", timeout=timeout)
+        return self
+
     def stop(self, timeout: float = 20.0) -> int:
         if self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGTERM)
@@ -361,3 +387,294 @@ class RecordingGate:
         self.gate = PauseGate(
             lambda: self.calls.append("pause"), lambda: self.calls.append("resume")
         )
+
+
+# -- blocking clients that see what a client sees ------------------------------
+
+
+class Peer:
+    """
+    A blocking loopback client whose every read is bounded.
+
+    @ivar received: every byte the server sent so far.
+    @ivar end: how the server ended the connection (C{"eof"}, C{"reset"}),
+        or None while it is open.
+    """
+
+    def __init__(self, port: int, host: str = "127.0.0.1", send: bytes = b"") -> None:
+        self.sock = socket.create_connection((host, port), timeout=10)
+        self.received = b""
+        self.end: str | None = None
+        if send:
+            self.send(send)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _read(self, timeout: float) -> None:
+        """
+        Take what arrives within C{timeout} seconds (at most one read).
+        """
+        if self.end is not None:
+            return
+        readable, _, _ = select.select([self.sock], [], [], max(0.0, timeout))
+        if not readable:
+            return
+        try:
+            chunk = self.sock.recv(65536)
+        except ConnectionResetError:
+            self.end = "reset"
+            return
+        if chunk:
+            self.received += chunk
+        else:
+            self.end = "eof"
+
+    def read_until(self, done: Callable[[], bool], timeout: float) -> float | None:
+        """
+        Read until C{done()} or C{timeout}.
+
+        @return: the seconds it took, or None on timeout.
+        """
+        started = time.monotonic()
+        deadline = started + timeout
+        while not done():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            if self.end is not None:
+                # Nothing more will come: let done() have its last say.
+                return None if not done() else time.monotonic() - started
+            self._read(min(left, 0.05))
+        return time.monotonic() - started
+
+    def expect(self, data: bytes, timeout: float = 10.0) -> float:
+        """
+        Wait until C{received} is C{data}, and say how long it took.
+
+        @raise AssertionError: naming what arrived instead.
+        """
+        took = self.read_until(
+            lambda: len(self.received) >= len(data) or self.end is not None,
+            timeout,
+        )
+        if took is None or self.received != data:
+            raise AssertionError(
+                f"expected {data[:200]!r}, got {self.received[:200]!r} "
+                f"(end: {self.end}) within {timeout}s"
+            )
+        return took
+
+    def silent_for(self, seconds: float) -> bytes:
+        """
+        Read for C{seconds}; @return: what arrived meanwhile (the test
+        asserts it is nothing, and that the connection stayed open).
+        """
+        before = len(self.received)
+        self.read_until(lambda: False, seconds)
+        return self.received[before:]
+
+    def wait_closed(self, timeout: float = 10.0) -> float:
+        """
+        Read until the server ends the connection.
+
+        @return: the seconds it took.
+        @raise AssertionError: if it is still open after C{timeout}.
+        """
+        took = self.read_until(lambda: self.end is not None, timeout)
+        if took is None:
+            raise AssertionError(
+                f"still open after {timeout}s; received {self.received[:200]!r}"
+            )
+        return took
+
+
+def proxy_v1(source: str, source_port: int, port: int) -> bytes:
+    """
+    A PROXY protocol v1 header as HAProxy sends it to a backend on
+    loopback port C{port} (C{::1} for an IPv6 source, else 127.0.0.1).
+    """
+    family = "TCP6" if ":" in source else "TCP4"
+    destination = "::1" if ":" in source else "127.0.0.1"
+    return f"PROXY {family} {source} {destination} {source_port} {port}\r\n".encode()
+
+
+def listening_addresses(port: int) -> set[str]:
+    """
+    @return: the local addresses of the sockets listening on TCP C{port},
+        from the kernel's own tables (/proc/net/tcp and tcp6).
+    """
+    found: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError):
+            for row in Path(table).read_text().splitlines()[1:]:
+                fields = row.split()
+                address, _, hex_port = fields[1].partition(":")
+                if fields[3] != "0A" or int(hex_port, 16) != port:
+                    continue  # not LISTEN, or another port
+                raw = bytes.fromhex(address)
+                # The kernel prints each 32-bit word in host (little) order.
+                words = [raw[i : i + 4][::-1] for i in range(0, len(raw), 4)]
+                found.add(str(ipaddress.ip_address(b"".join(words))))
+    return found
+
+
+def completed_handshakes(
+    port: int, attempts: int, wait: float = 1.5, host: str = "127.0.0.1"
+) -> tuple[int, list[socket.socket]]:
+    """
+    Start C{attempts} non-blocking connects one after the other, and wait
+    up to C{wait} seconds for them: how many did the kernel complete?
+
+    With nobody accepting, Linux completes a handshake while the listening
+    socket's accept queue holds at most its backlog (C{backlog + 1}
+    connections in all) and drops the SYNs of the others, which retry and
+    are dropped again.
+
+    @return: the number completed, and every socket (the caller closes
+        them, once it no longer needs them held).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(attempts):
+            sock = socket.socket(family)
+            socks.append(sock)
+            sock.setblocking(False)
+            sock.connect_ex((host, port))
+        pending = list(socks)
+        completed = 0
+        deadline = time.monotonic() + wait
+        while pending and (left := deadline - time.monotonic()) > 0:
+            _, writable, _ = select.select([], pending, [], min(left, 0.1))
+            for sock in writable:
+                pending.remove(sock)
+                if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                    completed += 1
+        return completed, socks
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+
+
+def handshakes_for_backlog(backlog: int) -> range:
+    """
+    How many connects Linux completes for a listening socket with this
+    C{backlog} that nobody accepts from: C{backlog + 1} (its queue is full
+    only once it holds more than the backlog).  One more is tolerated: a
+    SYN answered while the queue still had room, whose final ACK the
+    kernel then drops for the full queue, looks completed to its client.
+    """
+    return range(backlog + 1, backlog + 3)
+
+
+# -- IPv6 -------------------------------------------------------------------
+
+
+def ipv6_loopback_error() -> str | None:
+    """
+    @return: None if a socket can listen and connect on ::1, else why not.
+    """
+    try:
+        with socket.socket(socket.AF_INET6) as listener:
+            listener.bind(("::1", 0))
+            listener.listen()
+            socket.create_connection(
+                ("::1", listener.getsockname()[1]), timeout=2
+            ).close()
+    except OSError as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def in_ci() -> bool:
+    """
+    Are we in CI (C{CI=true}, as GitHub Actions, GitLab and most others
+    set it), where a test that cannot run is a failure, not a skip?
+    """
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def without_ipv6(why: str) -> NoReturn:
+    """
+    The machine has no IPv6 loopback: skip on a developer's machine, fail
+    in CI, where a missing IPv6 would otherwise hide the IPv6 cases for
+    good.
+
+    @raise SkipTest: outside CI.
+    @raise AssertionError: in CI.
+    """
+    if in_ci():
+        raise AssertionError(f"CI=true and no IPv6 loopback: {why}")
+    raise SkipTest(why)
+
+
+# -- waiting from the reactor -------------------------------------------------
+
+
+def eventually(
+    check: Callable[[], bool], what: str, timeout: float = 10.0
+) -> Deferred[None]:
+    """
+    Poll C{check} every 20 ms from the running reactor (for a
+    L{TestCase} that yields): the reactor-side L{wait_until}.
+
+    @return: a Deferred that fires once C{check()} is true, or fails with
+        an AssertionError naming C{what} after C{timeout} seconds.
+    """
+
+    async def poll() -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            await later(0.02)
+
+    return Deferred.fromCoroutine(poll())
+
+
+def unread_bytes(port: int, count_empty: bool = False) -> dict[str, int]:
+    """
+    Bytes the kernel holds for a server that it has not read yet, from
+    the kernel's own table (/proc/net/tcp and tcp6): the receive queue of
+    every established connection whose local port is C{port}.
+
+    @param count_empty: include connections with nothing unread.
+    @return: the unread bytes by the client's address (C{ADDR:PORT} in
+        hex, as the kernel prints it).
+    """
+    found: dict[str, int] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError):
+            for row in Path(table).read_text().splitlines()[1:]:
+                fields = row.split()
+                local_port = int(fields[1].partition(":")[2], 16)
+                if fields[3] != "01" or local_port != port:
+                    continue  # not ESTABLISHED, or not the server's side
+                unread = int(fields[4].partition(":")[2], 16)
+                if unread or count_empty:
+                    found[fields[2]] = unread
+    return found
+
+
+def accept_queue(port: int) -> int:
+    """
+    @return: how many connections wait in the kernel's accept queue of
+        the socket listening on TCP C{port} (handshake done, not yet
+        accepted by the server), from /proc/net/tcp and tcp6.
+    """
+    waiting = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError):
+            for row in Path(table).read_text().splitlines()[1:]:
+                fields = row.split()
+                local_port = int(fields[1].partition(":")[2], 16)
+                if fields[3] == "0A" and local_port == port:
+                    # For a listening socket the kernel prints its accept
+                    # queue's length as the receive queue.
+                    waiting += int(fields[4].partition(":")[2], 16)
+    return waiting

@@ -70,14 +70,31 @@ class WatermarksTests(SynchronousTestCase):
         else:
             self.assertGreaterEqual(high, soft // 2)
 
-    @given(soft=st.integers(min_value=1, max_value=10**7))
-    def test_hysteresis(self, soft: int) -> None:
+    @given(
+        soft=st.integers(min_value=16, max_value=10**7),
+        wobble=st.lists(st.integers(min_value=0, max_value=7), max_size=20),
+    )
+    def test_hysteresis(self, soft: int, wobble: list[int]) -> None:
         """
-        The low mark is 5% of the high one below it, and at least 8
-        descriptors below (or 0 when the high mark is under 8).
+        For any limit, the watermark does not flap: once accepting paused
+        at the high mark, a count that wobbles anywhere within 7
+        descriptors below it keeps accepting paused; freeing a tenth of
+        the descriptors (at least 8) resumes it; reaching the high mark
+        again pauses it again.  The gate moves once per crossing.
         """
         high, low = fd_watermarks(soft)
-        self.assertEqual(high - low, min(high, max(8, high // 20)))
+        count = FakeCount(high)
+        gate = RecordingGate()
+        mark = FdWatermark(gate.gate, high, low, count=count)
+        self.assertTrue(mark.check(force=True))
+        for below in wobble:
+            count.value = high - below
+            self.assertTrue(mark.check(force=True), f"resumed at {count.value}")
+        count.value = high - max(8, high // 10)
+        self.assertFalse(mark.check(force=True), f"still paused at {count.value}")
+        count.value = high
+        self.assertTrue(mark.check(force=True))
+        self.assertEqual(gate.calls, ["pause", "resume", "pause"])
 
     def test_examples(self) -> None:
         """

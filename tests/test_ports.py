@@ -9,12 +9,28 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import inlineCallbacks
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    serverFromString,
+)
+from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactor
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from lineserver.ports import listens_everywhere, with_defaults
+from tests.support import (
+    Client,
+    completed_handshakes,
+    handshakes_for_backlog,
+    ipv6_loopback_error,
+    listening_addresses,
+    reactor,
+    start_server,
+    without_ipv6,
+)
 
 
 class WithDefaultsTests(SynchronousTestCase):
@@ -150,16 +166,71 @@ class EveryInterfaceWarningTests(SynchronousTestCase):
 
 
 class EmbeddedDefaultsTests(TestCase):
+    """
+    An embedded LineServer's defaults, seen on the real listening socket:
+    its address in the kernel's table, its backlog in the connects the
+    kernel completes.
+    """
+
+    @inlineCallbacks
+    def listen(self, port: str, backlog: int) -> Any:
+        """
+        Start an echo server on C{port} with C{--max-connections 1} and
+        C{backlog}, and hold its one slot with a served client, so that
+        it stops accepting.
+
+        @return: the listening port number.
+        """
+        server = yield start_server(
+            self, "echo", None, ports=[port], backlog=backlog, max_connections=1
+        )
+        (number,) = server.port_numbers()
+        holder = yield connect_to(server.listeners[0].port.getHost())
+        self.addCleanup(holder.transport.loseConnection)
+        holder.transport.write(b"hold\n")
+        yield holder.wait_for(5)
+        return number
+
+    @inlineCallbacks
+    def assert_backlog(self, number: int, backlog: int, host: str) -> Any:
+        completed, socks = yield deferToThread(
+            completed_handshakes, number, backlog + 8, 1.5, host
+        )
+        for sock in socks:
+            sock.close()
+        # Linux's accept queue holds backlog + 1 connections.
+        self.assertIn(completed, handshakes_for_backlog(backlog))
+
     @inlineCallbacks
     def test_embedded_port_binds_loopback(self) -> Any:
         """
-        An embedded LineServer applies the same defaults: C{tcp:0} listens
-        on 127.0.0.1 with the configured backlog.
+        C{tcp:0} with C{backlog=5}: the kernel lists the socket as
+        listening on 127.0.0.1 only, and, while the server does not
+        accept, completes the handshakes of 6 clients (backlog + 1), not
+        more: the backlog reached listen().
         """
-        from tests.support import start_server
+        number = yield self.listen("tcp:0", 5)
+        self.assertEqual(listening_addresses(number), {"127.0.0.1"})
+        yield self.assert_backlog(number, 5, "127.0.0.1")
 
-        server = yield start_server(self, "echo", None, ports=["tcp:0"], backlog=77)
-        (listener,) = server.listeners
-        self.assertEqual(listener.description, "tcp:0:interface=127.0.0.1:backlog=77")
-        assert listener.port is not None
-        self.assertEqual(listener.port.getHost().host, "127.0.0.1")
+    @inlineCallbacks
+    def test_embedded_tcp6_binds_ipv6_loopback(self) -> Any:
+        """
+        C{tcp6:0} with C{backlog=3}: listening on ::1 only, with a backlog
+        of 3.
+        """
+        missing = ipv6_loopback_error()
+        if missing is not None:
+            without_ipv6(missing)
+        number = yield self.listen("tcp6:0", 3)
+        self.assertEqual(listening_addresses(number), {"::1"})
+        yield self.assert_backlog(number, 3, "::1")
+
+
+def connect_to(address: Any) -> Deferred[Client]:
+    """
+    Connect a test client to an IPv4 or IPv6 listening address.
+    """
+    endpoint_type = TCP6ClientEndpoint if ":" in address.host else TCP4ClientEndpoint
+    endpoint = endpoint_type(reactor, address.host, address.port)
+    return endpoint.connect(Factory.forProtocol(Client))  # type: ignore[return-value]

@@ -16,6 +16,7 @@ import socket
 import ssl
 import struct
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,14 @@ from lineserver.security import Security, SecurityConfig, SecurityConfigError
 from lineserver.server import LineServer
 from lineserver.signals import HangupReload
 from tests.certs import TestPKI, make_server_cert
-from tests.support import MemorySinkFactory, later, reactor, start_server, temp_dir
+from tests.support import (
+    MemorySinkFactory,
+    eventually,
+    reactor,
+    start_server,
+    temp_dir,
+    wait_until,
+)
 from tests.tls_clients import client_context, client_hello, new_pki, run_client
 
 TIMEOUT = 10.0
@@ -65,10 +73,13 @@ def tls_session(
     before: bytes = b"",
     lines: bytes = b"",
     expect_reply: bool = False,
+    landed: Callable[[], bool] | None = None,
 ) -> tuple[bytes, str | None]:
     """
     Connect, send C{before} in plaintext (a PROXY header, or STARTTLS and
-    read its answer), handshake, send C{lines}, then read to the end.
+    read its answer), handshake, send C{lines}, then read to the end
+    (C{expect_reply}: the server closes), or, for a client that is let in,
+    wait until C{landed()} (its lines are in the sink) and close.
 
     @return: what came back after the handshake, and the error if the
         handshake or the reading failed.
@@ -89,13 +100,11 @@ def tls_session(
         with context.wrap_socket(raw, server_hostname="127.0.0.1") as conn:
             conn.sendall(lines)
             if not expect_reply:
-                # Let the server read before we close.
-                conn.settimeout(0.3)
-            try:
-                while chunk := conn.recv(4096):
-                    received += chunk
-            except TimeoutError:
-                pass
+                assert landed is not None, "a client let in waits for its lines"
+                wait_until(landed, "the client's lines in the sink")
+                return received, None
+            while chunk := conn.recv(4096):
+                received += chunk
     except (OSError, ssl.SSLError) as error:
         return received, f"{type(error).__name__}: {error}"
     finally:
@@ -227,14 +236,24 @@ class EmbeddedTLSTests(TestCase):
         )
         (port,) = server.port_numbers()
         _, error = yield deferToThread(
-            tls_session, port, self.good_client(), lines=b"pos 1\npos 2\n"
+            tls_session,
+            port,
+            self.good_client(),
+            lines=b"pos 1\npos 2\n",
+            landed=lambda: len(self.sink.store) >= 2,
         )
         self.assertIsNone(error)
         _, error = yield deferToThread(
-            tls_session, port, client_context(self.pki), lines=b"stolen\n"
+            tls_session,
+            port,
+            client_context(self.pki),
+            lines=b"stolen\n",
+            expect_reply=True,
         )
         self.assertIsNotNone(error)
-        yield later(0.2)
+        yield eventually(
+            lambda: server.stats.get("tls.refused") >= 1, "the refusal counted"
+        )
         self.assertEqual(self.sink.store, [b"pos 1", b"pos 2"])
         assert self.handlers is not None
         (conn,) = self.handlers.served
@@ -285,14 +304,18 @@ class EmbeddedTLSTests(TestCase):
         received = yield deferToThread(plain_session, port, b"not tls\n")
         self.assertLess(time.monotonic() - started, 1.0)
         self.assertNotIn(b"not tls", received)
-        yield later(0.1)
+        yield eventually(
+            lambda: server.stats.get("tls.refused") >= 1, "the refusal counted"
+        )
         self.assertEqual(self.sink.store, [])
         self.assertEqual(server.stats.get("tls.refused"), 1)
         # A port probe (connect, close) is no refusal: counted apart.
         yield deferToThread(
             lambda: socket.create_connection(("127.0.0.1", port)).close()
         )
-        yield later(0.2)
+        yield eventually(
+            lambda: server.stats.get("tls.abandoned") >= 1, "the probe counted"
+        )
         self.assertEqual(server.stats.get("tls.abandoned"), 1)
         self.assertEqual(server.stats.get("tls.refused"), 1)
 
@@ -310,7 +333,12 @@ class EmbeddedTLSTests(TestCase):
         allowed = b"PROXY TCP4 10.1.2.3 127.0.0.1 40000 4443\r\n"
         refused = b"PROXY TCP4 192.0.2.9 127.0.0.1 40001 4443\r\n"
         _, error = yield deferToThread(
-            tls_session, port, client_context(self.pki), allowed, b"from 10/8\n"
+            tls_session,
+            port,
+            client_context(self.pki),
+            allowed,
+            b"from 10/8\n",
+            landed=lambda: self.sink.store == [b"from 10/8"],
         )
         self.assertIsNone(error)
         started = time.monotonic()
@@ -324,8 +352,7 @@ class EmbeddedTLSTests(TestCase):
         )
         self.assertEqual(received, b"ERR forbidden\n")
         # Closed by a TLS close, not by the 5 s abort of a stuck close.
-        self.assertLess(time.monotonic() - started, 3.0)
-        yield later(0.2)
+        self.assertLess(time.monotonic() - started, 4.0)
         self.assertEqual(self.sink.store, [b"from 10/8"])
         assert self.handlers is not None
         (conn,) = self.handlers.served
@@ -354,9 +381,9 @@ class EmbeddedTLSTests(TestCase):
         def quiet_then_line() -> bytes:
             with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
                 sock.sendall(b"PROXY TCP4 10.9.8.7 127.0.0.1 40002 4040\r\n")
+                # Quiet past the header deadline: the pace of the client.
                 time.sleep(0.6)
                 sock.sendall(b"late but fine\n")
-                time.sleep(0.1)
                 sock.shutdown(socket.SHUT_WR)
                 return sock.recv(100)
 
@@ -374,7 +401,7 @@ class EmbeddedTLSTests(TestCase):
         self.assertEqual(received, b"")
         silent = yield deferToThread(plain_session, port, b"")
         self.assertEqual(silent, b"")
-        yield later(0.1)
+        yield eventually(lambda: len(self.sink.store) >= 2, "two lines in the sink")
         self.assertEqual(sorted(self.sink.store), [b"late but fine", b"v2 line"])
         self.assertEqual(server.stats.get("timeouts.proxy"), 1)
 
@@ -405,6 +432,7 @@ class EmbeddedTLSTests(TestCase):
             client_context(self.pki),
             b"STARTTLS\n",
             b"AUTH s3cret\nsecure line\n",
+            landed=lambda: self.sink.store == [b"secure line"],
         )
         self.assertIsNone(error)
         received, _ = yield deferToThread(
@@ -416,7 +444,6 @@ class EmbeddedTLSTests(TestCase):
             True,
         )
         self.assertEqual(received, b"ERR unauthorized\n")
-        yield later(0.2)
         self.assertEqual(self.sink.store, [b"secure line"])
 
     @inlineCallbacks
@@ -487,12 +514,16 @@ class HangupReloadTests(TestCase):
                 raise RuntimeError("boom")
             reloaded.callback(None)
 
+        before = signal.getsignal(signal.SIGHUP)
         service = HangupReload(reactor, reload)
         service.startService()
         self.addCleanup(service.stopService)
-        yield later(0)
+        yield eventually(
+            lambda: signal.getsignal(signal.SIGHUP) != before, "the handler installed"
+        )
         os.kill(os.getpid(), signal.SIGHUP)
-        yield later(0.1)
+        # Two signals in a row may be one: the second after the first ran.
+        yield eventually(lambda: calls == ["reload"], "the first reload")
         os.kill(os.getpid(), signal.SIGHUP)
         yield reloaded.addTimeout(5, reactor)
         self.assertEqual(calls, ["reload", "reload"])

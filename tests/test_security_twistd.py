@@ -25,7 +25,6 @@ handlers (SIGTERM for the ordered stop, SIGHUP for reloads) are installed.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import os
 import re
 import shlex
@@ -41,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from tests.certs import (
     CLIENT_CN,
@@ -55,7 +54,17 @@ from tests.certs import (
     make_server_cert,
     write_pair,
 )
-from tests.support import TWISTD, ServerProcess, temp_dir, wait_until
+from tests.support import (
+    TWISTD,
+    ServerProcess,
+    ipv6_loopback_error,
+    listening_addresses,
+    proxy_v1,
+    temp_dir,
+    unread_bytes,
+    wait_until,
+    without_ipv6,
+)
 from tests.tls_clients import SOCKET_TIMEOUT, client_context, client_hello
 
 #: The handshake deadline of the servers that test it: long enough to tell
@@ -69,22 +78,6 @@ EXAMPLE_MARKER = "<!-- tested-example -->"
 
 
 # -- addresses and ports ------------------------------------------------------
-
-
-def ipv6_loopback_error() -> str | None:
-    """
-    @return: None if a socket can listen and connect on ::1, else why not.
-    """
-    try:
-        with socket.socket(socket.AF_INET6) as listener:
-            listener.bind(("::1", 0))
-            listener.listen()
-            socket.create_connection(
-                ("::1", listener.getsockname()[1]), timeout=2
-            ).close()
-    except OSError as e:
-        return f"{type(e).__name__}: {e}"
-    return None
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
@@ -111,36 +104,6 @@ def ssl_port(port: int, pki: TestPKI, *, cert: Path | None = None) -> str:
     cert = cert or pki.server_cert
     key = cert.with_suffix(".key")
     return f"ssl:{port}:privateKey={key}:certKey={cert}:interface=127.0.0.1"
-
-
-def proxy_v1(source: str, source_port: int, port: int) -> bytes:
-    """
-    A PROXY protocol v1 header as HAProxy sends it to a backend on
-    127.0.0.1:C{port}.
-    """
-    family = "TCP6" if ":" in source else "TCP4"
-    destination = "::1" if ":" in source else "127.0.0.1"
-    return f"PROXY {family} {source} {destination} {source_port} {port}\r\n".encode()
-
-
-def listening_addresses(port: int) -> set[str]:
-    """
-    @return: the local addresses of the sockets listening on TCP C{port},
-        from the kernel's own tables (/proc/net/tcp and tcp6).
-    """
-    found: set[str] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(FileNotFoundError):
-            for row in Path(table).read_text().splitlines()[1:]:
-                fields = row.split()
-                address, _, hex_port = fields[1].partition(":")
-                if fields[3] != "0A" or int(hex_port, 16) != port:
-                    continue  # not LISTEN, or another port
-                raw = bytes.fromhex(address)
-                # The kernel prints each 32-bit word in host (little) order.
-                words = [raw[i : i + 4][::-1] for i in range(0, len(raw), 4)]
-                found.add(str(ipaddress.ip_address(b"".join(words))))
-    return found
 
 
 # -- clients --------------------------------------------------------------------
@@ -993,7 +956,7 @@ class AllowTests(SecurityCase):
         # kept it until then, and it sees the stop's close, not an ERR.
         self.assert_refused_with(header_only(), "forbidden")
         if v6_error is not None:
-            raise SkipTest(
+            without_ipv6(
                 "IPv4 and PROXY cases passed; the IPv6 case did not run: "
                 f"no IPv6 loopback here ({v6_error})"
             )
@@ -1021,7 +984,7 @@ class AllowTests(SecurityCase):
         self.stop(server)
         self.assert_sink([b"v4-1", b"v4-2"])
         if v6_error is not None:
-            raise SkipTest(
+            without_ipv6(
                 "IPv4 cases passed; the IPv6 case did not run: "
                 f"no IPv6 loopback here ({v6_error})"
             )
@@ -1054,7 +1017,9 @@ class AuthTokenTests(SecurityCase):
         def auth_alone() -> None:
             with connect(port) as sock:
                 sock.sendall(b"AUTH token-beta\n")
-                time.sleep(0.2)
+                # The server reads the AUTH line on its own: the kernel
+                # shows nothing left unread before the next line goes.
+                wait_until(lambda: not unread_bytes(port), "the AUTH line read")
                 sock.sendall(b"beta-1\n")
                 self.landed([b"beta-1"])()
 
@@ -1277,7 +1242,7 @@ class DefaultBindTests(SecurityCase):
             self.assertEqual(listening_addresses(v6), {"::1"})
         self.stop(server)
         if v6_error is not None:
-            raise SkipTest(f"IPv4 cases passed; no IPv6 loopback here ({v6_error})")
+            without_ipv6(f"IPv4 cases passed; no IPv6 loopback here ({v6_error})")
 
 
 # -- the documentation's example ---------------------------------------------------
