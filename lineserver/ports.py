@@ -9,7 +9,7 @@ gets C{interface=127.0.0.1} (C{::1} for C{tcp6:}) and the C{--backlog}.
 
 from __future__ import annotations
 
-from twisted.internet.endpoints import _parse as parse_endpoint_description
+from lineserver.twisted_internals import parse_endpoint_description
 
 #: Where each kind of stream endpoint takes its listening address, by
 #: position, when it is not given as C{interface=}.
