@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import select
 import signal
 import socket
 import subprocess
 import time
 from importlib import metadata
+from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -393,6 +395,52 @@ class ParseSizeTests(SynchronousTestCase):
         for bad in ["-1", "1.5K", "K", "", "1T", "1KK", "0x10"]:
             with self.assertRaises(ValueError):
                 parse_size(bad)
+
+
+CONFIGURATION = Path(__file__).parent.parent / "docs" / "configuration.md"
+
+
+def cells_of(row: str) -> list[str]:
+    """
+    The cells of a Markdown table row (C{\\|} is a pipe inside a cell).
+    """
+    return re.split(r"(?<!\\)\|", row)
+
+
+class DocumentationTests(SynchronousTestCase):
+    def table_row(self, option: str) -> str:
+        """
+        @return: the default column of C{--option}'s row in
+            docs/configuration.md's tables.
+        """
+        for line in CONFIGURATION.read_text().splitlines():
+            cells = cells_of(line)
+            if len(cells) > 3 and (
+                f"`--{option} " in cells[1] or f"`--{option}`" in cells[1]
+            ):
+                return cells[2]
+        self.fail(f"--{option} has no row in docs/configuration.md")
+
+    def test_every_option_with_its_default(self) -> None:
+        """
+        Every option of C{twistd lineserver} has a row in
+        docs/configuration.md, and a default that C{--help} shows is the
+        one the row's default column gives.
+        """
+        for name, _short, default, _doc in Options.optParameters:
+            documented = self.table_row(name)
+            if default is not None:
+                self.assertIn(f"`{default}`", documented, name)
+        for name, *_ in Options.optFlags:
+            self.assertIn("off", self.table_row(name), name)
+        methods = [n[4:] for n in dir(Options) if n.startswith("opt_") and len(n) > 5]
+        for method in methods:
+            name = method.replace("_", "-")
+            if name in ("help", "version"):
+                self.assertIn(f"--{name}", CONFIGURATION.read_text())
+            else:
+                self.table_row(name)
+        self.assertIn("`file:lines.log`", self.table_row("sink"))
 
 
 def run_twistd(cwd: str, *args: str) -> subprocess.CompletedProcess[str]:
