@@ -1,20 +1,40 @@
 # Two entry points a new user needs: `make run` and `make test`.
-# Both create the virtualenv in .venv and install the project first.
+# Both create the virtualenv in .venv and install the project first; `run`
+# installs only what the server needs, `test` adds the test tools.
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# twistd finds the plugin in twisted/plugins/ through sys.path, which only
+# a compat editable install puts the checkout on (a flat layout).
+EDITABLE := --config-settings editable_mode=compat
+# The server and its runtime dependencies.
+RUNTIME_STAMP := $(VENV)/.runtime-stamp
+# Everything: the above and the test extras (ruff, mypy, hypothesis, ...).
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint typecheck trial pytest bench bench-quick clean
+# The oldest Twisted we support is the floor declared in pyproject.toml;
+# the suite also runs on it, in its own virtualenv.
+OLDEST_TWISTED := $(shell sed -n 's/^ *"twisted\[tls\]>=\([0-9.]*\).*/\1/p' pyproject.toml)
+OLDEST := .venv-oldest
+OLDEST_STAMP := $(OLDEST)/.installed-stamp
 
-$(STAMP): pyproject.toml
+.PHONY: run test lint typecheck trial trial-oldest pytest bench bench-quick clean
+
+$(RUNTIME_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test]" --config-settings editable_mode=compat
-	touch $(STAMP)
+	$(PY) -m pip install --quiet -e . $(EDITABLE)
+	touch $@
 
-run: $(STAMP)
+# The test extras alone, read from pyproject.toml: the project is already
+# installed, and building it again would only take time.
+$(STAMP): $(RUNTIME_STAMP)
+	$(PY) -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["test"]))' > $(VENV)/test-requirements.txt
+	$(PY) -m pip install --quiet -r $(VENV)/test-requirements.txt
+	touch $@
+
+run: $(RUNTIME_STAMP)
 	$(VENV)/bin/twistd --nodaemon --pidfile= lineserver
 
 lint: $(STAMP)
@@ -29,7 +49,27 @@ trial: $(STAMP)
 pytest: $(STAMP)
 	$(PY) -m pytest -q
 
-test: lint typecheck trial pytest
+# .venv has the newest Twisted pip finds; when that is the oldest we
+# support as well, the suite has just run on it and is not run twice.
+trial-oldest: $(STAMP)
+	@test -n "$(OLDEST_TWISTED)" || { echo "no twisted[tls]>= floor in pyproject.toml"; exit 1; }
+	@newest=$$($(PY) -c 'import twisted; print(twisted.__version__)'); \
+	if [ "$$newest" = "$(OLDEST_TWISTED)" ] || [ "$$newest" = "$(OLDEST_TWISTED).0" ]; then \
+		echo "trial-oldest: .venv runs Twisted $$newest, the oldest supported too; the suite ran there"; \
+	else \
+		$(MAKE) --no-print-directory $(OLDEST_STAMP) && \
+		echo "trial-oldest: the suite on Twisted $(OLDEST_TWISTED) (.venv has $$newest)" && \
+		$(OLDEST)/bin/trial --temp-directory=_trial_temp_oldest tests; \
+	fi
+
+$(OLDEST_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(OLDEST)
+	echo '*' > $(OLDEST)/.gitignore
+	$(OLDEST)/bin/python -m pip install --quiet --upgrade pip
+	$(OLDEST)/bin/python -m pip install --quiet "twisted[tls]==$(OLDEST_TWISTED)" -e ".[test]" $(EDITABLE)
+	touch $@
+
+test: lint typecheck trial pytest trial-oldest
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run
@@ -38,4 +78,4 @@ bench-quick: $(STAMP)
 	$(PY) -m benchmarks.run --quick
 
 clean:
-	rm -rf $(VENV) .trial_temp .hypothesis build *.egg-info
+	rm -rf $(VENV) $(OLDEST) .trial_temp _trial_temp_oldest .hypothesis build *.egg-info

@@ -29,6 +29,7 @@ from twisted.logger import Logger
 
 from lineserver.flow import Pause, PauseGate
 from lineserver.stats import Stats
+from lineserver.twisted_internals import listening_socket, replace_listening_socket
 
 log = Logger(namespace="lineserver.accept")
 
@@ -267,11 +268,11 @@ def guard_port(
     @return: the guard, or None if the port has no socket (not listening,
         or not a socket port; such ports are left alone).
     """
-    sock = getattr(port, "socket", None)
+    sock = listening_socket(port)
     if sock is None:
         return None
     if isinstance(sock, GuardedSocket):
         return sock
     guarded = GuardedSocket(sock, throttle, honour_gate)
-    port.socket = guarded
+    replace_listening_socket(port, guarded)
     return guarded

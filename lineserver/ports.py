@@ -5,17 +5,30 @@ Twisted's C{tcp:4040} listens on every IPv4 interface and with a backlog of
 only when someone wrote that down, and a burst of reconnecting clients
 should not be refused by a short kernel queue, so a C{--port} without them
 gets C{interface=127.0.0.1} (C{::1} for C{tcp6:}) and the C{--backlog}.
+
+A unix socket is guarded by its file's mode alone (C{--allow} judges IP
+addresses), and Twisted's default, 0666, lets every local user connect:
+a C{unix:} port without C{mode=} gets L{UNIX_MODE}, owner and group only.
 """
 
 from __future__ import annotations
 
-from twisted.internet.endpoints import _parse as parse_endpoint_description
+from lineserver.twisted_internals import parse_endpoint_description
 
 #: Where each kind of stream endpoint takes its listening address, by
 #: position, when it is not given as C{interface=}.
 _INTERFACE_POSITION = {"tcp": 2, "tcp6": 2, "ssl": 4}
 _LOOPBACK = {"tcp": "127.0.0.1", "tcp6": "\\:\\:1", "ssl": "127.0.0.1"}
 _WITH_BACKLOG = {"tcp", "tcp6", "ssl", "unix"}
+#: Where each kind takes its backlog, by position, when not as C{backlog=}.
+_BACKLOG_POSITION = {"tcp": 1, "tcp6": 1, "ssl": 5, "unix": 2}
+#: Where a unix: port takes its mode, by position (C{unix:PATH:MODE}).
+_UNIX_MODE_POSITION = 1
+#: The file mode of a unix socket whose description does not set one
+#: (octal, as Twisted's C{mode=} takes it): owner and group may connect.
+UNIX_MODE = "660"
+#: Kinds whose first positional argument is a TCP port number.
+_WITH_PORT_NUMBER = {"tcp", "tcp6", "ssl"}
 #: Addresses that mean "every interface".
 EVERY_INTERFACE = frozenset({"0.0.0.0", "::", ""})
 
@@ -33,8 +46,9 @@ def with_defaults(description: str, backlog: int) -> str:
     """
     Add lineserver's defaults to a C{--port} description that lacks them:
     a loopback C{interface} for C{tcp:}, C{tcp6:} and C{ssl:} (also under
-    C{haproxy:}), and C{backlog} for stream endpoints.  What the
-    description says is never changed; other kinds pass through.
+    C{haproxy:}), C{mode=660} for C{unix:}, and C{backlog} for stream
+    endpoints.  What the description says is never changed; other kinds
+    pass through.
     """
     try:
         kind, positional, named = _kind_and_args(description)
@@ -48,13 +62,37 @@ def with_defaults(description: str, backlog: int) -> str:
         and len(positional) <= position
     ):
         result += f":interface={_LOOPBACK[kind]}"
-    backlog_position = 1 if kind in ("tcp", "tcp6") else 5 if kind == "ssl" else None
+    if (
+        kind == "unix"
+        and "mode" not in named
+        and len(positional) <= _UNIX_MODE_POSITION
+    ):
+        result += f":mode={UNIX_MODE}"
+    backlog_position = _BACKLOG_POSITION.get(kind)
     has_backlog = "backlog" in named or (
         backlog_position is not None and len(positional) > backlog_position
     )
     if kind in _WITH_BACKLOG and not has_backlog:
         result += f":backlog={backlog}"
     return result
+
+
+def port_number(description: str) -> int | None:
+    """
+    @return: the TCP port number a C{tcp:}, C{tcp6:} or C{ssl:} description
+        (also under C{haproxy:}) listens on; None for other kinds, or when
+        there is no number to read (Twisted's parser says what is wrong).
+    """
+    try:
+        kind, positional, named = _kind_and_args(description)
+    except (ValueError, IndexError):
+        return None
+    if kind not in _WITH_PORT_NUMBER:
+        return None
+    text = named.get("port", positional[0] if positional else None)
+    if text is None or not text.strip().lstrip("+-").isdigit():
+        return None
+    return int(text)
 
 
 def listens_everywhere(host: str) -> bool:

@@ -11,15 +11,24 @@ soon as the header is parsed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.endpoints import _WrapperServerEndpoint, serverFromString
-from twisted.internet.interfaces import IStreamServerEndpoint
-from twisted.protocols.haproxy._wrapper import (
-    HAProxyProtocolWrapper,
-    HAProxyWrappingFactory,
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IStreamServerEndpoint,
 )
 from typing_extensions import override
+from zope.interface import implementer
+
+from lineserver.twisted_internals import (
+    HAProxyProtocolWrapper,
+    HAProxyWrappingFactory,
+    proxy_header_received,
+)
 
 PREFIX = "haproxy:"
 
@@ -31,9 +40,9 @@ class HeaderAwareProxyWrapper(HAProxyProtocolWrapper):
 
     @override
     def dataReceived(self, data: bytes) -> None:
-        had_header = self._proxyInfo is not None
+        had_header = proxy_header_received(self)
         super().dataReceived(data)
-        if not had_header and self._proxyInfo is not None:
+        if not had_header and proxy_header_received(self):
             notify = getattr(self.wrappedProtocol, "proxy_header_received", None)
             if notify is not None:
                 notify()
@@ -41,6 +50,34 @@ class HeaderAwareProxyWrapper(HAProxyProtocolWrapper):
 
 class HeaderAwareProxyFactory(HAProxyWrappingFactory):
     protocol = HeaderAwareProxyWrapper  # type: ignore[assignment]
+
+
+@implementer(IStreamServerEndpoint)
+class WrappingServerEndpoint:
+    """
+    Listens on another endpoint with each connection's protocol wrapped.
+
+    Twisted's own (C{_WrapperServerEndpoint}) is private, and its public
+    C{proxyEndpoint} cannot take our factory; this is the same few lines
+    on public interfaces.
+    """
+
+    def __init__(
+        self,
+        inner: IStreamServerEndpoint,
+        wrap: Callable[[IProtocolFactory], IProtocolFactory],
+    ) -> None:
+        self.inner = inner
+        self.wrap = wrap
+
+    def listen(
+        self,
+        protocolFactory: IProtocolFactory,  # noqa: N803 (the interface's name)
+    ) -> Deferred[IListeningPort]:
+        listening: Deferred[IListeningPort] = self.inner.listen(
+            self.wrap(protocolFactory)
+        )
+        return listening
 
 
 def is_proxy_description(description: str) -> bool:
@@ -60,7 +97,4 @@ def proxy_endpoint(
         inner: IStreamServerEndpoint = serverFromString(reactor, description)
     else:
         inner = description
-    endpoint: IStreamServerEndpoint = _WrapperServerEndpoint(
-        inner, HeaderAwareProxyFactory
-    )
-    return endpoint
+    return WrappingServerEndpoint(inner, HeaderAwareProxyFactory)

@@ -17,9 +17,6 @@ restarts nothing while it stops).  A stopped server can be started again.
 
 from __future__ import annotations
 
-import fcntl
-import socket
-import termios
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -54,6 +51,7 @@ from lineserver.sink_service import (
 )
 from lineserver.stats import Stats
 from lineserver.supervisor import ChildSpec, Supervisor
+from lineserver.transports import pending_input
 
 log = Logger(namespace="lineserver.server")
 
@@ -97,26 +95,6 @@ class ServerConfig:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     fd_reserve: int = DEFAULT_RESERVE
     backlog: int = 1024
-
-
-def pending_input(conn: LineProtocol) -> int:
-    """
-    @return: bytes the kernel holds for C{conn} that we have not read yet
-        (0 if it cannot tell, as for a transport with no socket).
-    """
-    transport: Any = conn.transport
-    for _ in range(4):
-        if transport is None:
-            return 0
-        skt = getattr(transport, "socket", None)
-        if isinstance(skt, socket.socket):
-            try:
-                buf = fcntl.ioctl(skt.fileno(), termios.FIONREAD, b"\0\0\0\0")
-            except OSError:
-                return 0
-            return int.from_bytes(buf, "little")
-        transport = getattr(transport, "transport", None)
-    return 0
 
 
 class Phase(Enum):
@@ -407,7 +385,7 @@ class LineServer(Supervisor):
             last = self.reactor.seconds() >= budget_end
             for conn in self.registry:
                 if DRAIN_REASON not in conn.gate.reasons and (
-                    last or pending_input(conn) == 0
+                    last or pending_input(conn.transport) == 0
                 ):
                     conn.gate.hold(DRAIN_REASON)
             if all(DRAIN_REASON in conn.gate.reasons for conn in self.registry):

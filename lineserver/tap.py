@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import atexit
 import os
+import platform
 import re
 import sys
 from collections.abc import Callable
-from typing import Any
+from importlib import metadata
+from typing import Any, NoReturn, cast
 
 from twisted.application.service import IService
 from twisted.logger import Logger
@@ -21,18 +23,32 @@ from typing_extensions import override
 
 from lineserver.connections import OVERFLOW_CHOICES
 from lineserver.fdlimits import DEFAULT_RESERVE
+from lineserver.ports import port_number
 from lineserver.protocol import ProtocolSettings
 from lineserver.security import Security, SecurityConfig, SecurityConfigError
 from lineserver.server import DEFAULT_PORT, HANDLERS, LineServer, ServerConfig
 from lineserver.signals import HangupReload
 from lineserver.sinks import SinkURLError, sink_factory_from_url
 from lineserver.supervisor import ChildSpec
-from lineserver.tls import is_ssl_description
+from lineserver.tls import (
+    ReloadableServerTLS,
+    TLSConfigError,
+    is_ssl_description,
+    split_ssl_description,
+)
 
 log = Logger(namespace="lineserver.tap")
 
 #: Exit status when the supervisor gives up (sysexits' EX_SOFTWARE).
 EXIT_ESCALATED = 70
+#: Exit status when the server cannot start: its sink did not open
+#: (sysexits' EX_UNAVAILABLE).
+EXIT_CANNOT_START = 69
+
+#: Where lines go when --sink is not given.
+DEFAULT_SINK = "file:lines.log"
+#: Seconds of silence before TCP keepalive probes a peer, unless told.
+DEFAULT_TCP_KEEPALIVE = "300"
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -73,20 +89,57 @@ def check_endpoint(description: str) -> None:
     Parse an endpoint description now, so a typo is a usage error and not a
     listener retrying forever.
 
+    Twisted's parsers only check the description and keep the reactor for
+    C{listen()}, which is never called here: so no reactor is given (nor
+    imported, nor faked), and nothing listens.
+
     @raise usage.UsageError: naming --port and the reason.
     """
     from twisted.internet.endpoints import serverFromString
-    from twisted.internet.testing import MemoryReactor
 
     try:
-        endpoint = serverFromString(MemoryReactor(), description)
+        serverFromString(cast(Any, None), description)
     except Exception as error:
         raise usage.UsageError(
             f"--port: bad endpoint {description!r}: {error}"
         ) from None
-    port = getattr(endpoint, "_port", None)
-    if isinstance(port, int) and not 0 <= port <= 65535:
+    port = port_number(description)
+    if port is not None and not 0 <= port <= 65535:
         raise usage.UsageError(f"--port: port out of range in {description!r}")
+
+
+def check_tls_port(description: str, client_ca: str | None) -> None:
+    """
+    Read an C{ssl:} port's certificate, key and chain now, and check the
+    TCP port under it, so that a bad one is a usage error naming it.
+
+    @raise SecurityConfigError: naming the port and what is wrong with it.
+    """
+    try:
+        spec = split_ssl_description(description)
+        ReloadableServerTLS(
+            spec.cert_path, spec.key_path, client_ca, chain_path=spec.chain_path
+        )
+    except (TLSConfigError, ValueError) as error:
+        raise SecurityConfigError(f"--port {description}: {error}") from error
+    check_endpoint(spec.plain)
+
+
+def version_text() -> str:
+    """
+    @return: C{lineserver X (Twisted Y, Python Z)}, for --version and bug
+        reports.
+    """
+    from twisted import __version__ as twisted_version
+
+    try:
+        ours = metadata.version("lineserver")
+    except metadata.PackageNotFoundError:  # run from a checkout, not installed
+        ours = "(not installed)"
+    return (
+        f"lineserver {ours} (Twisted {twisted_version}, "
+        f"Python {platform.python_version()})"
+    )
 
 
 def _flowed(method: Callable[..., None]) -> Callable[..., None]:
@@ -112,12 +165,6 @@ class Options(usage.Options):
 
     optParameters: list[list[Any]] = [
         ["mode", "m", "sink", "What to do with lines: echo or sink."],
-        [
-            "sink",
-            "s",
-            "file:lines.log",
-            "Where lines go in sink mode: file:PATH, stdout:, null:.",
-        ],
         [
             "max-line-length",
             None,
@@ -182,6 +229,13 @@ class Options(usage.Options):
         ],
         ["restart-period", None, "10", "Window in seconds for --max-restarts."],
         [
+            "tcp-keepalive",
+            None,
+            DEFAULT_TCP_KEEPALIVE,
+            "Seconds of silence after which TCP keepalive probes a client; "
+            "one that does not answer is dropped (0: off).",
+        ],
+        [
             "fd-reserve",
             None,
             str(DEFAULT_RESERVE),
@@ -232,6 +286,32 @@ class Options(usage.Options):
         super().__init__()
         self["ports"] = []
         self["allow"] = None
+        self["sink"] = DEFAULT_SINK
+        self._sink_given = False
+
+    def opt_version(self) -> NoReturn:
+        """
+        Print lineserver's version (with Twisted's and Python's) and exit.
+        """
+        print(version_text())
+        sys.exit(0)
+
+    @_flowed
+    def opt_sink(self, url: str) -> None:
+        """
+        Where lines go in sink mode: file:PATH (file:PATH?fsync=1 makes
+        each batch durable), stdout:, null:. Once at most, and only with
+        --mode sink. [default: file:lines.log]
+        """
+        if self._sink_given:
+            raise usage.UsageError(
+                f"--sink: given twice ({self['sink']!r} and {url!r}); "
+                "lines go to one sink"
+            )
+        self._sink_given = True
+        self["sink"] = url
+
+    opt_s = opt_sink
 
     @_flowed
     def opt_port(self, description: str) -> None:
@@ -266,6 +346,11 @@ class Options(usage.Options):
             raise usage.UsageError(
                 f"--mode: expected one of {modes}, got {self['mode']!r}"
             )
+        if self["mode"] != "sink" and self._sink_given:
+            raise usage.UsageError(
+                f"--sink: only used in --mode sink; --mode {self['mode']} "
+                "would ignore it"
+            )
         if self["overflow"] not in OVERFLOW_CHOICES:
             raise usage.UsageError(
                 f"--overflow: expected wait or reject, got {self['overflow']!r}"
@@ -294,6 +379,7 @@ class Options(usage.Options):
             "line-timeout",
             "shutdown-timeout",
             "restart-period",
+            "tcp-keepalive",
         ):
             self[name] = _convert(name, self, _seconds, minimum=0)
         if self["mode"] == "sink":
@@ -304,14 +390,13 @@ class Options(usage.Options):
         Read every TLS, CA and token file now, so that a bad one is a usage
         error naming it, not a server that starts and refuses everyone.
         """
-        from twisted.internet.testing import MemoryReactor
-
         config = security_from_options(self)
         try:
             config.check(self["ports"])
-            security = Security(config)
+            Security(config)
             for description in self["ports"]:
-                security.endpoint(MemoryReactor(), description)
+                if is_ssl_description(description):
+                    check_tls_port(description, config.tls_client_ca)
         except SecurityConfigError as error:
             raise usage.UsageError(str(error)) from None
 
@@ -320,12 +405,30 @@ class Options(usage.Options):
             sink_factory_from_url(self["sink"], reactor=None)
         except SinkURLError as error:
             raise usage.UsageError(f"--sink: {error}") from None
-        if self["sink"].lower().startswith("stdout:") and _logs_to_stdout(self.parent):
+        to_stdout = self["sink"].lower().startswith("stdout:")
+        if to_stdout and _daemonizes(self.parent):
+            raise usage.UsageError(
+                "--sink stdout: twistd without -n (--nodaemon) runs in the "
+                "background with standard output on /dev/null, and every line "
+                "would be lost; add -n, or choose a file: sink"
+            )
+        if to_stdout and _logs_to_stdout(self.parent):
             raise usage.UsageError(
                 "--sink stdout: lines would mix with the log on standard output; "
                 "send the log elsewhere with twistd --logfile=FILE (or --syslog), "
                 "or twist --log-file=FILE"
             )
+
+
+def _daemonizes(parent: Any) -> bool:
+    """
+    Will twistd go to the background (no C{-n}), with standard output on
+    /dev/null?  C{twist} never does.
+    """
+    if parent is None:
+        return False
+    options = getattr(parent, "opts", parent)
+    return "nodaemon" in options and not options.get("nodaemon")
 
 
 def _logs_to_stdout(parent: Any) -> bool:
@@ -399,6 +502,7 @@ def config_from_options(options: Options) -> ServerConfig:
         idle_timeout=options["idle-timeout"] or None,
         line_timeout=options["line-timeout"] or None,
         handshake_timeout=options["tls-handshake-timeout"],
+        tcp_keepalive=options["tcp-keepalive"] or None,
         log_connections=not options["quiet-connections"],
     )
     return ServerConfig(
@@ -419,7 +523,9 @@ def config_from_options(options: Options) -> ServerConfig:
 
 
 def exit_after_stop(
-    reactor: Any, status: int = EXIT_ESCALATED
+    reactor: Any,
+    status: int = EXIT_ESCALATED,
+    why: str = "restart intensity exceeded",
 ) -> Callable[[Failure], None]:
     """
     @return: an escalation handler that stops the reactor and makes the
@@ -428,8 +534,8 @@ def exit_after_stop(
 
     def escalate(reason: Failure) -> None:
         log.critical(
-            "lineserver gives up: restart intensity exceeded ({reason}); "
-            "exiting with status {status}",
+            "lineserver gives up: {why} ({reason}); exiting with status {status}",
+            why=why,
             reason=reason.getErrorMessage(),
             status=status,
         )
@@ -457,6 +563,9 @@ def makeService(options: Options) -> IService:
         if options["mode"] == "sink"
         else None,
         on_escalate=exit_after_stop(reactor),
+        on_start_failed=exit_after_stop(
+            reactor, EXIT_CANNOT_START, "the server could not start"
+        ),
     )
     server.add_child(ChildSpec("sighup", lambda: HangupReload(reactor, server.reload)))
     return server

@@ -35,7 +35,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from OpenSSL import SSL, crypto
-from twisted.internet.endpoints import _parse as parse_endpoint_description
 from twisted.internet.endpoints import (
     quoteStringArgument,
     serverFromString,
@@ -54,6 +53,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from lineserver.proxy import is_proxy_description, proxy_endpoint
+from lineserver.twisted_internals import parse_endpoint_description
 
 StrPath = str | os.PathLike[str]
 

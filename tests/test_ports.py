@@ -83,9 +83,9 @@ class WithDefaultsTests(SynchronousTestCase):
 
     def test_other_kinds(self) -> None:
         """
-        UNIX sockets get a backlog only; other kinds pass through.
+        UNIX sockets get a file mode and a backlog; other kinds pass through.
         """
-        self.assertEqual(with_defaults("unix:/s", 5), "unix:/s:backlog=5")
+        self.assertEqual(with_defaults("unix:/s", 5), "unix:/s:mode=660:backlog=5")
         for description in ("systemd:domain=INET:index=0", "nonsense"):
             self.assertEqual(with_defaults(description, 9), description)
 

@@ -27,7 +27,14 @@ from zope.interface.verify import verifyObject
 from lineserver.flow import SinkQueue
 from lineserver.interfaces import ISink, ISinkFactory, ISupervisor
 from lineserver.sink_service import SinkService
-from lineserver.sinks import SinkURL, SinkURLError, sink_factory_from_url
+from lineserver.sinks import (
+    Scheme,
+    SinkURL,
+    SinkURLError,
+    available_schemes,
+    check_options,
+    sink_factory_from_url,
+)
 from lineserver.sinks.file import FileSink, FileSinkFactory
 from lineserver.sinks.null import NullSink, NullSinkFactory
 from lineserver.sinks.stdout import StdoutSink, StdoutSinkFactory
@@ -243,6 +250,89 @@ class SinkFactoryFromURLTests(SynchronousTestCase):
         with self.assertRaises(SinkURLError) as caught:
             sink_factory_from_url("file:", reactor)
         self.assertIn("needs a path", str(caught.exception))
+
+    def test_directory(self) -> None:
+        """
+        A path that is a directory is refused at once (it could never be
+        opened for appending), suggesting a file in it.
+        """
+        directory = temp_dir(self)
+        with self.assertRaises(SinkURLError) as caught:
+            sink_factory_from_url(f"file:{directory}", reactor)
+        message = str(caught.exception)
+        self.assertIn("is a directory", message)
+        self.assertIn(os.path.join(directory, "lines.log"), message)
+
+    def test_checking_creates_nothing(self) -> None:
+        """
+        Making the factory (which runs while options are parsed) neither
+        creates the file nor opens it; the sink's open does.
+        """
+        directory = temp_dir(self)
+        path = os.path.join(directory, "lines.log")
+        factory = sink_factory_from_url(f"file:{path}?fsync=1", reactor)
+        self.assertEqual(os.listdir(directory), [])
+        sink = factory()
+        assert isinstance(sink, FileSink)
+        self.assertTrue(sink.fsync)
+        self.assertEqual(os.listdir(directory), [])
+
+    def test_unknown_options(self) -> None:
+        """
+        Each built-in scheme refuses an option it does not declare, naming
+        it and the ones it knows.
+        """
+        cases = [
+            ("file:x.log?fsycn=1", "file: unknown option 'fsycn' (known: fsync)"),
+            (
+                "file:x.log?fsync=1&mode=600",
+                "file: unknown option 'mode' (known: fsync)",
+            ),
+            ("null:?fsync=1", "null: unknown option 'fsync' (null: takes no options)"),
+            ("stdout:?x=", "stdout: unknown option 'x' (stdout: takes no options)"),
+            ("stdout:?x", "stdout: unknown option 'x' (stdout: takes no options)"),
+        ]
+        for url, expected in cases:
+            with self.assertRaises(SinkURLError, msg=url) as caught:
+                sink_factory_from_url(url, reactor)
+            self.assertEqual(str(caught.exception), expected)
+
+
+class SchemeOptionsTests(SynchronousTestCase):
+    """
+    How a scheme (built in, or from another package's entry point) declares
+    its options.
+    """
+
+    def test_declared(self) -> None:
+        """
+        A L{Scheme} takes its declared options and refuses any other.
+        """
+        scheme = Scheme(lambda url, reactor: NullSinkFactory(), frozenset({"a", "b"}))
+        check_options(SinkURL.parse("x:?a=1&b=2"), scheme)
+        with self.assertRaises(SinkURLError) as caught:
+            check_options(SinkURL.parse("x:?a=1&c=3"), scheme)
+        self.assertEqual(str(caught.exception), "x: unknown option 'c' (known: a, b)")
+        self.assertIsInstance(scheme(SinkURL.parse("x:?a=1"), reactor), NullSinkFactory)
+
+    def test_undeclared(self) -> None:
+        """
+        A plain function declares nothing: its options are its own to check.
+        """
+
+        def plugin(url: SinkURL, reactor: Any) -> ISinkFactory:
+            return NullSinkFactory()
+
+        check_options(SinkURL.parse("kafka:topic?acks=all&linger=5"), plugin)
+
+    def test_builtin_declarations(self) -> None:
+        """
+        The built-in schemes declare what their code reads.
+        """
+        schemes = available_schemes()
+        self.assertEqual(getattr(schemes["file"], "options", None), {"fsync"})
+        self.assertEqual(getattr(schemes["null"], "options", None), frozenset())
+        self.assertEqual(getattr(schemes["stdout"], "options", None), frozenset())
 
 
 class InterfaceTests(SynchronousTestCase):

@@ -11,18 +11,32 @@ line of output, standard output as a sink) through a real twistd.
 from __future__ import annotations
 
 import os
+import platform
+import re
 import select
 import signal
 import socket
 import subprocess
 import time
+from importlib import metadata
+from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.python import usage
+
+# twistd's options for this platform: public, but chosen at import time,
+# which hides the name from mypy.
+from twisted.scripts.twistd import ServerOptions  # type: ignore[attr-defined]
 from twisted.trial.unittest import SynchronousTestCase
 
-from lineserver.tap import Options, default_port, parse_size
+from lineserver.tap import (
+    Options,
+    config_from_options,
+    default_port,
+    parse_size,
+    version_text,
+)
 from tests.support import TWISTD, ServerProcess, free_port, temp_dir
 
 
@@ -67,6 +81,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(options["low-watermark"], 1 << 20)
         self.assertEqual(options["max-restarts"], 5)
         self.assertEqual(options["restart-period"], 10.0)
+        self.assertEqual(options["tcp-keepalive"], 300.0)
 
     def test_repeatable_port(self) -> None:
         """
@@ -134,6 +149,10 @@ class OptionsTests(SynchronousTestCase):
             (["--max-connections", "0"], "--max-connections"),
             (["--max-connections-per-peer", "x"], "--max-connections-per-peer"),
             (["--max-restarts", "1.5"], "--max-restarts"),
+            (["--tcp-keepalive", "-1"], "--tcp-keepalive"),
+            (["--tcp-keepalive", "soon"], "--tcp-keepalive"),
+            (["--port", "tcp:70000"], "--port"),
+            (["--port", "bogus:1"], "--port"),
         ]
         for args, name in cases:
             with self.assertRaises(usage.UsageError, msg=repr(args)) as caught:
@@ -143,11 +162,174 @@ class OptionsTests(SynchronousTestCase):
                 f"{args}: {caught.exception}",
             )
 
-    def test_sink_not_checked_in_echo_mode(self) -> None:
+    def test_tcp_keepalive(self) -> None:
         """
-        The sink URL only matters in sink mode; echo mode ignores it.
+        C{--tcp-keepalive} reaches the protocol settings in seconds; 0
+        turns keepalive off (None there).
         """
-        self.assertEqual(parse("--mode", "echo", "--sink", "ftp:x")["mode"], "echo")
+        cases = [(None, 300.0), ("45", 45.0), ("0.5", 0.5), ("0", None)]
+        for value, expected in cases:
+            args = [] if value is None else ["--tcp-keepalive", value]
+            protocol_settings = config_from_options(parse(*args)).settings
+            self.assertEqual(protocol_settings.tcp_keepalive, expected, value)
+
+    def test_unusable_tls_port(self) -> None:
+        """
+        An C{ssl:} port whose key file is missing is refused at once,
+        naming the port and the file; nothing listens to find out.
+        """
+        with self.assertRaises(usage.UsageError) as caught:
+            parse("--port", "ssl:0:privateKey=/nonexistent/key.pem")
+        message = str(caught.exception)
+        self.assertTrue(message.startswith("--port ssl:0:"), message)
+        self.assertIn("/nonexistent/key.pem", message)
+
+
+class SinkOptionTests(SynchronousTestCase):
+    """
+    C{--sink}: given at most once, only in sink mode, with known options
+    and a usable path; refusing it leaves no trace on disk.
+    """
+
+    def setUp(self) -> None:
+        without_port_variable(self)
+        self.dir = temp_dir(self)
+
+    def refused(self, *args: str) -> str:
+        """
+        @return: the usage error's message, after checking it names --sink
+            and that parsing created nothing.
+        """
+        with self.assertRaises(usage.UsageError) as caught:
+            parse(*args)
+        message = str(caught.exception)
+        self.assertTrue(message.startswith("--sink:"), message)
+        self.assertEqual(os.listdir(self.dir), [])
+        return message
+
+    def test_default_and_explicit(self) -> None:
+        """
+        Without C{--sink} lines go to file:lines.log, in sink mode only;
+        echo mode does not mind the default.  C{-s} is C{--sink}.
+        """
+        self.assertEqual(parse()["sink"], "file:lines.log")
+        self.assertEqual(parse("--mode", "echo")["mode"], "echo")
+        path = os.path.join(self.dir, "out.log")
+        self.assertEqual(parse("-s", f"file:{path}")["sink"], f"file:{path}")
+        self.assertEqual(os.listdir(self.dir), [])
+
+    def test_given_twice(self) -> None:
+        """
+        A second C{--sink} (or C{-s}) is refused, naming both, instead of
+        the last one silently winning.
+        """
+        message = self.refused("--sink", "null:", "-s", "stdout:")
+        self.assertIn("given twice", message)
+        self.assertIn("'null:'", message)
+        self.assertIn("'stdout:'", message)
+        self.refused("--sink", "null:", "--sink", "null:")
+
+    def test_in_echo_mode(self) -> None:
+        """
+        C{--sink} with C{--mode echo} is refused, whichever comes first.
+        """
+        for args in (
+            ("--mode", "echo", "--sink", "null:"),
+            ("--sink", "null:", "-m", "echo"),
+        ):
+            self.assertIn("--mode echo", self.refused(*args))
+
+    def test_unknown_option(self) -> None:
+        """
+        A misspelt URL option is refused, naming it and the known ones; a
+        scheme without options says so.
+        """
+        path = os.path.join(self.dir, "x.log")
+        message = self.refused("--sink", f"file:{path}?fsycn=1")
+        self.assertIn("'fsycn'", message)
+        self.assertIn("known: fsync", message)
+        message = self.refused("--sink", "null:?fsync=1")
+        self.assertIn("'fsync'", message)
+        self.assertIn("takes no options", message)
+
+    def test_directory(self) -> None:
+        """
+        A path that is a directory is refused, suggesting a file in it.
+        """
+        sub = os.path.join(self.dir, "logs")
+        os.mkdir(sub)
+        with self.assertRaises(usage.UsageError) as caught:
+            parse("--sink", f"file:{sub}")
+        self.assertIn("is a directory", str(caught.exception))
+        self.assertEqual(os.listdir(self.dir), ["logs"])
+        self.assertEqual(os.listdir(sub), [])
+
+    def test_missing_directory(self) -> None:
+        """
+        A file in a directory that does not exist is refused, naming the
+        directory, and the directory is not made.
+        """
+        missing = os.path.join(self.dir, "nope")
+        message = self.refused("--sink", f"file:{missing}/lines.log")
+        self.assertIn(repr(missing), message)
+
+
+def twistd_options(*args: str) -> ServerOptions:
+    """
+    Parse a whole twistd command line, as twistd itself does before it
+    starts (or goes to the background).
+    """
+    config = ServerOptions()
+    config.parseOptions(list(args))
+    return config
+
+
+class ParentOptionsTests(SynchronousTestCase):
+    """
+    What twistd's own options allow C{--sink stdout:} to do.
+    """
+
+    def setUp(self) -> None:
+        without_port_variable(self)
+
+    def test_daemon_mode(self) -> None:
+        """
+        Without C{-n} twistd puts standard output on /dev/null: a stdout
+        sink would lose every line, so it is refused, even with a log file.
+        """
+        with self.assertRaises(usage.UsageError) as caught:
+            twistd_options("--logfile=x.log", "lineserver", "--sink", "stdout:")
+        self.assertIn("without -n", str(caught.exception))
+
+    def test_foreground_with_log_file(self) -> None:
+        """
+        In the foreground with the log in a file, a stdout sink is fine.
+        """
+        config = twistd_options(
+            "-n", "--logfile=x.log", "lineserver", "--sink", "stdout:"
+        )
+        self.assertEqual(config.subOptions["sink"], "stdout:")
+
+    def test_daemon_mode_other_sinks(self) -> None:
+        """
+        Other sinks run in the background as well.
+        """
+        config = twistd_options("--logfile=x.log", "lineserver", "--sink", "null:")
+        self.assertEqual(config.subOptions["sink"], "null:")
+
+
+class VersionTests(SynchronousTestCase):
+    def test_text(self) -> None:
+        """
+        The version line names lineserver's installed version, then
+        Twisted's and Python's.
+        """
+        expected = (
+            f"lineserver {metadata.version('lineserver')} "
+            f"(Twisted {metadata.version('twisted')}, "
+            f"Python {platform.python_version()})"
+        )
+        self.assertEqual(version_text(), expected)
 
 
 class DefaultPortTests(SynchronousTestCase):
@@ -213,6 +395,52 @@ class ParseSizeTests(SynchronousTestCase):
         for bad in ["-1", "1.5K", "K", "", "1T", "1KK", "0x10"]:
             with self.assertRaises(ValueError):
                 parse_size(bad)
+
+
+CONFIGURATION = Path(__file__).parent.parent / "docs" / "configuration.md"
+
+
+def cells_of(row: str) -> list[str]:
+    """
+    The cells of a Markdown table row (C{\\|} is a pipe inside a cell).
+    """
+    return re.split(r"(?<!\\)\|", row)
+
+
+class DocumentationTests(SynchronousTestCase):
+    def table_row(self, option: str) -> str:
+        """
+        @return: the default column of C{--option}'s row in
+            docs/configuration.md's tables.
+        """
+        for line in CONFIGURATION.read_text().splitlines():
+            cells = cells_of(line)
+            if len(cells) > 3 and (
+                f"`--{option} " in cells[1] or f"`--{option}`" in cells[1]
+            ):
+                return cells[2]
+        self.fail(f"--{option} has no row in docs/configuration.md")
+
+    def test_every_option_with_its_default(self) -> None:
+        """
+        Every option of C{twistd lineserver} has a row in
+        docs/configuration.md, and a default that C{--help} shows is the
+        one the row's default column gives.
+        """
+        for name, _short, default, _doc in Options.optParameters:
+            documented = self.table_row(name)
+            if default is not None:
+                self.assertIn(f"`{default}`", documented, name)
+        for name, *_ in Options.optFlags:
+            self.assertIn("off", self.table_row(name), name)
+        methods = [n[4:] for n in dir(Options) if n.startswith("opt_") and len(n) > 5]
+        for method in methods:
+            name = method.replace("_", "-")
+            if name in ("help", "version"):
+                self.assertIn(f"--{name}", CONFIGURATION.read_text())
+            else:
+                self.table_row(name)
+        self.assertIn("`file:lines.log`", self.table_row("sink"))
 
 
 def run_twistd(cwd: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -1,8 +1,14 @@
 """Sinks, chosen by the scheme of a URL such as C{file:lines.log}.
 
-Built-in schemes are listed in L{BUILTIN_SCHEMES}; another package adds a
+Built-in schemes are listed in L{_builtin_schemes}; another package adds a
 scheme without touching lineserver by declaring an entry point in the
 C{lineserver.sinks} group whose object is a L{SinkScheme} callable.
+
+A scheme declares the query options it takes (C{file:x?fsync=1}) by being
+a L{Scheme}, or any callable with an C{options} attribute; any other
+option is then refused, so that a typo (C{?fsycn=1}) is a usage error
+instead of a setting silently ignored.  A plain function declares nothing,
+and its options are left to it.
 """
 
 from __future__ import annotations
@@ -40,7 +46,10 @@ class SinkURL:
         if not colon or not scheme:
             raise SinkURLError(f"{text!r} is not a sink URL (want scheme:target)")
         target, _, query = rest.partition("?")
-        return cls(scheme.lower(), target, dict(parse_qsl(query)))
+        # Blank values are kept: "?fsycn" must be refused as unknown, not
+        # dropped as if it were not there.
+        options = dict(parse_qsl(query, keep_blank_values=True))
+        return cls(scheme.lower(), target, options)
 
     def __str__(self) -> str:
         query = "&".join(f"{k}={v}" for k, v in self.options.items())
@@ -51,6 +60,42 @@ SinkScheme = Callable[[SinkURL, Any], ISinkFactory]
 """
 Builds a sink factory from a parsed URL and the reactor.
 """
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """
+    A L{SinkScheme} that names the query options it takes.
+
+    @ivar build: makes the factory from the URL and the reactor.
+    @ivar options: every option the URL may carry; others are refused.
+    """
+
+    build: SinkScheme
+    options: frozenset[str] = frozenset()
+
+    def __call__(self, url: SinkURL, reactor: Any) -> ISinkFactory:
+        return self.build(url, reactor)
+
+
+def check_options(url: SinkURL, scheme: SinkScheme) -> None:
+    """
+    Refuse options the scheme does not declare, naming the ones it knows.
+
+    @raise SinkURLError: for the first unknown option.
+    """
+    declared: frozenset[str] | None = getattr(scheme, "options", None)
+    if declared is None:
+        return
+    unknown = sorted(url.options.keys() - declared)
+    if not unknown:
+        return
+    known = (
+        f"known: {', '.join(sorted(declared))}"
+        if declared
+        else f"{url.scheme}: takes no options"
+    )
+    raise SinkURLError(f"{url.scheme}: unknown option {unknown[0]!r} ({known})")
 
 
 def _builtin_schemes() -> dict[str, SinkScheme]:
@@ -81,4 +126,5 @@ def sink_factory_from_url(text: str, reactor: Any) -> ISinkFactory:
     if scheme is None:
         known = ", ".join(f"{name}:" for name in sorted(schemes))
         raise SinkURLError(f"unknown sink scheme {url.scheme!r} (known: {known})")
+    check_options(url, scheme)
     return scheme(url, reactor)

@@ -16,7 +16,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from lineserver.interfaces import ISink, ISinkFactory
-from lineserver.sinks import SinkURL, SinkURLError
+from lineserver.sinks import Scheme, SinkURL, SinkURLError
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -88,16 +88,30 @@ class FileSinkFactory:
         return FileSink(self.path, self._reactor, self.fsync)
 
 
-def file_scheme(url: SinkURL, reactor: Any) -> ISinkFactory:
+def _file_factory(url: SinkURL, reactor: Any) -> ISinkFactory:
     """
     C{file:PATH} or C{file:PATH?fsync=1}.
+
+    The path is checked, never opened, here: this runs while the command
+    line is parsed, which must not create files.  A path that exists and
+    is not a regular file's, or a missing directory, would fail the
+    sink's first open; saying so now names the option at fault.
     """
     if not url.target:
         raise SinkURLError("file: needs a path, as in file:lines.log")
     fsync_text = url.options.get("fsync", "0").lower()
     if fsync_text not in _TRUE | _FALSE:
         raise SinkURLError(f"file: fsync must be 0 or 1, not {fsync_text!r}")
+    if os.path.isdir(url.target):
+        raise SinkURLError(
+            f"file: {url.target!r} is a directory; name a file in it, "
+            f"as in file:{os.path.join(url.target, 'lines.log')}"
+        )
     directory = os.path.dirname(os.path.abspath(url.target))
     if not os.path.isdir(directory):
         raise SinkURLError(f"file: directory {directory!r} does not exist")
     return FileSinkFactory(url.target, reactor, fsync_text in _TRUE)
+
+
+#: C{file:PATH}, with the one option C{fsync}.
+file_scheme = Scheme(_file_factory, frozenset({"fsync"}))

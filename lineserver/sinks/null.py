@@ -8,7 +8,7 @@ from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
 from lineserver.interfaces import ISink, ISinkFactory
-from lineserver.sinks import SinkURL
+from lineserver.sinks import Scheme, SinkURL
 
 
 @implementer(ISink)
@@ -41,5 +41,9 @@ class NullSinkFactory:
         return NullSink()
 
 
-def null_scheme(url: SinkURL, reactor: Any) -> ISinkFactory:
+def _null_factory(url: SinkURL, reactor: Any) -> ISinkFactory:
     return NullSinkFactory()
+
+
+#: C{null:}, which takes no options.
+null_scheme = Scheme(_null_factory)

@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from lineserver.interfaces import ISink, ISinkFactory
-from lineserver.sinks import SinkURL
+from lineserver.sinks import Scheme, SinkURL
 
 
 @implementer(ISink, IPushProducer)
@@ -95,5 +95,9 @@ class StdoutSinkFactory:
         return StdoutSink(self._reactor)
 
 
-def stdout_scheme(url: SinkURL, reactor: Any) -> ISinkFactory:
+def _stdout_factory(url: SinkURL, reactor: Any) -> ISinkFactory:
     return StdoutSinkFactory(reactor)
+
+
+#: C{stdout:}, which takes no options.
+stdout_scheme = Scheme(_stdout_factory)

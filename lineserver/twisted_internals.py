@@ -1,0 +1,88 @@
+"""Every private Twisted name lineserver relies on, and nothing else.
+
+Twisted's compatibility policy covers its public API only: a private name
+may change in any release without a deprecation.  Each one we use is here,
+with the reason we need it, so an upgrade has one file to review, and
+C{tests/test_twisted_internals.py} checks each against the installed
+Twisted with a message saying what changed.  The rest of lineserver imports
+these names from here, never from Twisted's private modules.
+
+The supported Twisted range is declared in C{pyproject.toml}; CI runs the
+suite on its oldest and newest ends (C{make test}).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Twisted parses endpoint descriptions (C{tcp:4040:interface=\:\:1}, with
+# its own quoting) only inside serverFromString; no public function returns
+# the parts.  We need them to add our defaults (interface, backlog, mode) to
+# a --port without changing what it says, and to take an ssl: description
+# apart so that it listens with our reloadable TLS context.
+from twisted.internet.endpoints import _parse
+
+# The PROXY protocol wrapper and its factory live in a private module; the
+# public twisted.protocols.haproxy exports only proxyEndpoint(), which
+# cannot take another factory.  We subclass the wrapper to learn when the
+# header has arrived (see lineserver.proxy), and recognise it among a
+# connection's transports (lineserver.transports.behind_proxy).
+from twisted.protocols.haproxy._wrapper import (
+    HAProxyProtocolWrapper,
+    HAProxyWrappingFactory,
+)
+
+__all__ = [
+    "HAProxyProtocolWrapper",
+    "HAProxyWrappingFactory",
+    "listening_socket",
+    "parse_endpoint_description",
+    "proxy_header_received",
+    "replace_listening_socket",
+]
+
+
+def parse_endpoint_description(description: str) -> tuple[list[str], dict[str, str]]:
+    """
+    Split an endpoint description as Twisted's parser does, unquoting
+    C{\\:}: C{"tcp:80:interface=\\:\\:1"} gives C{(["tcp", "80"],
+    {"interface": "::1"})}.
+    """
+    args, kwargs = _parse(description)
+    return [str(arg) for arg in args], {str(k): str(v) for k, v in kwargs.items()}
+
+
+def proxy_header_received(wrapper: HAProxyProtocolWrapper) -> bool:
+    """
+    Has this PROXY protocol wrapper parsed its connection's header?
+
+    The wrapper keeps the parsed header in C{_proxyInfo} (None until then)
+    and says nothing when it arrives; a client behind HAProxy may stay
+    quiet for minutes after connecting, and we judge its address as soon as
+    the header is in, not at its first line.
+    """
+    info: object = wrapper._proxyInfo
+    return info is not None
+
+
+def listening_socket(port: Any) -> Any | None:
+    """
+    The socket a listening C{tcp.Port} or C{unix.Port} accepts on, or None
+    (not listening, or not a socket port).
+    """
+    return getattr(port, "socket", None)
+
+
+def replace_listening_socket(port: Any, stand_in: Any) -> None:
+    """
+    Make a listening port accept through C{stand_in}.
+
+    C{tcp.Port.doRead} calls C{self.socket.accept()} and has no hook for
+    its errors: on ENFILE, ENOBUFS or ENOMEM it logs and returns with the
+    socket still readable, and the reactor calls it again at once (100%
+    CPU).  Putting our L{lineserver.accept_guard.GuardedSocket} in the
+    C{socket} attribute is the one place to turn those errors into a
+    backoff.  The port keeps its descriptor: C{fileno} was bound to the
+    real socket when it started listening.
+    """
+    port.socket = stand_in

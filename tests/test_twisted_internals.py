@@ -1,0 +1,232 @@
+"""Each private Twisted name lineserver relies on still behaves as we use it.
+
+L{lineserver.twisted_internals} is the one module that touches them.  Twisted
+may change a private name in any release; these tests say which one changed
+and what in lineserver depends on it, so an upgrade fails here, clearly,
+rather than somewhere downstream.  Each looks the name up by itself first,
+so a missing one is reported by name even though importing
+L{lineserver.twisted_internals} would fail too.
+"""
+
+# trial's assertion methods carry no annotations; checking their calls
+# would only add noise, everything else stays strict.
+# mypy: disable-error-code="no-untyped-call"
+
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+from collections.abc import Generator
+from typing import Any
+
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from tests.support import Client, connect, reactor, temp_dir
+from tests.test_transports import Recorder, RecorderFactory, poll
+
+PROXY_HEADER = b"PROXY TCP4 192.0.2.7 192.0.2.1 40000 4040\r\n"
+
+
+def require(case: SynchronousTestCase, module: str, name: str, used_for: str) -> Any:
+    """
+    @return: C{module.name}, or fail saying what lineserver loses without it.
+    """
+    try:
+        found = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as error:
+        case.fail(
+            f"this Twisted has no {module}.{name} ({error}); lineserver uses it "
+            f"{used_for}: adapt lineserver/twisted_internals.py"
+        )
+    return found
+
+
+class EndpointParserTests(SynchronousTestCase):
+    def test_parse(self) -> None:
+        """
+        C{twisted.internet.endpoints._parse} splits a description into
+        positional and named parts, unquoting C{\\:}, as
+        L{lineserver.ports} and L{lineserver.tls} expect.
+        """
+        require(
+            self,
+            "twisted.internet.endpoints",
+            "_parse",
+            "to add defaults to --port descriptions and to take ssl: ones apart",
+        )
+        from lineserver.twisted_internals import parse_endpoint_description
+
+        cases = [
+            ("tcp:4040", (["tcp", "4040"], {})),
+            (
+                "tcp6:4040:interface=\\:\\:1:backlog=5",
+                (["tcp6", "4040"], {"interface": "::1", "backlog": "5"}),
+            ),
+            ("unix:/run/a\\:b.sock:660", (["unix", "/run/a:b.sock", "660"], {})),
+            (
+                "ssl:4443:privateKey=k.pem:certKey=c.pem",
+                (["ssl", "4443"], {"privateKey": "k.pem", "certKey": "c.pem"}),
+            ),
+        ]
+        for description, expected in cases:
+            self.assertEqual(
+                parse_endpoint_description(description),
+                expected,
+                f"endpoints._parse splits {description!r} differently now",
+            )
+
+
+class ProxyWrapperTests(TestCase):
+    def test_names(self) -> None:
+        """
+        The PROXY protocol wrapper and its factory are where we import them
+        from, and still a protocol wrapper and a wrapping factory.
+        """
+        wrapper = require(
+            self,
+            "twisted.protocols.haproxy._wrapper",
+            "HAProxyProtocolWrapper",
+            "to know when a PROXY header has arrived, and to see a haproxy: "
+            "connection among a protocol's transports",
+        )
+        factory = require(
+            self,
+            "twisted.protocols.haproxy._wrapper",
+            "HAProxyWrappingFactory",
+            "to wrap haproxy: ports with our header-aware wrapper",
+        )
+        self.assertTrue(issubclass(wrapper, ProtocolWrapper))
+        self.assertTrue(issubclass(factory, WrappingFactory))
+        self.assertIs(factory.protocol, wrapper)
+
+    @inlineCallbacks
+    def test_header_received(self) -> Generator[Deferred[Any], Any, None]:
+        """
+        Over a real connection: no header yet means C{_proxyInfo} is None;
+        once the header is in, it is set, and the peer is the one the
+        header names.
+        """
+        from lineserver.twisted_internals import (
+            HAProxyWrappingFactory,
+            proxy_header_received,
+        )
+
+        factory = RecorderFactory()
+        endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+        port: IListeningPort = yield endpoint.listen(HAProxyWrappingFactory(factory))
+        self.addCleanup(port.stopListening)
+        client: Client = yield connect(port.getHost().port)  # type: ignore[attr-defined]
+        self.addCleanup(self.disconnect, client)
+        yield poll(lambda: bool(factory.connections), "the server side")
+        server: Recorder = yield factory.connections[0]
+        wrapper = server.transport
+        message = (
+            "HAProxyProtocolWrapper._proxyInfo no longer tells whether the "
+            "PROXY header has arrived; lineserver.proxy relies on it"
+        )
+        self.assertFalse(proxy_header_received(wrapper), message)  # type: ignore[arg-type]
+        assert client.transport is not None
+        client.transport.write(PROXY_HEADER + b"hello\n")
+        yield poll(lambda: server.received == b"hello\n", "the line after the header")
+        self.assertTrue(proxy_header_received(wrapper), message)  # type: ignore[arg-type]
+        self.assertEqual(server.transport.getPeer().host, "192.0.2.7")  # type: ignore[union-attr]
+
+    def disconnect(self, client: Client) -> Deferred[None]:
+        if client.transport is not None and client.reason is None:
+            client.transport.loseConnection()
+        return client.gone
+
+
+class CountingSocket:
+    """
+    A listening socket's stand-in that counts accept() calls.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.accepts = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        self.accepts += 1
+        return self.sock.accept()
+
+
+class ListeningSocketTests(TestCase):
+    """
+    A listening port accepts through its C{socket} attribute, which the
+    accept guard replaces (L{lineserver.accept_guard}).
+    """
+
+    @inlineCallbacks
+    def check_port(
+        self, port: IListeningPort, connect_client: Any
+    ) -> Generator[Deferred[Any], Any, None]:
+        from lineserver.twisted_internals import (
+            listening_socket,
+            replace_listening_socket,
+        )
+
+        self.addCleanup(port.stopListening)
+        kind = type(port).__module__ + "." + type(port).__name__
+        real = listening_socket(port)
+        self.assertIsInstance(
+            real,
+            socket.socket,
+            f"{kind} keeps no socket in its 'socket' attribute any more; the "
+            "accept guard cannot stand in front of it",
+        )
+        assert real is not None
+        stand_in = CountingSocket(real)
+        replace_listening_socket(port, stand_in)
+        self.assertIs(listening_socket(port), stand_in)
+        self.assertEqual(
+            port.fileno(),  # type: ignore[attr-defined]
+            real.fileno(),
+            f"{kind}.fileno no longer stays the real socket's after the swap",
+        )
+        client = yield connect_client()
+        self.addCleanup(client.transport.loseConnection)
+        yield poll(lambda: bool(self.factory.connections), "the accepted connection")
+        self.assertGreaterEqual(
+            stand_in.accepts,
+            1,
+            f"{kind} accepted without calling its 'socket' attribute's accept(); "
+            "the accept guard would be bypassed",
+        )
+
+    def setUp(self) -> None:
+        self.factory = RecorderFactory()
+
+    def test_tcp_port(self) -> Deferred[None]:
+        """
+        C{tcp.Port}.
+        """
+        port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
+        return self.check_port(port, lambda: connect(port.getHost().port))
+
+    def test_unix_port(self) -> Deferred[None]:
+        """
+        C{unix.Port}.
+        """
+        path = os.path.join(temp_dir(self), "s.sock")
+        port = reactor.listenUNIX(path, self.factory)
+
+        def connect_unix() -> Deferred[Client]:
+            from twisted.internet.endpoints import UNIXClientEndpoint
+
+            endpoint = UNIXClientEndpoint(reactor, path)
+            connected: Deferred[Client] = endpoint.connect(
+                Factory.forProtocol(Client)
+            )
+            return connected
+
+        return self.check_port(port, connect_unix)
