@@ -4,7 +4,7 @@ Run it as written:
 
     .venv/bin/python docs/examples/uppercase_app.py tcp:4041:interface=127.0.0.1
 
-then `printf 'hello\\n' | nc 127.0.0.1 4041` prints `HELLO` on this
+then `hello` sent to 127.0.0.1:4041 (see docs/embedding.md) prints `HELLO` on this
 program's standard output.  Stop it with Ctrl-C: lines already received are
 written before it exits.
 """
