@@ -164,24 +164,26 @@ class LineFramer:
 
     def _feed_other(self, data: bytes) -> Frames:
         """
-        L{feed} for a delimiter other than LF, taken exactly.
+        L{feed} for a delimiter other than LF, taken exactly, splitting the
+        stream as C{bytes.split} would (leftmost first: with C{||}, the
+        stream C{a|||} is the line C{a} and the tail C{|}).
+
+        A delimiter can only complete in the tail's last C{len - 1} bytes
+        plus this read, so only those are searched while a line grows;
+        the tail is joined once, when a delimiter is found.
         """
         delimiter = self.delimiter
-        suffix = self._suffix
-        end = (suffix + data).rfind(delimiter) if suffix else data.rfind(delimiter)
-        if end < 0:
+        if delimiter not in (self._suffix + data if self._suffix else data):
             if len(delimiter) > 1:
-                self._suffix = (suffix + data)[1 - len(delimiter) :]
+                self._suffix = (self._suffix + data)[1 - len(delimiter) :]
             return self._hold(data)
-        cut = end + len(delimiter) - len(suffix)  # just past it, in data
-        self._chunks.append(data[:cut])
-        head = b"".join(self._chunks)
-        rest = data[cut:]
+        whole = b"".join(self._chunks) + data if self._chunks else data
+        lines = whole.split(delimiter)
+        rest = lines.pop()
+        head = whole[: len(whole) - len(rest)]
         self._chunks = [rest] if rest else []
         self._pending = len(rest)
         self._suffix = rest[1 - len(delimiter) :] if len(delimiter) > 1 else b""
-        lines = head.split(delimiter)
-        lines.pop()
         limit = self.max_line_length
         if max(map(len, lines)) > limit:
             return self._cut(head, lines)

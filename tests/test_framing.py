@@ -217,10 +217,21 @@ class OtherDelimiterTests(SynchronousTestCase):
         framer = LineFramer(1000, delimiter)
         lines, raw, error = feed_all(framer, split_at(data, cuts))
         self.assertIsNone(error)
-        self.assertEqual(lines, data.split(delimiter)[:-1])
-        end = data.rfind(delimiter)
-        self.assertEqual(raw, data[: end + len(delimiter)] if end >= 0 else b"")
-        self.assertEqual(framer.take_tail(), data[len(raw) :])
+        *expected, tail = data.split(delimiter)
+        self.assertEqual(lines, expected)
+        self.assertEqual(raw, data[: len(data) - len(tail)])
+        self.assertEqual(framer.take_tail(), tail)
+
+    def test_overlapping_delimiter(self) -> None:
+        """
+        The stream is split leftmost first, as bytes.split does: with
+        C{||}, C{a|||} is the line C{a} and the tail C{|}, in one read or
+        byte by byte.
+        """
+        for chunks in ([b"a|||"], [b"a", b"|", b"|", b"|"]):
+            framer = LineFramer(10, b"||")
+            self.assertEqual(feed_all(framer, chunks)[:2], ([b"a"], b"a||"))
+            self.assertEqual(framer.take_tail(), b"|")
 
     def test_limit_with_delimiter(self) -> None:
         """
