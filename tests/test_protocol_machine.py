@@ -13,6 +13,8 @@ clock, the registry holds nothing of it, and no line was lost unaccounted.
 
 from __future__ import annotations
 
+import os
+
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -184,5 +186,9 @@ class ProtocolMachineTests(SynchronousTestCase):
         """
         run_state_machine_as_test(
             ProtocolMachine,
-            settings=settings(max_examples=250, stateful_step_count=25, deadline=None),
+            settings=settings(
+                max_examples=int(os.environ.get("SESSION_EXAMPLES", "250")),
+                stateful_step_count=25,
+                deadline=None,
+            ),
         )
