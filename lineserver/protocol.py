@@ -209,6 +209,8 @@ class LineProtocol(LineReceiver):
             self._stats.incr(counter)
         self.gate.hold(Pause.CLOSING)
         self.sendLine(error_line(code, action.detail))
+        if code == ErrorCode.LINE_TOO_LONG:
+            self.lineLengthExceeded(b"")
 
     def _do_start_tls(self, action: StartTLS) -> None:
         self._stats.incr("tls.starttls")
@@ -359,8 +361,10 @@ class LineProtocol(LineReceiver):
     @override
     def lineLengthExceeded(self, line: bytes) -> None:
         """
-        Not called: an over-long line is refused by the session with
-        C{ERR line-too-long} (lines before it are delivered first).
+        A line broke C{MAX_LENGTH}: the session has sent C{ERR
+        line-too-long} (after delivering the lines before it) and is
+        closing.  A subclass may override this to hear of it; C{line} is
+        empty, since the framer keeps only the length of a line it refuses.
         """
 
     @override

@@ -306,9 +306,13 @@ class ShortLines(LineProtocol):
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self.got: list[bytes] = []
+        self.exceeded: list[bytes] = []
 
     def lineReceived(self, line: bytes) -> None:
         self.got.append(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.exceeded.append(line)
 
 
 class RawSwitch(LineProtocol):
@@ -361,6 +365,7 @@ class LineReceiverContractTests(SynchronousTestCase):
         proto.dataReceived(b"\ntoolong\r\n")
         self.assertEqual(proto.got, [b"a\nb", b"abcde"])
         self.assertEqual(transport.value(), b"ERR line-too-long limit 5\r\n")
+        self.assertEqual(proto.exceeded, [b""])  # its hook heard of it
 
     def test_configured_limit_without_override(self) -> None:
         """
