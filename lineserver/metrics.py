@@ -36,7 +36,8 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
-from twisted.web.resource import Resource
+from twisted.web.pages import notFound
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 from typing_extensions import override
 
@@ -126,7 +127,7 @@ FAMILIES: tuple[Family, ...] = (
         label="reason",
     ),
     _one(
-        "bytes_queued",
+        "queued_bytes",
         "gauge",
         "queue.bytes",
         "Bytes accepted for the sink and not yet confirmed.",
@@ -244,7 +245,7 @@ FAMILIES: tuple[Family, ...] = (
         "Handler exceptions; each recreated the connection's handler.",
     ),
     _one(
-        "sink_failures",
+        "sink.failures",
         "counter",
         "sink.failures",
         "Sink open or write failures; each restarted the sink.",
@@ -337,6 +338,20 @@ class MetricsPage(Resource):
         super().__init__()
         self.registry = registry
 
+    @override
+    def render(self, request: Request) -> bytes:
+        """
+        GET and HEAD only; anything else is answered here, since Twisted's
+        own page for it is deprecated.
+        """
+        if request.method not in (b"GET", b"HEAD"):
+            request.setResponseCode(405)
+            request.setHeader(b"allow", b"GET, HEAD")
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"405 method not allowed: use GET\n"
+        rendered: bytes = super().render(request)
+        return rendered
+
     def render_GET(self, request: Request) -> bytes:
         accept = request.getHeader(b"accept")
         encode, content_type = choose_encoder(
@@ -350,9 +365,19 @@ def metrics_site(registry: CollectorRegistry, stopped: Callable[[], None]) -> Si
     """
     @return: a site with C{/metrics} alone (anything else is a 404).
     """
-    root = Resource()
+    root = _Root()
     root.putChild(PATH, MetricsPage(registry))
     return _MetricsSite(root, stopped)
+
+
+class _Root(Resource):
+    """
+    C{/metrics} and nothing else: a 404 page for any other path.
+    """
+
+    @override
+    def getChild(self, path: bytes, request: Request) -> IResource:
+        return notFound()
 
 
 class _MetricsSite(Site):
