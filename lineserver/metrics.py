@@ -84,9 +84,7 @@ class Family:
     prefix: str | None = None
 
 
-def _one(
-    name: str, kind: Literal["counter", "gauge"], source: str, doc: str
-) -> Family:
+def _one(name: str, kind: Literal["counter", "gauge"], source: str, doc: str) -> Family:
     return Family(name, kind, doc, {"": source})
 
 
@@ -236,7 +234,7 @@ FAMILIES: tuple[Family, ...] = (
         "auth_accepted",
         "counter",
         "auth.accepted",
-        "AUTH lines accepted (refusals: connections_refused{reason=\"unauthorized\"}).",
+        'AUTH lines accepted (refusals: connections_refused{reason="unauthorized"}).',
     ),
     _one(
         "handler_failures",
@@ -273,9 +271,7 @@ class StatsCollector:
     metrics are the server's own counters, never a second count of them.
     """
 
-    def __init__(
-        self, stats: Stats, families: Iterable[Family] = FAMILIES
-    ) -> None:
+    def __init__(self, stats: Stats, families: Iterable[Family] = FAMILIES) -> None:
         self.stats = stats
         self.families = tuple(families)
 

@@ -212,9 +212,7 @@ class CollectorTests(SynchronousTestCase):
         self.assertEqual(value(first, "lineserver_lines_queued"), 3)
         self.assertEqual(value(second, "lineserver_lines_queued"), 1)
         self.assertEqual(
-            value(
-                second, "lineserver_connections_refused_total", reason="forbidden"
-            ),
+            value(second, "lineserver_connections_refused_total", reason="forbidden"),
             1,
         )
         self.assertEqual(
@@ -406,9 +404,7 @@ class ScrapeTests(TestCase):
         """
         config.setdefault("ports", [LOCAL])
         config.setdefault("metrics", LOCAL)
-        server = LineServer(
-            ServerConfig(**config), reactor, handler=handler, sink=sink
-        )
+        server = LineServer(ServerConfig(**config), reactor, handler=handler, sink=sink)
         server.startService()
         self.addCleanup(server.stopService)
         metrics = server.metrics
@@ -424,7 +420,10 @@ class ScrapeTests(TestCase):
 
     @inlineCallbacks
     def get(
-        self, port: int, path: bytes = b"/metrics", method: bytes = b"GET",
+        self,
+        port: int,
+        path: bytes = b"/metrics",
+        method: bytes = b"GET",
         accept: str | None = None,
     ) -> Generator[Any, Any, tuple[int, Mapping[bytes, list[bytes]], str]]:
         headers = Headers({b"accept": [accept.encode()]} if accept else {})
@@ -627,8 +626,9 @@ class ScrapeTests(TestCase):
         assert first is not None and first.port is not None
         yield first.port.stopListening()
         yield eventually(
-            lambda: server.metrics not in (None, first)
-            and server.metrics.port is not None,  # type: ignore[union-attr]
+            lambda: (
+                server.metrics not in (None, first) and server.metrics.port is not None
+            ),  # type: ignore[union-attr]
             "a fresh metrics service listening",
         )
         samples = yield self.scrape(server)
