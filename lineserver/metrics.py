@@ -149,6 +149,12 @@ FAMILIES: tuple[Family, ...] = (
         "Connections the registry held that have ended.",
     ),
     _one(
+        "connections_open",
+        "gauge",
+        "connections.open",
+        "Connections the registry holds: served, waiting, or being closed.",
+    ),
+    _one(
         "connections_active",
         "gauge",
         "connections.active",

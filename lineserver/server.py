@@ -174,6 +174,7 @@ class LineServer(Supervisor):
             overflow=config.overflow,
             stats=self.stats,
         )
+        self.stats.add_gauge("connections.open", lambda: len(self.registry))
         #: Allow list, tokens and TLS contexts; reading their files here
         #: makes a bad one fail the start, not a connection.
         self.security = Security(config.security)

@@ -464,6 +464,7 @@ class ScrapeTests(TestCase):
         self.assertEqual(value(during, "lineserver_queued_bytes"), 14)
         self.assertEqual(value(during, "lineserver_lines_delivered_total"), 0)
         self.assertEqual(value(during, "lineserver_connections_active"), 1)
+        self.assertEqual(value(during, "lineserver_connections_open"), 1)
         received, accounted = ledger(during)
         self.assertEqual(received, accounted)
         factory.sink.writes[0][1].callback(None)
@@ -475,6 +476,7 @@ class ScrapeTests(TestCase):
         self.assertEqual(value(after, "lineserver_queued_bytes"), 0)
         self.assertEqual(value(after, "lineserver_connections_opened_total"), 1)
         self.assertEqual(value(after, "lineserver_connections_closed_total"), 1)
+        self.assertEqual(value(after, "lineserver_connections_open"), 0)
         received, accounted = ledger(after)
         self.assertEqual((received, accounted), (3, 3))
 
@@ -635,3 +637,55 @@ class ScrapeTests(TestCase):
         self.assertEqual(self.metrics_port(server), port)
         self.assertEqual(value(samples, "lineserver_restarts_total"), 1)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    @inlineCallbacks
+    def test_scraped_while_stopping(self) -> Generator[Any, Any, None]:
+        """
+        The metrics port is stopped last: while the stop waits for the sink
+        to flush, a scrape still answers and shows the lines still queued;
+        once stopped, nothing listens there.
+        """
+        factory = HeldSinkFactory()
+        server = yield self.start(sink=factory)
+        port = self.metrics_port(server)
+        client = yield connect(server.port_numbers()[0])
+        client.transport.write(b"a\nb\n")
+        yield eventually(lambda: bool(factory.sink.writes), "a write in flight")
+        client.transport.loseConnection()
+        yield client.gone
+        stopping = server.stopService()
+        yield eventually(
+            lambda: not server.listeners or server.listeners[0].port is None,
+            "the line port closed",
+        )
+        samples = yield self.scrape(server)
+        self.assertNoResult(stopping)
+        self.assertEqual(value(samples, "lineserver_lines_queued"), 2)
+        self.assertEqual(ledger(samples), (2, 2))
+        factory.sink.writes[0][1].callback(None)
+        yield stopping
+        self.assertIsNone(server.metrics and server.metrics.port)
+        with self.assertRaises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+    @inlineCallbacks
+    def test_served_again_after_restart(self) -> Generator[Any, Any, None]:
+        """
+        A server stopped and started again serves metrics again on the
+        same endpoint, with the counters carried over.
+        """
+        port = free_port()
+        server = yield self.start(handler="echo", metrics=f"tcp:{port}")
+        client = yield connect(server.port_numbers()[0])
+        client.transport.write(b"x\n")
+        yield client.wait_for(2)
+        client.transport.loseConnection()
+        yield client.gone
+        yield server.stopService()
+        server.startService()
+        metrics = server.metrics
+        assert metrics is not None
+        yield metrics.when_listening()
+        samples = yield self.scrape(server)
+        self.assertEqual(self.metrics_port(server), port)
+        self.assertEqual(value(samples, "lineserver_lines_received_total"), 1)

@@ -187,6 +187,12 @@ class MetricsTwistdTests(SynchronousTestCase):
         )
         self.assertEqual(ledger(samples), (sent, sent))
         self.assertEqual(value(samples, "lineserver_connections_opened_total"), CLIENTS)
+        wait_until(
+            lambda: value(scrape(metrics_port), "lineserver_connections_open") == 0,
+            "every connection closed",
+        )
+        samples = scrape(metrics_port)
+        self.assertEqual(value(samples, "lineserver_connections_closed_total"), CLIENTS)
         written = Path(self.dir, "lines.log").read_bytes().count(b"\n")
         self.assertEqual(written, sent)
 
