@@ -264,7 +264,7 @@ FAMILIES: tuple[Family, ...] = (
         "restarts",
         "counter",
         "supervisor.restarts",
-        "Supervised children (sink, listeners) restarted after a failure.",
+        "Children (sink, listeners, metrics port) restarted after a failure.",
     ),
 )
 
