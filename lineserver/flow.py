@@ -127,6 +127,9 @@ class SinkQueue:
     ever dropped: a full queue pushes back instead.
 
     @ivar buffered: bytes put and not yet confirmed by the sink.
+    @ivar buffered_lines: lines put and not yet confirmed by the sink
+        (waiting, or in a batch in flight), so that lines received equal
+        lines delivered plus lines queued at any moment.
     """
 
     def __init__(self, high_watermark: int, low_watermark: int) -> None:
@@ -138,9 +141,14 @@ class SinkQueue:
         self.high_watermark = high_watermark
         self.low_watermark = low_watermark
         self.buffered = 0
+        self.buffered_lines = 0
         self.paused = False
         self.pauses = 0
         self._batches: deque[tuple[list[bytes], int]] = deque()
+        # Taken batches not yet confirmed, oldest first, as [lines, bytes
+        # left to confirm]: confirm() is told bytes only, and a batch's
+        # lines leave the count when its last byte is confirmed.
+        self._in_flight: deque[list[int]] = deque()
         self._producers: set[IPushProducer] = set()
         self._on_ready: Callable[[], None] | None = None
 
@@ -168,6 +176,7 @@ class SinkQueue:
         """
         self._batches.append((lines, cost))
         self.buffered += cost
+        self.buffered_lines += len(lines)
         if not self.paused and self.buffered >= self.high_watermark:
             self.paused = True
             self.pauses += 1
@@ -192,19 +201,36 @@ class SinkQueue:
                 more, more_cost = batches.popleft()
                 lines += more
                 cost += more_cost
+        self._in_flight.append([len(lines), cost])
         return lines, cost
 
     def give_back(self, lines: list[bytes], cost: int) -> None:
         """
-        Put a taken batch back at the front, after a failed write.
+        Put a taken batch back at the front, after a failed write.  Its
+        lines and bytes stay counted: they are queued again.
         """
         self._batches.appendleft((lines, cost))
+        # The batch is no longer in flight: the most recent taken batch of
+        # this size (what was just taken is given back first).
+        for index in range(len(self._in_flight) - 1, -1, -1):
+            if self._in_flight[index] == [len(lines), cost]:
+                del self._in_flight[index]
+                break
 
     def confirm(self, cost: int) -> None:
         """
         The sink has taken C{cost} bytes; resume producers below the low mark.
         """
         self.buffered -= cost
+        in_flight = self._in_flight
+        while in_flight and (cost > 0 or in_flight[0][1] == 0):
+            oldest = in_flight[0]
+            settled = min(cost, oldest[1])
+            oldest[1] -= settled
+            cost -= settled
+            if oldest[1] == 0:
+                self.buffered_lines -= oldest[0]
+                in_flight.popleft()
         if self.paused and self.buffered <= self.low_watermark:
             self.paused = False
             for producer in list(self._producers):

@@ -40,6 +40,7 @@ from lineserver.flow import Pause, SinkQueue
 from lineserver.handlers import EchoHandlerFactory, SinkHandlerFactory
 from lineserver.interfaces import ILineHandlerFactory, ISinkFactory
 from lineserver.listener import ListenerService, PortBinder
+from lineserver.metrics import MetricsService, metrics_registry
 from lineserver.ports import with_defaults
 from lineserver.protocol import LineFactory, LineProtocol, ProtocolSettings
 from lineserver.security import Security, SecurityConfig
@@ -79,6 +80,8 @@ class ServerConfig:
     is how many descriptors below C{RLIMIT_NOFILE} accepting pauses at.
     A port without C{interface=} binds loopback only, and one without
     C{backlog=} gets C{backlog} (L{lineserver.ports.with_defaults}).
+    C{metrics}, an endpoint description, serves Prometheus metrics at
+    C{/metrics} there (with the same defaults); None serves none.
     """
 
     ports: Sequence[str] = (DEFAULT_PORT,)
@@ -95,6 +98,7 @@ class ServerConfig:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     fd_reserve: int = DEFAULT_RESERVE
     backlog: int = 1024
+    metrics: str | None = None
 
 
 class Phase(Enum):
@@ -162,12 +166,15 @@ class LineServer(Supervisor):
         self.queue = SinkQueue(config.high_watermark, config.low_watermark)
         self.stats.add_gauge("queue.bytes", lambda: self.queue.buffered)
         self.stats.add_gauge("queue.pauses", lambda: self.queue.pauses)
+        self.stats.add_gauge("queue.lines", lambda: self.queue.buffered_lines)
+        self.stats.add_gauge("supervisor.restarts", lambda: self.restarts)
         self.registry: ConnectionRegistry[LineProtocol] = ConnectionRegistry(
             max_connections=config.max_connections,
             max_per_peer=config.max_connections_per_peer,
             overflow=config.overflow,
             stats=self.stats,
         )
+        self.stats.add_gauge("connections.open", lambda: len(self.registry))
         #: Allow list, tokens and TLS contexts; reading their files here
         #: makes a bad one fail the start, not a connection.
         self.security = Security(config.security)
@@ -196,6 +203,17 @@ class LineServer(Supervisor):
                 ChildSpec(
                     f"listener {index} {description}",
                     self._listener_maker(description, endpoint, binder),
+                )
+            )
+        if config.metrics is not None:
+            # After the listeners: it starts with them and, stopped last,
+            # still answers scrapes while the server drains.
+            metrics = with_defaults(config.metrics, config.backlog)
+            registry = metrics_registry(self.stats)
+            self.add_child(
+                ChildSpec(
+                    f"metrics {metrics}",
+                    lambda: MetricsService(metrics, registry, reactor),
                 )
             )
 
@@ -333,6 +351,16 @@ class LineServer(Supervisor):
             for listener in self.listeners
             if listener.port is not None
         ]
+
+    @property
+    def metrics(self) -> MetricsService | None:
+        """
+        @return: the service serving C{/metrics}, if C{config.metrics}.
+        """
+        for service in self:
+            if isinstance(service, MetricsService):
+                return service
+        return None
 
     @property
     def sink_service(self) -> SinkService | None:

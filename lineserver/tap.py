@@ -23,7 +23,7 @@ from typing_extensions import override
 
 from lineserver.connections import OVERFLOW_CHOICES
 from lineserver.fdlimits import DEFAULT_RESERVE
-from lineserver.ports import port_number
+from lineserver.ports import EVERY_INTERFACE, port_number, with_defaults
 from lineserver.protocol import ProtocolSettings
 from lineserver.security import Security, SecurityConfig, SecurityConfigError
 from lineserver.server import DEFAULT_PORT, HANDLERS, LineServer, ServerConfig
@@ -36,6 +36,7 @@ from lineserver.tls import (
     is_ssl_description,
     split_ssl_description,
 )
+from lineserver.twisted_internals import parse_endpoint_description
 
 log = Logger(namespace="lineserver.tap")
 
@@ -84,7 +85,7 @@ def default_port(environ: dict[str, str] | None = None) -> str:
     return f"tcp:{port}:interface=127.0.0.1"
 
 
-def check_endpoint(description: str) -> None:
+def check_endpoint(description: str, option: str = "--port") -> None:
     """
     Parse an endpoint description now, so a typo is a usage error and not a
     listener retrying forever.
@@ -93,7 +94,7 @@ def check_endpoint(description: str) -> None:
     C{listen()}, which is never called here: so no reactor is given (nor
     imported, nor faked), and nothing listens.
 
-    @raise usage.UsageError: naming --port and the reason.
+    @raise usage.UsageError: naming C{option} and the reason.
     """
     from twisted.internet.endpoints import serverFromString
 
@@ -101,11 +102,50 @@ def check_endpoint(description: str) -> None:
         serverFromString(cast(Any, None), description)
     except Exception as error:
         raise usage.UsageError(
-            f"--port: bad endpoint {description!r}: {error}"
+            f"{option}: bad endpoint {description!r}: {error}"
         ) from None
     port = port_number(description)
     if port is not None and not 0 <= port <= 65535:
-        raise usage.UsageError(f"--port: port out of range in {description!r}")
+        raise usage.UsageError(f"{option}: port out of range in {description!r}")
+
+
+def _tcp_address(description: str, backlog: int) -> tuple[int, str | None] | None:
+    """
+    @return: the TCP port number and interface a description listens on,
+        once lineserver's defaults are added (the interface None if given
+        by position); None if it is not a TCP port or listens on port 0.
+    """
+    full = with_defaults(description, backlog)
+    number = port_number(full)
+    if not number:
+        return None
+    try:
+        _, named = parse_endpoint_description(full)
+    except (ValueError, IndexError):
+        return None
+    return number, named.get("interface")
+
+
+def check_metrics_port(metrics: str, ports: list[str], backlog: int) -> None:
+    """
+    The metrics endpoint must not be one of the line ports: the two would
+    fight over it, and one would retry for ever.
+
+    @raise usage.UsageError: naming --metrics and the --port it repeats.
+    """
+    mine = _tcp_address(metrics, backlog)
+    if mine is None:
+        return
+    for description in ports:
+        other = _tcp_address(description, backlog)
+        if other is None or other[0] != mine[0]:
+            continue
+        interfaces = {mine[1], other[1]}
+        if len(interfaces) == 1 or interfaces & EVERY_INTERFACE:
+            raise usage.UsageError(
+                f"--metrics: {metrics!r} is the port of --port {description!r}; "
+                "serve metrics on a port of their own"
+            )
 
 
 def check_tls_port(description: str, client_ca: str | None) -> None:
@@ -288,6 +328,7 @@ class Options(usage.Options):
         self["allow"] = None
         self["sink"] = DEFAULT_SINK
         self._sink_given = False
+        self["metrics"] = None
 
     def opt_version(self) -> NoReturn:
         """
@@ -326,6 +367,20 @@ class Options(usage.Options):
         self["ports"].append(description)
 
     opt_p = opt_port
+
+    @_flowed
+    def opt_metrics(self, description: str) -> None:
+        """
+        Serve Prometheus metrics at /metrics on this endpoint, e.g.
+        tcp:9100; once at most. Without interface= a tcp/ssl port binds
+        loopback only, as --port does. [default: off]
+        """
+        if self["metrics"] is not None:
+            raise usage.UsageError(
+                f"--metrics: given twice ({self['metrics']!r} and "
+                f"{description!r}); metrics are served on one endpoint"
+            )
+        self["metrics"] = description
 
     @_flowed
     def opt_allow(self, network: str) -> None:
@@ -368,6 +423,9 @@ class Options(usage.Options):
         for name in ("max-connections", "max-connections-per-peer"):
             self[name] = _convert(name, self, _whole, minimum=1)
         self["backlog"] = _convert("backlog", self, _whole, minimum=1)
+        if self["metrics"] is not None:
+            check_endpoint(self["metrics"], "--metrics")
+            check_metrics_port(self["metrics"], self["ports"], self["backlog"])
         self["max-restarts"] = _convert("max-restarts", self, _whole, minimum=0)
         self["fd-reserve"] = _convert("fd-reserve", self, _whole, minimum=0)
         self["tls-handshake-timeout"] = _convert(
@@ -519,6 +577,7 @@ def config_from_options(options: Options) -> ServerConfig:
         restart_period=options["restart-period"],
         security=security_from_options(options),
         fd_reserve=options["fd-reserve"],
+        metrics=options["metrics"],
     )
 
 

@@ -1,0 +1,563 @@
+"""Prometheus metrics: the server's L{Stats}, read at scrape time, over HTTP.
+
+Nothing here counts anything.  L{StatsCollector} is a C{prometheus_client}
+custom collector that reads the live L{Stats} when Prometheus scrapes, so
+a value can never be counted twice or drift from what the server and its
+log say.  L{MetricsService} serves it as C{/metrics} on any server
+endpoint, retrying a port it cannot listen on, like our line listeners.
+
+The scrape is rendered in the reactor thread, between two events:
+C{prometheus_client.twisted.MetricsResource} would render it in a worker
+thread, reading counters and gauges (sets of connections) while the
+reactor changes them, and a line could be counted as received but not yet
+as queued.  Read in the reactor, one scrape is one consistent moment:
+lines received = delivered + queued + dropped holds in every scrape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import CollectorRegistry
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IListeningPort,
+    IStreamServerEndpoint,
+)
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http
+from twisted.web.pages import notFound
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import Request, Site
+from typing_extensions import override
+
+from lineserver.errors import ErrorCode
+from lineserver.interfaces import ISupervisor
+from lineserver.listener import DEFAULT_LISTEN_RETRY, PortBinder, describe_listen_error
+from lineserver.stats import Stats
+
+log = Logger(namespace="lineserver.metrics")
+
+PREFIX = "lineserver_"
+PATH = b"metrics"
+
+#: ERR codes that end a connection being served (counted as lines
+#: rejected or timeouts); every other code refuses a client.
+_CLOSING_CODES = frozenset(
+    {ErrorCode.LINE_TOO_LONG, ErrorCode.IDLE_TIMEOUT, ErrorCode.LINE_TIMEOUT}
+)
+REFUSAL_CODES: tuple[str, ...] = tuple(
+    code.value for code in ErrorCode if code not in _CLOSING_CODES
+)
+#: The accept() errors the accept guard counts; shown at 0 until they occur.
+ACCEPT_ERRNOS = ("EMFILE", "ENFILE", "ENOBUFS", "ENOMEM")
+
+
+@dataclass(frozen=True)
+class Family:
+    """
+    One exported metric family and the L{Stats} names it is read from.
+
+    @ivar name: without the C{lineserver_} prefix, and for a counter
+        without C{_total} (prometheus_client adds it to the sample).
+    @ivar sources: the Stats name of each sample, by label value; the
+        empty label value for a family without a label.
+    @ivar prefix: a Stats name prefix whose every name is a sample too,
+        labelled with the rest of the name (C{accept.errors.EMFILE}).
+    """
+
+    name: str
+    kind: Literal["counter", "gauge"]
+    doc: str
+    sources: Mapping[str, str]
+    label: str | None = None
+    prefix: str | None = None
+
+
+def _one(name: str, kind: Literal["counter", "gauge"], source: str, doc: str) -> Family:
+    return Family(name, kind, doc, {"": source})
+
+
+#: Every metric, from the Stats names documented in docs/operations.md.
+FAMILIES: tuple[Family, ...] = (
+    _one(
+        "lines_received",
+        "counter",
+        "lines.received",
+        "Complete lines accepted from clients and handed to the handler.",
+    ),
+    _one(
+        "lines_delivered",
+        "counter",
+        "lines.delivered",
+        "Lines the sink confirmed written.",
+    ),
+    _one(
+        "lines_queued",
+        "gauge",
+        "queue.lines",
+        "Lines accepted and not yet confirmed by the sink (in flight included).",
+    ),
+    Family(
+        "lines_dropped",
+        "counter",
+        "Lines accepted and then lost, by reason: received = delivered + "
+        "queued + dropped.",
+        {"handler-failed": "lines.failed"},
+        label="reason",
+    ),
+    Family(
+        "lines_rejected",
+        "counter",
+        "Lines never accepted, by reason: over --max-line-length, or an "
+        "unterminated last line.",
+        {"line-too-long": "lines.too_long", "unterminated": "lines.partial_discarded"},
+        label="reason",
+    ),
+    _one(
+        "queued_bytes",
+        "gauge",
+        "queue.bytes",
+        "Bytes accepted for the sink and not yet confirmed.",
+    ),
+    _one(
+        "queue_pauses",
+        "counter",
+        "queue.pauses",
+        "Times the sink queue reached --high-watermark and paused its clients.",
+    ),
+    _one(
+        "connections_opened",
+        "counter",
+        "connections.opened",
+        "Connections past the address check, handed to the connection registry.",
+    ),
+    _one(
+        "connections_closed",
+        "counter",
+        "connections.closed",
+        "Connections the registry held that have ended.",
+    ),
+    _one(
+        "connections_open",
+        "gauge",
+        "connections.open",
+        "Connections the registry holds: served, waiting, or being closed.",
+    ),
+    _one(
+        "connections_active",
+        "gauge",
+        "connections.active",
+        "Connections being served (what --max-connections limits).",
+    ),
+    _one(
+        "connections_waiting",
+        "gauge",
+        "connections.waiting",
+        "Connections accepted past --max-connections, waiting for a slot.",
+    ),
+    _one(
+        "connections_paused",
+        "gauge",
+        "connections.paused",
+        "Connections not being read, for any reason (sink full, client "
+        "not reading, waiting, closing).",
+    ),
+    Family(
+        "connections_refused",
+        "counter",
+        "Connections refused with an ERR line before being served, by ERR code.",
+        {code: f"errors.{code}" for code in REFUSAL_CODES},
+        label="reason",
+    ),
+    _one(
+        "connections_aborted",
+        "counter",
+        "connections.aborted",
+        "Connections aborted because they did not take their last bytes.",
+    ),
+    Family(
+        "timeouts",
+        "counter",
+        "Connections closed by a deadline, by kind.",
+        {
+            "idle": "timeouts.idle",
+            "line": "timeouts.line",
+            "handshake": "timeouts.handshake",
+            "proxy": "timeouts.proxy",
+        },
+        label="kind",
+    ),
+    Family(
+        "accept_errors",
+        "counter",
+        "accept() failures for want of a resource, by errno; each pauses "
+        "accepting for a backoff.",
+        {errno: f"accept.errors.{errno}" for errno in ACCEPT_ERRNOS},
+        label="errno",
+        prefix="accept.errors.",
+    ),
+    _one(
+        "accept_fd_watermark_pauses",
+        "counter",
+        "accept.fd_watermark.pauses",
+        "Times accepting paused at the descriptor watermark (--fd-reserve).",
+    ),
+    _one(
+        "tls_handshakes",
+        "counter",
+        "tls.handshakes",
+        "TLS handshakes completed (ssl: ports and STARTTLS).",
+    ),
+    Family(
+        "tls_handshake_failures",
+        "counter",
+        "Connections that ended before their TLS handshake did, by reason.",
+        {
+            "tls-error": "tls.refused",
+            "abandoned": "tls.abandoned",
+            "timeout": "timeouts.handshake",
+        },
+        label="reason",
+    ),
+    _one(
+        "tls_starttls",
+        "counter",
+        "tls.starttls",
+        "STARTTLS upgrades begun.",
+    ),
+    _one(
+        "auth_accepted",
+        "counter",
+        "auth.accepted",
+        'AUTH lines accepted (refusals: connections_refused{reason="unauthorized"}).',
+    ),
+    _one(
+        "handler_failures",
+        "counter",
+        "handler.failures",
+        "Handler exceptions; each recreated the connection's handler.",
+    ),
+    _one(
+        "sink.failures",
+        "counter",
+        "sink.failures",
+        "Sink open or write failures; each restarted the sink.",
+    ),
+    _one(
+        "listen_failures",
+        "counter",
+        "listen.failures",
+        "Failed attempts to listen on a --port (retried with backoff).",
+    ),
+    _one(
+        "restarts",
+        "counter",
+        "supervisor.restarts",
+        "Children (sink, listeners, metrics port) restarted after a failure.",
+    ),
+)
+
+
+class StatsCollector:
+    """
+    A C{prometheus_client} collector over a live L{Stats}.
+
+    Every value is read from C{stats} when the registry collects, so the
+    metrics are the server's own counters, never a second count of them.
+    """
+
+    def __init__(self, stats: Stats, families: Iterable[Family] = FAMILIES) -> None:
+        self.stats = stats
+        self.families = tuple(families)
+
+    def describe(self) -> list[Metric]:
+        """
+        The families, for the registry's check that no two collectors
+        export the same name.
+        """
+        return list(self.collect())
+
+    def collect(self) -> Iterator[Metric]:
+        values = self.stats.snapshot()
+        for family in self.families:
+            yield _family(family, values)
+
+
+def _family(family: Family, values: Mapping[str, int]) -> Metric:
+    name = PREFIX + family.name
+    samples = {label: values.get(source, 0) for label, source in family.sources.items()}
+    if family.prefix is not None:
+        for source, value in values.items():
+            if source.startswith(family.prefix):
+                samples[source[len(family.prefix) :]] = value
+    labels = [family.label] if family.label is not None else None
+    metric: CounterMetricFamily | GaugeMetricFamily
+    if family.kind == "counter":
+        metric = CounterMetricFamily(name, family.doc, labels=labels)
+    else:
+        metric = GaugeMetricFamily(name, family.doc, labels=labels)
+    for label, value in sorted(samples.items()):
+        metric.add_metric([label] if labels else [], value)
+    return metric
+
+
+def metrics_registry(stats: Stats, process: bool = True) -> CollectorRegistry:
+    """
+    @return: a registry of this server's own (never the process-global
+        C{REGISTRY}: two servers in one process would clash there), with
+        the L{StatsCollector} and, if C{process}, the standard C{process_*}
+        metrics (open and maximum descriptors, memory, CPU) that tell how
+        close the server is to its limits.
+    """
+    registry = CollectorRegistry()
+    registry.register(StatsCollector(stats))
+    if process:
+        ProcessCollector(registry=registry)
+    return registry
+
+
+class MetricsPage(Resource):
+    """
+    C{/metrics}: the registry in the text format the scraper asks for
+    (Prometheus text, or OpenMetrics by its C{Accept} header), rendered in
+    the reactor thread.
+    """
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self.registry = registry
+
+    @override
+    def render(self, request: Request) -> bytes:
+        """
+        GET and HEAD only; anything else is answered here, since Twisted's
+        own page for it is deprecated.
+        """
+        if request.method not in (b"GET", b"HEAD"):
+            request.setResponseCode(405)
+            request.setHeader(b"allow", b"GET, HEAD")
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"405 method not allowed: use GET\n"
+        rendered: bytes = super().render(request)
+        return rendered
+
+    def render_GET(self, request: Request) -> bytes:
+        accept = request.getHeader(b"accept")
+        encode, content_type = choose_encoder(
+            accept.decode("latin-1") if accept is not None else ""
+        )
+        request.setHeader(b"content-type", content_type.encode("ascii"))
+        return encode(self.registry)
+
+
+def metrics_site(registry: CollectorRegistry, stopped: Callable[[], None]) -> Site:
+    """
+    @return: a site with C{/metrics} alone (anything else is a 404).
+    """
+    root = _Root()
+    root.putChild(PATH, MetricsPage(registry))
+    return _MetricsSite(root, stopped)
+
+
+class _Root(Resource):
+    """
+    C{/metrics} and nothing else: a 404 page for any other path.
+    """
+
+    @override
+    def getChild(self, path: bytes, request: Request) -> IResource:
+        return notFound()
+
+
+class _MetricsSite(Site):
+    """
+    No access log (a scrape every few seconds would drown the server's own
+    lines), and tell the service when the port stops.
+    """
+
+    noisy = False
+
+    def __init__(self, root: Resource, stopped: Callable[[], None]) -> None:
+        super().__init__(root)
+        self._stopped = stopped
+
+    @override
+    def log(self, request: http.Request) -> None:
+        """
+        Scrapes are not logged.
+        """
+
+    @override
+    def doStop(self) -> None:
+        super().doStop()
+        self._stopped()
+
+
+class MetricsService(Service):
+    """
+    Serves C{/metrics} on one endpoint description, supervised.
+
+    Like a line listener: the port is bound in C{privilegedStartService}
+    (before twistd drops privileges) and listens once the reactor runs; a
+    port it cannot listen on is logged and retried with jittered backoff
+    for as long as the service runs (not a crash: the line ports go on
+    serving); a port that dies while listening is a crash, reported to
+    the supervisor, which builds a fresh service.
+
+    @ivar port: the listening port, or None while not listening.
+    """
+
+    def __init__(
+        self,
+        description: str,
+        registry: CollectorRegistry,
+        reactor: Any,
+        retry: Callable[[int], float] = DEFAULT_LISTEN_RETRY,
+    ) -> None:
+        self.description = description
+        self.registry = registry
+        self.reactor = reactor
+        self.retry = retry
+        self.binder = PortBinder(reactor)
+        self.port: IListeningPort | None = None
+        self.attempts = 0
+        self._retry_call: IDelayedCall | None = None
+        self._listening: Deferred[IListeningPort] | None = None
+        self._stopping = False
+        self._waiters: list[Deferred[IListeningPort]] = []
+
+    @override
+    def __repr__(self) -> str:
+        return f"<MetricsService {self.description}>"
+
+    def _endpoint(self) -> IStreamServerEndpoint:
+        endpoint: IStreamServerEndpoint = serverFromString(
+            self.binder, self.description
+        )
+        return endpoint
+
+    def when_listening(self) -> Deferred[IListeningPort]:
+        """
+        @return: a Deferred that fires with the port once listening.
+        """
+        if self.port is not None:
+            return succeed(self.port)
+        waiter: Deferred[IListeningPort] = Deferred()
+        self._waiters.append(waiter)
+        return waiter
+
+    @override
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        try:
+            with self.binder.binding():
+                bound = self._endpoint().listen(Factory())
+        except Exception:
+            bound = fail()
+        # Not bound early (not TCP, or busy): the listen says why, and retries.
+        bound.addErrback(lambda _: None)
+
+    @override
+    def startService(self) -> None:
+        super().startService()
+        self._stopping = False
+        self.reactor.callWhenRunning(self._listen_if_running)
+
+    def _listen_if_running(self) -> None:
+        if self.running and not self._stopping:
+            self._listen()
+
+    def _listen(self) -> None:
+        self._retry_call = None
+        self.attempts += 1
+        try:
+            listening = self._endpoint().listen(
+                metrics_site(self.registry, self._port_stopped)
+            )
+        except Exception:
+            listening = fail()
+        self._listening = listening
+        listening.addCallbacks(self._listened, self._listen_failed)
+
+    def _listened(self, port: IListeningPort) -> None:
+        self._listening = None
+        if self._stopping:
+            port.stopListening()
+            return
+        self.port = port
+        self.attempts = 0
+        address = port.getHost()
+        host = getattr(address, "host", None)
+        where = (
+            f"http://{_url_host(host)}:{address.port}/metrics"  # type: ignore[attr-defined]
+            if host is not None
+            else str(address)
+        )
+        log.info(
+            "serving metrics on {endpoint} ({where})",
+            endpoint=self.description,
+            where=where,
+        )
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(port)
+
+    def _listen_failed(self, reason: Failure) -> None:
+        self._listening = None
+        if self._stopping:
+            return
+        delay = self.retry(self.attempts)
+        log.error(
+            "could not serve metrics on {endpoint}: {reason}; retrying in "
+            "{delay:.2f}s (attempt {attempt})",
+            endpoint=self.description,
+            reason=describe_listen_error(reason),
+            delay=delay,
+            attempt=self.attempts,
+        )
+        self._retry_call = self.reactor.callLater(delay, self._listen)
+
+    def _port_stopped(self) -> None:
+        if self._stopping or not self.running:
+            return
+        self.port = None
+        log.error("metrics port {endpoint} was lost", endpoint=self.description)
+        reason = Failure(RuntimeError(f"port {self.description} stopped listening"))
+        parent = self.parent
+        if ISupervisor.providedBy(parent):
+            parent.child_failed(self, reason)
+        else:
+            self._listen()
+
+    @override
+    def stopService(self) -> Deferred[None]:  # type: ignore[override]
+        super().stopService()
+        self._stopping = True
+        if self._retry_call is not None and self._retry_call.active():
+            self._retry_call.cancel()
+        self._retry_call = None
+        if self._listening is not None:
+            self._listening.cancel()
+        self.binder.release()
+        port, self.port = self.port, None
+        if port is None:
+            return succeed(None)
+        stopped: Deferred[Any] = maybeDeferred(port.stopListening)
+        return stopped.addCallback(lambda _: None)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
