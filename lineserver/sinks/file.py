@@ -165,6 +165,7 @@ class FileSink:
         self._identity: tuple[int, int] = (0, 0)
         self._end = 0
         self._checked = 0.0
+        self._reopen_failure: str | None = None
 
     def _in_thread(self, function: Any, *args: Any) -> Deferred[Any]:
         return deferToThreadPool(self._reactor, self._pool, function, *args)
@@ -386,8 +387,8 @@ class FileSink:
         self._checked = now
         try:
             status = os.stat(self.path)
-        except FileNotFoundError:
-            why = "the path was removed"
+        except OSError as error:
+            why = f"the path cannot be read: {error.strerror}"
         else:
             if (status.st_dev, status.st_ino) == self._identity:
                 return
@@ -395,13 +396,18 @@ class FileSink:
         try:
             self._reopen(why)
         except OSError as error:
-            self._log_later(
-                "warn",
-                "sink {sink}: could not reopen ({why}): {reason}; "
-                "writing to the old file",
-                why=why,
-                reason=error.strerror,
-            )
+            # Said once, not every second, until a reopen succeeds.
+            if error.strerror != self._reopen_failure:
+                self._reopen_failure = error.strerror
+                self._log_later(
+                    "warn",
+                    "sink {sink}: could not reopen ({why}): {reason}; "
+                    "writing to the file already open",
+                    why=why,
+                    reason=error.strerror,
+                )
+        else:
+            self._reopen_failure = None
 
     def _write(self, data: bytes) -> int | None:
         """
