@@ -296,46 +296,20 @@ class LogrotateTests(SynchronousTestCase):
 
     def test_copytruncate(self) -> None:
         """
-        C{copytruncate} (copy the file, then empty it in place): the sink
-        keeps its file, and after each truncation writes from its start
-        again (no hole of zeros).  No line is ever written twice, the live
-        file never holds a torn line, and lines come in the order sent.
-
-        What logrotate copies is not the sink's to promise: a line written
-        between logrotate's last read of the file and its truncation (it
-        fsyncs the copy in between) is in neither file, and the copy may
-        end in the first part of a line whose rest was cut off
-        (logrotate's manual warns of this).  So the test checks that such
-        losses only ever happen at a rotation: per client, at most one run
-        of missing lines per rotation, and a torn line only at the end of
-        a rotated copy.  The server logs each truncation it sees.
+        C{copytruncate} (copy the file, then empty it in place): lines
+        written between logrotate's copy and its truncation (it fsyncs the
+        copy in between: milliseconds, thousands of lines under this load)
+        would be in neither file; the sink finds the copy, finishes its
+        last line if the copy cut it, and writes the rest again at the
+        start of the emptied file.  Every line is in exactly one file,
+        once, whole, and no hole of zeros is left.
         """
         files, sent = self.rotate_under_load("copytruncate")
-        everything = read_lines(files)
-        whole: list[bytes] = []
-        for index, (path, text) in enumerate(everything):
-            last_of_its_file = (
-                index + 1 == len(everything) or everything[index + 1][0] != path
-            )
-            if LINE.fullmatch(text) is None or len(text) != 99:
-                self.assertTrue(
-                    last_of_its_file and path != self.log,
-                    f"torn line {text[:80]!r} in {path.name}, not at the end of a copy",
-                )
-                continue
-            whole.append(text)
+        self.assert_exactly_once(files, sent)
         self.assertNotIn(b"\0", self.log.read_bytes())
-        found = sequences(whole)
-        for client, count in sent.items():
-            numbers = found[client]
-            self.assertEqual(numbers, sorted(set(numbers)), f"client {client}")
-            missing = sorted(set(range(count)) - set(numbers))
-            runs = sum(
-                1 for i, n in enumerate(missing) if i == 0 or missing[i - 1] != n - 1
-            )
-            self.assertLessEqual(runs, 3, f"client {client} lost lines {missing[:20]}")
-            self.assertLess(len(missing), count / 10, f"client {client}")
-        self.assertEqual(self.server.log().count("the file shrank"), 3)
+        self.assertEqual(
+            self.server.log().count("truncated under the sink (copytruncate)"), 3
+        )
 
 
 class DiskFullTests(SynchronousTestCase):

@@ -273,6 +273,35 @@ class FileSinkTests(TestCase):
         shrank = [m for m in messages if "shrank" in m]
         self.assertEqual(len(shrank), 1, messages)
         self.assertIn("from 7 to 0 bytes", shrank[0])
+        self.assertIn("may be lost", shrank[0])
+
+    @inlineCallbacks
+    def test_copytruncate_window(self) -> Generator[Deferred[Any], Any, None]:
+        """
+        What C{copytruncate} cuts off after its copy is written again: the
+        copy's torn last line is finished in the copy, the whole lines
+        after it go to the start of the emptied file, before the next
+        batch; each line ends up in exactly one file, whole.
+        """
+        messages = capture_log(self)
+        path = self.path()
+        sink = FileSink(path, reactor)
+        yield sink.open()
+        yield sink.write([b"one", b"two"])
+        yield sink.write([b"three", b"four"])
+        # logrotate read the file while "three" was half written, then
+        # truncated it after "four" was written.
+        Path(path + ".1").write_bytes(Path(path).read_bytes()[:10])
+        Path(path + ".2").write_bytes(b"an older copy, not ours\n")
+        os.truncate(path, 0)
+        yield sink.write([b"five"])
+        yield sink.close()
+        self.assertEqual(Path(path + ".1").read_bytes(), b"one\ntwo\nthree\n")
+        self.assertEqual(Path(path).read_bytes(), b"four\nfive\n")
+        again = [m for m in messages if "written again" in m]
+        self.assertEqual(len(again), 1, messages)
+        self.assertIn(f"9 byte(s) written after its copy {path}.1", again[0])
+        self.assertIn("(4 to end the copy's last line)", again[0])
 
     @inlineCallbacks
     def test_open_fails_for_unwritable_path(

@@ -83,6 +83,11 @@ RETRYABLE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO})
 #: Seconds between two checks that the path still names the open file.
 PATH_CHECK_INTERVAL = 1.0
 
+#: Bytes of the file's end kept in memory (up to twice this), to write
+#: again what a C{copytruncate} cuts off between its copy and its
+#: truncation.
+TAIL_BYTES = 8 << 20
+
 #: Seconds between two log lines about the same failing write.
 COMPLAINT_INTERVAL = 5.0
 
@@ -164,6 +169,8 @@ class FileSink:
         self._fd: int | None = None
         self._identity: tuple[int, int] = (0, 0)
         self._end = 0
+        self._tail = bytearray()
+        self._tail_start = 0
         self._checked = 0.0
         self._reopen_failure: str | None = None
 
@@ -200,6 +207,8 @@ class FileSink:
         status = os.fstat(fd)
         self._identity = (status.st_dev, status.st_ino)
         self._end = status.st_size
+        self._tail = bytearray()
+        self._tail_start = status.st_size
         self._checked = time.monotonic()
         return fd
 
@@ -423,14 +432,8 @@ class FileSink:
         assert fd is not None, "write before open"
         start = os.fstat(fd).st_size
         if start < self._end:
-            self._log_later(
-                "warn",
-                "sink {sink}: the file shrank from {was} to {now} bytes under "
-                "the sink (copytruncate?); lines written just before the cut "
-                "may be lost",
-                was=self._end,
-                now=start,
-            )
+            self._truncated(fd, start)
+            start = self._end
         view = memoryview(data)
         written = 0
         try:
@@ -446,7 +449,114 @@ class FileSink:
                 return error.errno
             raise
         self._end = start + len(data)
+        self._remember(data)
         return None
+
+    def _remember(self, data: bytes) -> None:
+        """
+        Keep the last L{TAIL_BYTES} (at least) written to this file, to
+        write again what a C{copytruncate} cuts off after its copy.
+        """
+        self._tail += data
+        excess = len(self._tail) - TAIL_BYTES
+        if excess > TAIL_BYTES:  # trimmed now and then, not on every write
+            del self._tail[:excess]
+            self._tail_start += excess
+
+    def _truncated(self, fd: int, size: int) -> None:
+        """
+        The file shrank under the sink: logrotate's C{copytruncate} copied
+        it, then emptied it; what was written between its copy and its
+        truncation is in neither file.  Find the copy next to the file
+        (its end matches what the sink wrote), finish its last line if the
+        copy cut it, and write the rest again at the start of the file.
+        """
+        old_end, tail, tail_start = self._end, self._tail, self._tail_start
+        self._end, self._tail, self._tail_start = size, bytearray(), size
+        copy = self._find_copy(tail, tail_start, old_end)
+        if copy is None:
+            self._log_later(
+                "warn",
+                "sink {sink}: the file shrank from {was} to {now} bytes under "
+                "the sink, and no copy of it ending with the sink's last "
+                "bytes is next to it; lines written just before the cut may "
+                "be lost",
+                was=old_end,
+                now=size,
+            )
+            return
+        copy_path, copied = copy
+        lost = bytes(tail[copied - tail_start : old_end - tail_start])
+        finish = b""
+        if lost and tail[copied - tail_start - 1] != 0x0A:
+            rest_of_line, _, lost = lost.partition(b"\n")
+            finish = rest_of_line + b"\n"
+        try:
+            if finish:
+                copy_fd = os.open(copy_path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+                try:
+                    _write_all(copy_fd, finish)
+                finally:
+                    os.close(copy_fd)
+            _write_all(fd, lost)
+        except OSError as error:
+            self._log_later(
+                "error",
+                "sink {sink}: the file was truncated under the sink, and the "
+                "{count} byte(s) written after its copy {copy} was taken could "
+                "not be written again: {reason}",
+                count=len(finish) + len(lost),
+                copy=copy_path,
+                reason=error.strerror,
+            )
+            self._end = os.fstat(fd).st_size
+            self._tail_start = self._end
+            return
+        self._end = size + len(lost)
+        self._remember(lost)
+        self._log_later(
+            "info",
+            "sink {sink}: the file was truncated under the sink "
+            "(copytruncate); {count} byte(s) written after its copy {copy} "
+            "was taken are written again ({finish} to end the copy's last line)",
+            count=len(finish) + len(lost),
+            copy=copy_path,
+            finish=len(finish),
+        )
+
+    def _find_copy(
+        self, tail: bytearray, tail_start: int, old_end: int
+    ) -> tuple[str, int] | None:
+        """
+        @return: the path and size of the newest file next to ours, named
+            like a rotation of it, whose last bytes are the bytes the sink
+            wrote just before that size; None if there is none.
+        """
+        directory, name = os.path.split(os.path.abspath(self.path))
+        found: list[tuple[float, str, int]] = []
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.name == name or not entry.name.startswith(name):
+                    continue
+                try:
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                    status = entry.stat(follow_symlinks=False)
+                    size = status.st_size
+                    if not tail_start < size <= old_end:
+                        continue
+                    span = min(4096, size - tail_start)
+                    with open(entry.path, "rb") as candidate:
+                        candidate.seek(size - span)
+                        last = candidate.read(span)
+                except OSError:
+                    continue
+                if last == tail[size - span - tail_start : size - tail_start]:
+                    found.append((status.st_mtime, entry.path, size))
+        if not found:
+            return None
+        _, path, size = max(found)
+        return path, size
 
     def _cut_back(self, fd: int, size: int) -> None:
         """
@@ -463,6 +573,13 @@ class FileSink:
                 size=size,
                 reason=error.strerror,
             )
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    written = 0
+    while written < len(data):
+        written += os.write(fd, view[written:])
 
 
 @implementer(ISinkFactory)
