@@ -204,7 +204,14 @@ class FileSink:
         fd = os.open(
             self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666
         )
-        status = os.fstat(fd)
+        try:
+            # As open(path, "ab") does: a file that cannot seek to its end
+            # (/proc/version) is no file to append lines to.
+            os.lseek(fd, 0, os.SEEK_END)
+            status = os.fstat(fd)
+        except OSError:
+            os.close(fd)
+            raise
         self._identity = (status.st_dev, status.st_ino)
         self._end = status.st_size
         self._tail = bytearray()
