@@ -325,8 +325,17 @@ class FileSink:
         A write failed for a reason to wait out: retry later, saying so
         at most every L{COMPLAINT_INTERVAL} seconds.
         """
+        self._retry_call = self._clock.callLater(self._complain(code), self._retry_now)
+
+    def _complain(self, code: int) -> float:
+        """
+        Count one more failure to wait out, and say so at most every
+        L{COMPLAINT_INTERVAL} seconds.
+
+        @return: the seconds to wait before the next try.
+        """
         now = self._clock.seconds()
-        delay = self._retry(self._failures)
+        delay: float = self._retry(self._failures)
         self._failures += 1
         if self._held is None or now - self._held.complained >= COMPLAINT_INTERVAL:
             held_since = now if self._held is None else self._held.since
@@ -341,7 +350,7 @@ class FileSink:
                 lines=sum(p.lines for p in self._pending),
                 cap=5.0,
             )
-        self._retry_call = self._clock.callLater(delay, self._retry_now)
+        return delay
 
     def _retry_now(self) -> None:
         self._retry_call = None
@@ -376,6 +385,15 @@ class FileSink:
 
         def fire(result: object) -> None:
             self._syncing = False
+            if isinstance(result, Failure) and _retryable(result):
+                # The batches stay written; only their fsync is tried again.
+                assert isinstance(result.value, OSError)
+                self._unsynced[:0] = waiters
+                delay = self._complain(result.value.errno or errno.EIO)
+                self._sync_call = self._clock.callLater(delay, self._sync)
+                return
+            if not isinstance(result, Failure):
+                self._resume()
             for waiter in waiters:
                 if isinstance(result, Failure):
                     waiter.errback(result)
@@ -580,6 +598,14 @@ class FileSink:
                 size=size,
                 reason=error.strerror,
             )
+
+
+def _retryable(reason: Failure) -> bool:
+    """
+    @return: whether C{reason} is an OS error to wait out.
+    """
+    error = reason.value
+    return isinstance(error, OSError) and error.errno in RETRYABLE_ERRNOS
 
 
 def _write_all(fd: int, data: bytes) -> None:
