@@ -44,6 +44,7 @@ from lineserver.sinks.null import NullSink, NullSinkFactory
 from lineserver.sinks.stdout import StdoutSink, StdoutSinkFactory
 from lineserver.stats import Stats
 from tests.support import eventually, later, reactor, temp_dir
+from tests.test_file_sink_ops import fill, small_filesystem
 
 
 def capture_log(case: SynchronousTestCase) -> list[str]:
@@ -274,6 +275,57 @@ class FileSinkTests(TestCase):
         self.assertEqual(len(shrank), 1, messages)
         self.assertIn("from 7 to 0 bytes", shrank[0])
         self.assertIn("may be lost", shrank[0])
+
+    @inlineCallbacks
+    def test_full_disk_held_and_retried(self) -> Generator[Deferred[Any], Any, None]:
+        """
+        On a real full filesystem, a batch that does not fit is cut back
+        (nothing torn stays in the file) and kept, with the batches after
+        it; it is retried after 0.1 s, doubling to 5 s; one log line says
+        so, and the next only after 5 s; once space is freed, the next
+        retry writes everything, once, and says so.
+        """
+        messages = capture_log(self)
+        small = small_filesystem(self)
+        filler = fill(small, leave=8192)
+        clock = Clock()
+        path = os.path.join(small, "lines.log")
+        sink = FileSink(path, reactor, clock=clock)
+        yield sink.open()
+        try:
+            lines = [b"%05d " % n + b"x" * 94 for n in range(200)]  # 20 kB
+            first, second = sink.write(lines[:100]), sink.write(lines[100:])
+            delays: list[float] = []
+            while True:
+                yield eventually(lambda: bool(clock.getDelayedCalls()), "a retry")
+                self.assertEqual(os.path.getsize(path), 0)
+                self.assertNoResult(first)
+                self.assertNoResult(second)
+                complaints = [m for m in messages if "cannot write" in m]
+                self.assertEqual(len(complaints), 1 if clock.seconds() < 5 else 2)
+                if clock.seconds() >= 6:
+                    break
+                delays.append(clock.getDelayedCalls()[0].getTime() - clock.seconds())
+                clock.advance(delays[-1])
+            self.assertIn(
+                "cannot write: No space left on device (ENOSPC); 200 line(s) wait",
+                complaints[0],
+            )
+            for attempt, delay in enumerate(delays):
+                expected = min(0.1 * 2**attempt, 5.0)
+                self.assertTrue(expected <= delay <= expected + 0.1, delays)
+
+            os.remove(filler)
+            clock.advance(clock.getDelayedCalls()[0].getTime() - clock.seconds())
+            yield eventually(lambda: first.called and second.called, "written")
+            self.assertEqual(
+                Path(path).read_bytes(), b"".join(line + b"\n" for line in lines)
+            )
+            recovered = [m for m in messages if "writing again" in m]
+            self.assertEqual(len(recovered), 1, messages)
+            self.assertIn("of ENOSPC", recovered[0])
+        finally:
+            yield sink.close()
 
     @inlineCallbacks
     def test_copytruncate_window(self) -> Generator[Deferred[Any], Any, None]:
