@@ -12,9 +12,10 @@ nothing more, and closes it once the batch in flight, if any, has ended;
 L{SinkService.unwritten} says what was left.
 
 A sink that provides L{IPipelinedSink} may have several batches in flight
-(the file sink group-committing them under one fsync); if one fails, every
-batch still in flight is given back, in order, and any that succeeds
-afterwards may be written twice (at least once, as after any crash).
+(the file sink group-committing them under one fsync); if one fails, it and
+every batch sent after it are given back, in order (a sink that lets a
+later batch succeed after an earlier one failed would see it again: at
+least once, as after any crash).
 """
 
 from __future__ import annotations
@@ -210,12 +211,15 @@ class SinkService(Service):
     def _write_failed(self, reason: Failure, batch: _Batch) -> None:
         if batch.settled:
             return
-        # Every batch in flight goes back, the last first, so that the
-        # queue's front keeps their order.
-        flight, self._flight = self._flight, deque()
-        for given in reversed(flight):
+        # This batch and those sent after it go back, the last first, so
+        # that the queue's front keeps their order.  Those sent before it
+        # may still succeed (a batch waiting for its fsync); one that fails
+        # later goes back in front of these, where it belongs.
+        index = self._flight.index(batch)
+        for given in reversed(list(self._flight)[index:]):
             given.settled = True
             self.queue.give_back(given.lines, given.cost)
+            self._flight.pop()
         self._crash(reason, opening=False)
         if self._abandoned:
             self._close()

@@ -886,31 +886,34 @@ class SinkServiceTests(SynchronousTestCase):
         self.assertEqual(self.queue.buffered, 0)
         self.assertEqual(self.stats.get("lines.delivered"), 4)
 
-    def test_pipelined_failure_gives_all_back_in_order(self) -> None:
+    def test_pipelined_failure_gives_back_in_order(self) -> None:
         """
-        When one of several batches in flight fails, all of them go back
-        to the queue in their order (what succeeds afterwards no longer
-        counts: it is written again, at least once), and the next sink
-        gets them first, merged.
+        When one of several batches in flight fails, it and the batches
+        sent after it go back to the queue in their order (what succeeds
+        of them afterwards no longer counts); one sent before it still
+        counts when it succeeds, and one that fails goes back in front.
+        The next sink gets them first, merged, in order.
         """
         self.factory.kind = PipelinedSink
         service = self.service()
         self.sink().opened.callback(None)
-        for line in (b"a", b"b", b"c"):
-            self.queue.put([line], 1)
+        for line in (b"a", b"b", b"c", b"d"):
+            self.queue.put([line], 1)  # d waits: three in flight at most
         first = self.sink()
-        first.writes[1][1].errback(SinkError("disk gone"))
-        first.writes[0][1].callback(None)
         first.writes[2][1].errback(SinkError("disk gone"))
+        self.assertEqual(len(self.parent.failures), 1)
+        self.assertEqual(service.unwritten(), (4, 4))
+        first.writes[0][1].callback(None)
+        first.writes[1][1].errback(SinkError("disk gone"))
         self.assertEqual(len(self.parent.failures), 1)
         self.assertEqual(self.queue.buffered, 3)
         self.assertEqual(service.unwritten(), (3, 3))
-        self.assertEqual(self.stats.get("lines.delivered"), 0)
+        self.assertEqual(self.stats.get("lines.delivered"), 1)
 
         self.service()
         self.sink().opened.callback(None)
-        self.assertEqual(self.factory.events[-1], "write a,b,c")
-        self.flushLoggedErrors(SinkError)
+        self.assertEqual(self.factory.events[-1], "write b,c,d")
+        self.assertEqual(len(self.flushLoggedErrors(SinkError)), 1)
 
     def test_reopen(self) -> None:
         """
