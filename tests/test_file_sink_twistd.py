@@ -149,7 +149,9 @@ class FsyncModeTests(SynchronousTestCase):
         sender = Sender(server.port, client=1)
         wait_until(lambda: log.exists() and log.stat().st_size > 0, "lines in the file")
         started = time.time()
-        wait_until(lambda: log.stat().st_size > 3_000_000, "3 MB of lines", timeout=60)
+        wait_until(
+            lambda: log.stat().st_size > 15_000_000, "15 MB of lines", timeout=90
+        )
         sent = sender.finish()
         wait_until(
             lambda: log.read_bytes().count(b"\n") == sent, "every line in the file"
@@ -163,7 +165,7 @@ class FsyncModeTests(SynchronousTestCase):
         # Thousands of batches, a handful of fsyncs: one at most every
         # half second while the load lasted (the one on close comes after).
         during = [t for t in trace.times() if started <= t <= ended]
-        self.assertGreater(sent, 30_000)
+        self.assertGreater(sent, 150_000)
         self.assertGreaterEqual(len(during), 1)
         self.assertLessEqual(
             len(during), (ended - started) / 0.5 + 2, f"{during} in {ended - started}s"
