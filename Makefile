@@ -19,7 +19,12 @@ OLDEST_TWISTED := $(shell sed -n 's/^ *"twisted\[tls\]>=\([0-9.]*\).*/\1/p' pypr
 OLDEST := .venv-oldest
 OLDEST_STAMP := $(OLDEST)/.installed-stamp
 
-.PHONY: run test lint typecheck trial trial-oldest pytest bench bench-quick clean
+# System tools the tests run for real: logrotate rotates the file sink's
+# file, strace counts its fsyncs.  Installed when missing (as root, as CI
+# runs), after an apt-get update.
+SYSTEM_TOOLS := logrotate strace
+
+.PHONY: run test lint typecheck trial trial-oldest pytest bench bench-quick clean system-tools
 
 $(RUNTIME_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,15 +48,24 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-trial: $(STAMP)
+system-tools:
+	@missing=""; for tool in $(SYSTEM_TOOLS); do \
+		PATH="$$PATH:/usr/sbin:/sbin" command -v $$tool >/dev/null || missing="$$missing $$tool"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing$$missing for the tests"; \
+		apt-get update && apt-get install -y $$missing; \
+	fi
+
+trial: $(STAMP) system-tools
 	$(VENV)/bin/trial --temp-directory=.trial_temp tests
 
-pytest: $(STAMP)
+pytest: $(STAMP) system-tools
 	$(PY) -m pytest -q
 
 # .venv has the newest Twisted pip finds; when that is the oldest we
 # support as well, the suite has just run on it and is not run twice.
-trial-oldest: $(STAMP)
+trial-oldest: $(STAMP) system-tools
 	@test -n "$(OLDEST_TWISTED)" || { echo "no twisted[tls]>= floor in pyproject.toml"; exit 1; }
 	@newest=$$($(PY) -c 'import twisted; print(twisted.__version__)'); \
 	if [ "$$newest" = "$(OLDEST_TWISTED)" ] || [ "$$newest" = "$(OLDEST_TWISTED).0" ]; then \

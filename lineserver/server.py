@@ -318,12 +318,18 @@ class LineServer(Supervisor):
     def reload(self) -> bool:
         """
         Read certificates, keys, client CAs and auth tokens again, for new
-        connections (what SIGHUP does under twistd).  A file that no longer
-        loads is logged and what was loaded before stays in use.
+        connections, and ask the sink to reopen its file if it can (what
+        SIGHUP does under twistd, as after a log rotation).  A file that no
+        longer loads is logged and what was loaded before stays in use.
 
-        @return: True if every file was reloaded.
+        @return: True if every certificate and token file was reloaded (the
+            sink reopens in the background, and logs how it went).
         """
-        return self.security.reload()
+        reloaded = self.security.reload()
+        service = self.sink_service
+        if service is not None:
+            service.reopen()
+        return reloaded
 
     @property
     def listeners(self) -> list[ListenerService]:

@@ -56,7 +56,7 @@ class HangupReload(Service):
         self.reactor.callFromThread(self._reload)
 
     def _reload(self) -> None:
-        log.info("SIGHUP: reloading certificates and tokens")
+        log.info("SIGHUP: reloading certificates and tokens, reopening the sink")
         try:
             self.reload()
         except Exception:

@@ -10,10 +10,18 @@ A stop flushes what is queued, then closes the sink.  The stop's Deferred
 can be cancelled (a deadline): the service then gives the sink up, writes
 nothing more, and closes it once the batch in flight, if any, has ended;
 L{SinkService.unwritten} says what was left.
+
+A sink that provides L{IPipelinedSink} may have several batches in flight
+(the file sink group-committing them under one fsync); if one fails, it and
+every batch sent after it are given back, in order (a sink that lets a
+later batch succeed after an earlier one failed would see it again: at
+least once, as after any crash).
 """
 
 from __future__ import annotations
 
+from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import Service
@@ -24,6 +32,7 @@ from typing_extensions import override
 
 from lineserver.flow import SinkQueue
 from lineserver.interfaces import ISink, ISinkFactory, ISupervisor
+from lineserver.sinks import IPipelinedSink, IReopenable
 from lineserver.stats import Stats
 
 log = Logger(namespace="lineserver.sink")
@@ -59,6 +68,29 @@ def queued_lines(queue: SinkQueue) -> int:
     return sum(len(lines) for lines, _ in taken)
 
 
+@dataclass(eq=False)
+class _Batch:
+    """
+    A batch handed to the sink and not yet confirmed.
+
+    @ivar settled: given back to the queue (its outcome no longer counts).
+    """
+
+    lines: list[bytes]
+    cost: int
+    settled: bool = False
+
+
+def max_in_flight(sink: ISink | None) -> int:
+    """
+    @return: how many batches C{sink} may have in flight: 1, unless it
+        provides L{IPipelinedSink}.
+    """
+    if sink is not None and IPipelinedSink.providedBy(sink):
+        return max(1, int(sink.max_in_flight))
+    return 1
+
+
 class SinkService(Service):
     """
     Pumps batches from a L{SinkQueue} into an L{ISink}, one batch in flight.
@@ -83,7 +115,7 @@ class SinkService(Service):
         self._opening = False
         self._open = False
         self._failed = False
-        self._in_flight = 0
+        self._flight: deque[_Batch] = deque()
         self._pumping = False
         self._abandoned = False
         self._idle: list[Deferred[None]] = []
@@ -92,7 +124,11 @@ class SinkService(Service):
 
     @property
     def _writing(self) -> bool:
-        return self._in_flight > 0
+        return bool(self._flight)
+
+    @property
+    def _in_flight(self) -> int:
+        return sum(len(batch.lines) for batch in self._flight)
 
     @override
     def startService(self) -> None:
@@ -140,36 +176,50 @@ class SinkService(Service):
             return
         self._pumping = True
         try:
-            while self._open and not self._writing and not self._failed:
+            window = max_in_flight(self.sink)
+            while self._open and len(self._flight) < window and not self._failed:
                 lines, cost = self.queue.take(self.max_batch_bytes)
                 if not lines:
                     self.queue.when_ready(self._pump)
                     self._notify_idle()
                     return
-                self._in_flight = len(lines)
+                batch = _Batch(lines, cost)
+                self._flight.append(batch)
                 assert self.sink is not None
                 written = maybeDeferred(self.sink.write, lines)
                 written.addCallbacks(
                     self._written,
                     self._write_failed,
-                    callbackArgs=(len(lines), cost),
-                    errbackArgs=(lines, cost),
+                    callbackArgs=(batch,),
+                    errbackArgs=(batch,),
                 )
         finally:
             self._pumping = False
 
-    def _written(self, _: object, count: int, cost: int) -> None:
-        self._in_flight = 0
-        self.queue.confirm(cost)
-        self.stats.incr("lines.delivered", count)
+    def _written(self, _: object, batch: _Batch) -> None:
+        if batch.settled:
+            return
+        self._flight.remove(batch)
+        self.queue.confirm(batch.cost)
+        self.stats.incr("lines.delivered", len(batch.lines))
         if self._abandoned:
-            self._close()
+            if not self._writing:
+                self._close()
             return
         self._pump()
 
-    def _write_failed(self, reason: Failure, lines: list[bytes], cost: int) -> None:
-        self._in_flight = 0
-        self.queue.give_back(lines, cost)
+    def _write_failed(self, reason: Failure, batch: _Batch) -> None:
+        if batch.settled:
+            return
+        # This batch and those sent after it go back, the last first, so
+        # that the queue's front keeps their order.  Those sent before it
+        # may still succeed (a batch waiting for its fsync); one that fails
+        # later goes back in front of these, where it belongs.
+        index = self._flight.index(batch)
+        for given in reversed(list(self._flight)[index:]):
+            given.settled = True
+            self.queue.give_back(given.lines, given.cost)
+            self._flight.pop()
         self._crash(reason, opening=False)
         if self._abandoned:
             self._close()
@@ -221,6 +271,29 @@ class SinkService(Service):
         waiter: Deferred[None] = Deferred()
         self._idle.append(waiter)
         return waiter
+
+    def reopen(self) -> Deferred[None]:
+        """
+        Ask the sink to reopen what it writes to (SIGHUP, after a log
+        rotation), if it is open and can (L{IReopenable}); a failure is
+        logged, and the sink goes on as it was.
+
+        @return: a Deferred that fires when that is done (never fails).
+        """
+        sink = self.sink
+        if not self._open or not IReopenable.providedBy(sink):
+            return succeed(None)
+        reopened = maybeDeferred(sink.reopen)
+
+        def failed(reason: Failure) -> None:
+            log.failure(
+                "sink {sink} could not reopen: {reason}; it goes on as it was",
+                reason,
+                sink=self.sink_factory.description,
+                reason=describe_failure(reason),
+            )
+
+        return reopened.addCallbacks(lambda _: None, failed)
 
     def unwritten(self) -> tuple[int, int]:
         """

@@ -89,7 +89,7 @@ class SinkUsageErrorTests(CommandLineTestCase):
             (["--mode", "echo", "--sink", "null:"], "only used in --mode sink"),
             (
                 ["--sink", "file:lines.log?fsycn=1"],
-                "unknown option 'fsycn' (known: fsync)",
+                "unknown option 'fsycn' (known: fsync, fsync_interval)",
             ),
             (["--sink", "file:logs"], "'logs' is a directory"),
             (["--sink", "file:missing/lines.log"], "does not exist"),

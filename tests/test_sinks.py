@@ -19,15 +19,19 @@ from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import Clock
+from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from zope.interface import implementer
+from zope.interface import implementer, provider
 from zope.interface.verify import verifyObject
 
 from lineserver.flow import SinkQueue
 from lineserver.interfaces import ISink, ISinkFactory, ISupervisor
 from lineserver.sink_service import SinkService
 from lineserver.sinks import (
+    IPipelinedSink,
+    IReopenable,
     Scheme,
     SinkURL,
     SinkURLError,
@@ -35,11 +39,29 @@ from lineserver.sinks import (
     check_options,
     sink_factory_from_url,
 )
-from lineserver.sinks.file import FileSink, FileSinkFactory
+from lineserver.sinks.file import FileSink, FileSinkFactory, Fsync
 from lineserver.sinks.null import NullSink, NullSinkFactory
 from lineserver.sinks.stdout import StdoutSink, StdoutSinkFactory
 from lineserver.stats import Stats
-from tests.support import reactor, temp_dir
+from tests.support import eventually, later, reactor, temp_dir
+from tests.test_file_sink_ops import fill, small_filesystem
+
+
+def capture_log(case: SynchronousTestCase) -> list[str]:
+    """
+    @return: a list that gets the text of every log event from now on,
+        until the test ends.
+    """
+    messages: list[str] = []
+
+    @provider(ILogObserver)
+    def observe(event: LogEvent) -> None:
+        messages.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    case.addCleanup(globalLogPublisher.removeObserver, observe)
+    return messages
+
 
 ODD_LINES = [b"plain", b"nul\x00inside", b"\xff\xfe invalid utf-8 \xc3", b"", b"end"]
 
@@ -96,11 +118,10 @@ class FileSinkTests(TestCase):
         yield sink.close()
         self.assertEqual(Path(path).read_bytes(), b"old 1\nold 2\nnew\n")
 
-    @inlineCallbacks
-    def test_fsync_each_batch(self) -> Generator[Deferred[Any], Any, None]:
+    def count_fsyncs(self) -> list[int]:
         """
-        C{file:PATH?fsync=1} makes a sink that fsyncs every batch before its
-        Deferred fires; without it, only close fsyncs.
+        @return: a list that gets the descriptor of every fsync from now on
+            (the calls still happen).
         """
         synced: list[int] = []
         real_fsync = os.fsync
@@ -110,29 +131,229 @@ class FileSinkTests(TestCase):
             real_fsync(fd)
 
         self.patch(os, "fsync", counting_fsync)
-        path = self.path()
-        factory = sink_factory_from_url(f"file:{path}?fsync=1", reactor)
-        assert isinstance(factory, FileSinkFactory)
-        self.assertTrue(factory.fsync)
-        sink = factory()
-        self.assertTrue(sink.fsync)
-        yield sink.open()
-        yield sink.write([b"a"])
-        yield sink.write([b"b"])
-        self.assertEqual(len(synced), 2)
-        yield sink.close()
-        self.assertEqual(len(synced), 3)
-        self.assertEqual(Path(path).read_bytes(), b"a\nb\n")
+        return synced
 
-        del synced[:]
-        plain = sink_factory_from_url(f"file:{path}", reactor)()
-        assert isinstance(plain, FileSink)
-        self.assertFalse(plain.fsync)
-        yield plain.open()
-        yield plain.write([b"c"])
-        self.assertEqual(synced, [])
-        yield plain.close()
+    @inlineCallbacks
+    def test_fsync_each_batch(self) -> Generator[Deferred[Any], Any, None]:
+        """
+        C{fsync=batch}, and the old C{fsync=1}, make a sink that fsyncs every
+        batch before its Deferred fires; C{fsync=never}, the old C{fsync=0}
+        and no option fsync only on close.
+        """
+        synced = self.count_fsyncs()
+        path = self.path()
+        for option in ("fsync=batch", "fsync=1", "fsync=true"):
+            factory = sink_factory_from_url(f"file:{path}?{option}", reactor)
+            assert isinstance(factory, FileSinkFactory)
+            self.assertIs(factory.fsync, Fsync.BATCH, option)
+            sink = factory()
+            yield sink.open()
+            del synced[:]
+            yield sink.write([b"a"])
+            yield sink.write([b"b"])
+            self.assertEqual(len(synced), 2, option)
+            yield sink.close()
+            self.assertEqual(len(synced), 3, option)
+
+        for url in (f"file:{path}", f"file:{path}?fsync=never", f"file:{path}?fsync=0"):
+            plain = sink_factory_from_url(url, reactor)()
+            assert isinstance(plain, FileSink)
+            self.assertIs(plain.fsync, Fsync.NEVER, url)
+            yield plain.open()
+            del synced[:]
+            yield plain.write([b"c"])
+            self.assertEqual(synced, [], url)
+            yield plain.close()
+            self.assertEqual(len(synced), 1, url)
+        self.assertEqual(Path(path).read_bytes(), b"a\nb\n" * 3 + b"c\n" * 3)
+
+    @inlineCallbacks
+    def test_fsync_interval_group_commit(self) -> Generator[Deferred[Any], Any, None]:
+        """
+        C{fsync=interval}: a batch is in the file at once, but its Deferred
+        fires only after the fsync that covers it; the first fsync comes at
+        once, the next not before C{fsync_interval} seconds, and covers
+        every batch written meanwhile with one call.
+        """
+        synced = self.count_fsyncs()
+        clock = Clock()
+        path = self.path()
+        sink = FileSink(path, reactor, Fsync.INTERVAL, fsync_interval=2.0, clock=clock)
+        self.assertEqual(sink.max_in_flight, 64)
+        yield sink.open()
+        first = sink.write([b"a"])
+        yield eventually(lambda: Path(path).read_bytes() == b"a\n", "a written")
+        yield eventually(lambda: clock.getDelayedCalls() != [], "a sync planned")
+        self.assertNoResult(first)
+        clock.advance(0)
+        yield eventually(lambda: first.called, "a synced")
         self.assertEqual(len(synced), 1)
+
+        second, third = sink.write([b"b"]), sink.write([b"c", b"d"])
+        yield eventually(lambda: Path(path).read_bytes() == b"a\nb\nc\nd\n", "b-d")
+        clock.advance(1.9)
+        self.assertNoResult(second)
+        self.assertNoResult(third)
+        self.assertEqual(len(synced), 1)
+        clock.advance(0.1)
+        yield eventually(lambda: second.called and third.called, "b-d synced")
+        self.assertEqual(len(synced), 2)
+
+        # close fsyncs what waits for the next interval, and fires it.
+        fourth = sink.write([b"e"])
+        yield eventually(lambda: clock.getDelayedCalls() != [], "e's sync planned")
+        self.assertEqual(Path(path).read_bytes(), b"a\nb\nc\nd\ne\n")
+        self.assertNoResult(fourth)
+        yield sink.close()
+        self.assertIsNone(self.successResultOf(fourth))
+        self.assertEqual(len(synced), 3)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    @inlineCallbacks
+    def test_reopen(self) -> Generator[Deferred[Any], Any, None]:
+        """
+        C{reopen} (what SIGHUP asks) puts every batch written before it in
+        the old file and every batch after it in a new file at the path.
+        """
+        path = self.path()
+        sink = FileSink(path, reactor)
+        verifyObject(IReopenable, sink)
+        yield sink.open()
+        yield sink.write([b"one"])
+        os.rename(path, path + ".1")
+        yield sink.write([b"two"])
+        yield sink.reopen()
+        yield sink.write([b"three"])
+        yield sink.close()
+        self.assertEqual(Path(path + ".1").read_bytes(), b"one\ntwo\n")
+        self.assertEqual(Path(path).read_bytes(), b"three\n")
+
+    @inlineCallbacks
+    def test_follows_a_moved_file(self) -> Generator[Deferred[Any], Any, None]:
+        """
+        Without a SIGHUP, a file moved away is noticed by the writer itself
+        (at most a second later): the lines go on in a new file at the
+        path, each line in exactly one of the two files.
+        """
+        path = self.path()
+        sink = FileSink(path, reactor)
+        yield sink.open()
+        yield sink.write([b"0"])
+        os.rename(path, path + ".1")
+        written = 1
+        deadline = reactor.seconds() + 10
+        while not os.path.exists(path):
+            self.assertLess(reactor.seconds(), deadline, "never reopened")
+            yield sink.write([b"%d" % written])
+            written += 1
+            yield later(0.05)
+        yield sink.write([b"%d" % written])
+        yield sink.close()
+        old = Path(path + ".1").read_bytes().splitlines()
+        new = Path(path).read_bytes().splitlines()
+        self.assertEqual(old + new, [b"%d" % n for n in range(written + 1)])
+        self.assertGreaterEqual(len(new), 1)
+
+    @inlineCallbacks
+    def test_truncated_under_the_sink(self) -> Generator[Deferred[Any], Any, None]:
+        """
+        After the file is truncated under the sink (logrotate's
+        C{copytruncate}), the next line goes at the start of the emptied
+        file, not past a hole of zeros, and the sink says so once.
+        """
+        messages = capture_log(self)
+        path = self.path()
+        sink = FileSink(path, reactor)
+        yield sink.open()
+        yield sink.write([b"before"])
+        os.truncate(path, 0)
+        yield sink.write([b"after"])
+        yield sink.write([b"more"])
+        yield sink.close()
+        self.assertEqual(Path(path).read_bytes(), b"after\nmore\n")
+        shrank = [m for m in messages if "shrank" in m]
+        self.assertEqual(len(shrank), 1, messages)
+        self.assertIn("from 7 to 0 bytes", shrank[0])
+        self.assertIn("may be lost", shrank[0])
+
+    @inlineCallbacks
+    def test_full_disk_held_and_retried(self) -> Generator[Deferred[Any], Any, None]:
+        """
+        On a real full filesystem, a batch that does not fit is cut back
+        (nothing torn stays in the file) and kept, with the batches after
+        it; it is retried after 0.1 s, doubling to 5 s; one log line says
+        so, and the next only after 5 s; once space is freed, the next
+        retry writes everything, once, and says so.
+        """
+        messages = capture_log(self)
+        small = small_filesystem(self)
+        filler = fill(small, leave=8192)
+        clock = Clock()
+        path = os.path.join(small, "lines.log")
+        sink = FileSink(path, reactor, clock=clock)
+        yield sink.open()
+        try:
+            lines = [b"%05d " % n + b"x" * 94 for n in range(200)]  # 20 kB
+            first, second = sink.write(lines[:100]), sink.write(lines[100:])
+            delays: list[float] = []
+            while True:
+                yield eventually(lambda: bool(clock.getDelayedCalls()), "a retry")
+                self.assertEqual(os.path.getsize(path), 0)
+                self.assertNoResult(first)
+                self.assertNoResult(second)
+                complaints = [m for m in messages if "cannot write" in m]
+                self.assertEqual(len(complaints), 1 if clock.seconds() < 5 else 2)
+                if clock.seconds() >= 6:
+                    break
+                delays.append(clock.getDelayedCalls()[0].getTime() - clock.seconds())
+                clock.advance(delays[-1])
+            self.assertIn(
+                "cannot write: No space left on device (ENOSPC); 200 line(s) wait",
+                complaints[0],
+            )
+            for attempt, delay in enumerate(delays):
+                expected = min(0.1 * 2**attempt, 5.0)
+                self.assertTrue(expected <= delay <= expected + 0.1, delays)
+
+            os.remove(filler)
+            clock.advance(clock.getDelayedCalls()[0].getTime() - clock.seconds())
+            yield eventually(lambda: first.called and second.called, "written")
+            self.assertEqual(
+                Path(path).read_bytes(), b"".join(line + b"\n" for line in lines)
+            )
+            recovered = [m for m in messages if "writing again" in m]
+            self.assertEqual(len(recovered), 1, messages)
+            self.assertIn("of ENOSPC", recovered[0])
+        finally:
+            yield sink.close()
+
+    @inlineCallbacks
+    def test_copytruncate_window(self) -> Generator[Deferred[Any], Any, None]:
+        """
+        What C{copytruncate} cuts off after its copy is written again: the
+        copy's torn last line is finished in the copy, the whole lines
+        after it go to the start of the emptied file, before the next
+        batch; each line ends up in exactly one file, whole.
+        """
+        messages = capture_log(self)
+        path = self.path()
+        sink = FileSink(path, reactor)
+        yield sink.open()
+        yield sink.write([b"one", b"two"])
+        yield sink.write([b"three", b"four"])
+        # logrotate read the file while "three" was half written, then
+        # truncated it after "four" was written.
+        Path(path + ".1").write_bytes(Path(path).read_bytes()[:10])
+        Path(path + ".2").write_bytes(b"an older copy, not ours\n")
+        os.truncate(path, 0)
+        yield sink.write([b"five"])
+        yield sink.close()
+        self.assertEqual(Path(path + ".1").read_bytes(), b"one\ntwo\nthree\n")
+        self.assertEqual(Path(path).read_bytes(), b"four\nfive\n")
+        again = [m for m in messages if "written again" in m]
+        self.assertEqual(len(again), 1, messages)
+        self.assertIn(f"9 byte(s) written after its copy {path}.1", again[0])
+        self.assertIn("(4 to end the copy's last line)", again[0])
 
     @inlineCallbacks
     def test_open_fails_for_unwritable_path(
@@ -192,7 +413,8 @@ class SinkFactoryFromURLTests(SynchronousTestCase):
         assert isinstance(factory, FileSinkFactory)
         self.assertEqual(factory.path, path)
         self.assertEqual(factory.description, f"file:{path}")
-        self.assertFalse(factory.fsync)
+        self.assertIs(factory.fsync, Fsync.NEVER)
+        self.assertEqual(factory.fsync_interval, 1.0)
         sink = factory()
         self.assertIsInstance(sink, FileSink)
         self.assertEqual(sink.path, path)
@@ -223,14 +445,57 @@ class SinkFactoryFromURLTests(SynchronousTestCase):
         for known in ("file:", "null:", "stdout:"):
             self.assertIn(known, message)
 
+    def test_fsync_values(self) -> None:
+        """
+        C{fsync} takes never, batch or interval (any case), and the old
+        boolean words; C{fsync_interval} takes seconds, with interval.
+        """
+        cases = {
+            "fsync=never": (Fsync.NEVER, 1.0),
+            "fsync=BATCH": (Fsync.BATCH, 1.0),
+            "fsync=interval": (Fsync.INTERVAL, 1.0),
+            "fsync=interval&fsync_interval=0.25": (Fsync.INTERVAL, 0.25),
+            "fsync=interval&fsync_interval=30": (Fsync.INTERVAL, 30.0),
+            "fsync=0": (Fsync.NEVER, 1.0),
+            "fsync=off": (Fsync.NEVER, 1.0),
+            "fsync=1": (Fsync.BATCH, 1.0),
+            "fsync=yes": (Fsync.BATCH, 1.0),
+        }
+        for query, (fsync, interval) in cases.items():
+            factory = sink_factory_from_url(f"file:x.log?{query}", reactor)
+            assert isinstance(factory, FileSinkFactory)
+            self.assertEqual((factory.fsync, factory.fsync_interval), (fsync, interval))
+            sink = factory()
+            self.assertEqual((sink.fsync, sink.fsync_interval), (fsync, interval))
+
     def test_bad_fsync(self) -> None:
         """
-        An fsync value other than a boolean word is refused, naming fsync.
+        An unknown C{fsync} value, or an C{fsync_interval} that is not a
+        positive number of seconds or comes without C{fsync=interval}, is
+        refused, naming the option and the value.
         """
-        with self.assertRaises(SinkURLError) as caught:
-            sink_factory_from_url("file:x.log?fsync=sometimes", reactor)
-        self.assertIn("fsync must be 0 or 1", str(caught.exception))
-        self.assertIn("'sometimes'", str(caught.exception))
+        cases = {
+            "fsync=sometimes": (
+                "file: fsync must be never, batch or interval (or the old 0 or 1), "
+                "not 'sometimes'"
+            ),
+            "fsync=": "fsync must be never, batch or interval",
+            "fsync=interval&fsync_interval=0": (
+                "file: fsync_interval must be a number of seconds above 0, not '0'"
+            ),
+            "fsync=interval&fsync_interval=-1": "fsync_interval must be",
+            "fsync=interval&fsync_interval=soon": "not 'soon'",
+            "fsync=interval&fsync_interval=inf": "not 'inf'",
+            "fsync=interval&fsync_interval=nan": "not 'nan'",
+            "fsync_interval=2": (
+                "file: fsync_interval is only used with fsync=interval (fsync is never)"
+            ),
+            "fsync=batch&fsync_interval=2": "(fsync is batch)",
+        }
+        for query, expected in cases.items():
+            with self.assertRaises(SinkURLError, msg=query) as caught:
+                sink_factory_from_url(f"file:x.log?{query}", reactor)
+            self.assertIn(expected, str(caught.exception), query)
 
     def test_missing_directory(self) -> None:
         """
@@ -274,7 +539,7 @@ class SinkFactoryFromURLTests(SynchronousTestCase):
         self.assertEqual(os.listdir(directory), [])
         sink = factory()
         assert isinstance(sink, FileSink)
-        self.assertTrue(sink.fsync)
+        self.assertIs(sink.fsync, Fsync.BATCH)
         self.assertEqual(os.listdir(directory), [])
 
     def test_unknown_options(self) -> None:
@@ -283,10 +548,13 @@ class SinkFactoryFromURLTests(SynchronousTestCase):
         it and the ones it knows.
         """
         cases = [
-            ("file:x.log?fsycn=1", "file: unknown option 'fsycn' (known: fsync)"),
+            (
+                "file:x.log?fsycn=1",
+                "file: unknown option 'fsycn' (known: fsync, fsync_interval)",
+            ),
             (
                 "file:x.log?fsync=1&mode=600",
-                "file: unknown option 'mode' (known: fsync)",
+                "file: unknown option 'mode' (known: fsync, fsync_interval)",
             ),
             ("null:?fsync=1", "null: unknown option 'fsync' (null: takes no options)"),
             ("stdout:?x=", "stdout: unknown option 'x' (stdout: takes no options)"),
@@ -330,7 +598,9 @@ class SchemeOptionsTests(SynchronousTestCase):
         The built-in schemes declare what their code reads.
         """
         schemes = available_schemes()
-        self.assertEqual(getattr(schemes["file"], "options", None), {"fsync"})
+        self.assertEqual(
+            getattr(schemes["file"], "options", None), {"fsync", "fsync_interval"}
+        )
         self.assertEqual(getattr(schemes["null"], "options", None), frozenset())
         self.assertEqual(getattr(schemes["stdout"], "options", None), frozenset())
 
@@ -341,6 +611,8 @@ class InterfaceTests(SynchronousTestCase):
         Every built-in sink provides L{ISink}.
         """
         verifyObject(ISink, FileSink("x.log", reactor))
+        verifyObject(IReopenable, FileSink("x.log", reactor))
+        verifyObject(IPipelinedSink, FileSink("x.log", reactor))
         verifyObject(ISink, NullSink())
         verifyObject(ISink, StdoutSink(reactor, fd=1))
 
@@ -348,7 +620,7 @@ class InterfaceTests(SynchronousTestCase):
         """
         Every built-in sink factory provides L{ISinkFactory}.
         """
-        verifyObject(ISinkFactory, FileSinkFactory("x.log", reactor, False))
+        verifyObject(ISinkFactory, FileSinkFactory("x.log", reactor))
         verifyObject(ISinkFactory, NullSinkFactory())
         verifyObject(ISinkFactory, StdoutSinkFactory(reactor))
 
@@ -497,16 +769,36 @@ class ControlledSink:
         return self.closed
 
 
+@implementer(IPipelinedSink, IReopenable)
+class PipelinedSink(ControlledSink):
+    """
+    A sink double that takes three batches at a time and can reopen.
+    """
+
+    max_in_flight = 3
+
+    def __init__(self, events: list[str]) -> None:
+        super().__init__(events)
+        self.reopened: list[Deferred[None]] = []
+
+    def reopen(self) -> Deferred[None]:
+        self.events.append("reopen")
+        done: Deferred[None] = Deferred()
+        self.reopened.append(done)
+        return done
+
+
 @implementer(ISinkFactory)
 class ControlledSinkFactory:
     description = "controlled:"
 
-    def __init__(self) -> None:
+    def __init__(self, kind: type[ControlledSink] = ControlledSink) -> None:
         self.events: list[str] = []
         self.sinks: list[ControlledSink] = []
+        self.kind = kind
 
     def __call__(self) -> ControlledSink:
-        sink = ControlledSink(self.events)
+        sink = self.kind(self.events)
         self.sinks.append(sink)
         return sink
 
@@ -572,6 +864,84 @@ class SinkServiceTests(SynchronousTestCase):
         self.assertEqual(self.stats.get("lines.delivered"), 3)
         self.queue.put([b"d"], 1)
         self.assertEqual(self.factory.events[-1], "write d")
+
+    def test_pipelined_window(self) -> None:
+        """
+        A sink that provides L{IPipelinedSink} gets up to C{max_in_flight}
+        batches before the first one's Deferred fires; each confirmed batch
+        frees its bytes and makes room for the next.
+        """
+        self.factory.kind = PipelinedSink
+        self.service()
+        self.sink().opened.callback(None)
+        for line in (b"a", b"b", b"c", b"d"):
+            self.queue.put([line], 1)
+        self.assertEqual(self.factory.events, ["open", "write a", "write b", "write c"])
+        self.sink().writes[1][1].callback(None)
+        self.assertEqual(self.factory.events[-1], "write d")
+        self.assertEqual(self.queue.buffered, 3)
+        for _, done in self.sink().writes:
+            if not done.called:
+                done.callback(None)
+        self.assertEqual(self.queue.buffered, 0)
+        self.assertEqual(self.stats.get("lines.delivered"), 4)
+
+    def test_pipelined_failure_gives_back_in_order(self) -> None:
+        """
+        When one of several batches in flight fails, it and the batches
+        sent after it go back to the queue in their order (what succeeds
+        of them afterwards no longer counts); one sent before it still
+        counts when it succeeds, and one that fails goes back in front.
+        The next sink gets them first, merged, in order.
+        """
+        self.factory.kind = PipelinedSink
+        service = self.service()
+        self.sink().opened.callback(None)
+        for line in (b"a", b"b", b"c", b"d"):
+            self.queue.put([line], 1)  # d waits: three in flight at most
+        first = self.sink()
+        first.writes[2][1].errback(SinkError("disk gone"))
+        self.assertEqual(len(self.parent.failures), 1)
+        self.assertEqual(service.unwritten(), (4, 4))
+        first.writes[0][1].callback(None)
+        first.writes[1][1].errback(SinkError("disk gone"))
+        self.assertEqual(len(self.parent.failures), 1)
+        self.assertEqual(self.queue.buffered, 3)
+        self.assertEqual(service.unwritten(), (3, 3))
+        self.assertEqual(self.stats.get("lines.delivered"), 1)
+
+        self.service()
+        self.sink().opened.callback(None)
+        self.assertEqual(self.factory.events[-1], "write b,c,d")
+        self.assertEqual(len(self.flushLoggedErrors(SinkError)), 1)
+
+    def test_reopen(self) -> None:
+        """
+        C{reopen} asks an open sink that provides L{IReopenable}; a sink
+        not yet open, or one without it, is left alone; a failure to
+        reopen is logged, and the Deferred still fires.
+        """
+        self.factory.kind = PipelinedSink
+        service = self.service()
+        self.assertIsNone(self.successResultOf(service.reopen()))
+        self.assertNotIn("reopen", self.factory.events)
+        self.sink().opened.callback(None)
+        reopened = service.reopen()
+        self.assertEqual(self.factory.events[-1], "reopen")
+        self.assertNoResult(reopened)
+        sink = self.sink()
+        assert isinstance(sink, PipelinedSink)
+        sink.reopened[0].callback(None)
+        self.assertIsNone(self.successResultOf(reopened))
+        failing = service.reopen()
+        sink.reopened[1].errback(SinkError("no such directory"))
+        self.assertIsNone(self.successResultOf(failing))
+        self.assertEqual(len(self.flushLoggedErrors(SinkError)), 1)
+
+        plain = SinkService(ControlledSinkFactory(), SinkQueue(10, 1))
+        plain.startService()
+        plain.sink_factory.sinks[-1].opened.callback(None)  # type: ignore[attr-defined]
+        self.assertIsNone(self.successResultOf(plain.reopen()))
 
     def test_batches_merged_up_to_max(self) -> None:
         """

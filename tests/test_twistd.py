@@ -282,18 +282,21 @@ class ShutdownUnderLoadTests(TwistdTestCase):
 class SinkSupervisionTests(TwistdTestCase):
     """
     A sink that fails after a good start, provoked cheaply: C{lines.log} is
-    a symlink to C{/dev/full}, which opens (so the start succeeds) and
-    fails every write with ENOSPC, as a full disk would.  A sink that
-    cannot open at start is a startup error instead
-    (L{tests.test_lifecycle_twistd}).
+    a symlink to C{/proc/self/clear_refs}, which opens (so the start
+    succeeds) and refuses every line written to it with EINVAL (it takes
+    only a digit, and changes nothing otherwise).  Not C{/dev/full}: a full
+    disk (ENOSPC) is backpressure the file sink waits out, not a failure
+    (L{tests.test_file_sink_ops}).  A sink that cannot open at start is a
+    startup error instead (L{tests.test_lifecycle_twistd}).
     """
 
-    def full_sink_file(self) -> Path:
+    def failing_sink_file(self) -> Path:
         """
-        @return: the symlink C{lines.log}, pointing at C{/dev/full}.
+        @return: the symlink C{lines.log}, pointing at
+            C{/proc/self/clear_refs}.
         """
         link = Path(self.dir, "lines.log")
-        os.symlink("/dev/full", link)
+        os.symlink("/proc/self/clear_refs", link)
         return link
 
     def send(self, server: ServerProcess, lines: list[bytes]) -> None:
@@ -307,7 +310,7 @@ class SinkSupervisionTests(TwistdTestCase):
         gives up and exits on its own, without a signal, with status 70
         (EX_SOFTWARE, L{lineserver.tap.EXIT_ESCALATED}), in bounded time.
         """
-        self.full_sink_file()
+        self.failing_sink_file()
         server = self.server(
             "--sink", "file:lines.log", "--max-restarts", "1", "--restart-period", "60"
         )
@@ -316,7 +319,7 @@ class SinkSupervisionTests(TwistdTestCase):
         status = server.proc.wait(timeout=15)
         log = server.log()
         self.assertEqual(status, EXIT_ESCALATED, log[-3000:])
-        self.assertIn("sink file:lines.log failed: No space left on device", log)
+        self.assertIn("sink file:lines.log failed: Invalid argument", log)
         self.assertIn("restarting child sink", log)
         self.assertIn("restart intensity exceeded", log)
         self.assertIn("lineserver gives up", log)
@@ -328,7 +331,7 @@ class SinkSupervisionTests(TwistdTestCase):
         a working file, the restarted sink writes them, and the lines sent
         after them, in order, and a SIGTERM then stops the server as usual.
         """
-        link = self.full_sink_file()
+        link = self.failing_sink_file()
         server = self.server("--sink", "file:lines.log", "--max-restarts", "50")
         self.running(server)
         self.send(server, [b"early %03d" % n for n in range(100)])

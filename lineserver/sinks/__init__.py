@@ -9,6 +9,10 @@ a L{Scheme}, or any callable with an C{options} attribute; any other
 option is then refused, so that a typo (C{?fsycn=1}) is a usage error
 instead of a setting silently ignored.  A plain function declares nothing,
 and its options are left to it.
+
+Two optional contracts a sink may also provide: L{IReopenable} (SIGHUP
+reopens its file, for log rotation) and L{IPipelinedSink} (it takes more
+than one batch at a time, to group-commit them).
 """
 
 from __future__ import annotations
@@ -19,9 +23,41 @@ from importlib import metadata
 from typing import Any
 from urllib.parse import parse_qsl
 
+from zope.interface import Attribute, Interface
+
 from lineserver.interfaces import ISinkFactory
 
 ENTRY_POINT_GROUP = "lineserver.sinks"
+
+
+class IReopenable(Interface):
+    """
+    A sink that can let go of what it writes to and take it again by name:
+    a rotated log file.  The server asks on SIGHUP (C{LineServer.reload});
+    a sink without it is left alone.
+    """
+
+    def reopen() -> object:
+        """
+        Start writing to whatever the sink's name refers to now.
+
+        Batches are neither lost nor reordered by it: every batch written
+        before goes to the old file, every batch after to the new one.
+
+        @return: a Deferred that fires once the new file is in use (or
+            fails, and the old one stays in use).
+        """
+
+
+class IPipelinedSink(Interface):
+    """
+    A sink that takes up to C{max_in_flight} batches before the first one's
+    Deferred fires, keeping their order (the file sink with
+    C{fsync=interval}: batches wait for one shared fsync, and with a single
+    batch in flight they would wait for it one at a time).
+    """
+
+    max_in_flight = Attribute("How many batches may await their Deferred (>= 1).")
 
 
 class SinkURLError(ValueError):
