@@ -19,8 +19,9 @@ class ISink(Interface):
     Where accepted lines go: a file, stdout, another server, a stream.
 
     A sink is driven by one L{lineserver.flow.SinkQueue} writer that keeps at
-    most one batch in flight: C{write} is not called again until the
-    Deferred of the previous call has fired.  That single outstanding
+    most one batch in flight (unless the sink provides C{IPipelinedSink}):
+    C{write} is not called again until the Deferred of the previous call
+    has fired.  That single outstanding
     Deferred is the sink's whole backpressure signal: a slow sink simply
     fires late, the queue fills, and the connections feeding it are paused.
     """

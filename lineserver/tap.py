@@ -340,9 +340,9 @@ class Options(usage.Options):
     @_flowed
     def opt_sink(self, url: str) -> None:
         """
-        Where lines go in sink mode: file:PATH (file:PATH?fsync=1 makes
-        each batch durable), stdout:, null:. Once at most, and only with
-        --mode sink. [default: file:lines.log]
+        Where lines go in sink mode: file:PATH (with
+        ?fsync=never|batch|interval, see docs/delivery.md), stdout:, null:.
+        Once at most, and only with --mode sink. [default: file:lines.log]
         """
         if self._sink_given:
             raise usage.UsageError(
