@@ -32,6 +32,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
     IDelayedCall,
     IListeningPort,
+    IProtocolFactory,
     IStreamServerEndpoint,
 )
 from twisted.internet.protocol import Factory, Protocol
@@ -209,54 +210,94 @@ class _PortFactory(Factory):
         self._stopped()
 
 
-class ListenerService(Service):
+class SupervisedPort(Service):
     """
-    Listens on one endpoint description, like C{tcp:4040:interface=127.0.0.1}.
+    One endpoint, listened on for as long as the service runs.
+
+    The port is bound in C{privilegedStartService} (before twistd drops
+    privileges) and listens once the service runs and the reactor does.  A
+    port it cannot listen on (in use, no permission) is logged and retried
+    with jittered backoff: a condition to wait out, not a crash.  A port
+    that dies while listening is a crash, reported to the supervisor.
+    Subclasses say what to serve (L{_factory}) and what to do with a port
+    that listens or is let go (L{_listened_on}, L{_forget_port}).
 
     @ivar port: the listening port, or None while not listening.
-    @ivar gate: holds the reasons not to accept; None while not listening.
     @ivar binder: binds the port in C{privilegedStartService}; the
         C{endpoint}, if given, must have been built on it to benefit.
     """
 
+    #: What the log says this port does: "could not listen on ...".
+    verb = "listen on"
+    #: What the log calls this port: "listening port ... was lost".
+    noun = "listening port"
+
     def __init__(
         self,
         description: str,
-        factory: LineFactory,
-        registry: ConnectionRegistry[Any],
         reactor: Any,
         retry: Callable[[int], float] = DEFAULT_LISTEN_RETRY,
-        stats: Stats | None = None,
         endpoint: IStreamServerEndpoint | None = None,
-        fd_reserve: int = DEFAULT_RESERVE,
         binder: PortBinder | None = None,
     ) -> None:
         """
         @param endpoint: listen on this rather than on what Twisted's parser
             makes of C{description} (a TLS port with our own context).
-        @param fd_reserve: descriptors kept free below C{RLIMIT_NOFILE}.
         @param binder: the reactor view C{endpoint} was built on (a new one
             on C{reactor} if None).
         """
         self.description = description
         self.endpoint = endpoint
-        self.fd_reserve = fd_reserve
-        self.factory = factory
-        self.registry = registry
         self.reactor = reactor
         self.retry = retry
-        self.stats = stats if stats is not None else Stats()
         self.binder = binder if binder is not None else PortBinder(reactor)
         self.port: IListeningPort | None = None
-        self.gate: PauseGate | None = None
         self.attempts = 0
         self._retry_call: IDelayedCall | None = None
         self._listening: Deferred[Any] | None = None
         self._stopping = False
         self._waiters: list[Deferred[IListeningPort]] = []
-        self.throttle: AcceptThrottle | None = None
-        self.guard: GuardedSocket | None = None
-        self.watermark: FdWatermark | None = None
+
+    # -- what subclasses say -------------------------------------------------
+
+    def _logger(self) -> Logger:
+        """
+        @return: where this port logs (a subclass, under its own namespace;
+            not a class attribute: a Logger there names itself after the
+            class).
+        """
+        return log
+
+    def _factory(self, stopped: Callable[[], None]) -> IProtocolFactory:
+        """
+        @param stopped: to call from the factory's C{doStop}, so that a port
+            that stops under us is noticed.
+        @return: the factory to listen with.
+        """
+        raise NotImplementedError
+
+    def _listened_on(self, port: IListeningPort) -> None:
+        """
+        The port listens (L{port} is set): set up what goes with it.
+        """
+
+    def _listen_failed_once(self, reason: Failure) -> None:
+        """
+        Listening failed once (it is retried): count it if you count.
+        """
+
+    def _forget_port(self) -> None:
+        """
+        Let the port go (stopped, or lost); undo what L{_listened_on} did.
+        """
+        self.port = None
+
+    def _before_close(self, port: IListeningPort) -> None:
+        """
+        Last words with a port about to stop listening.
+        """
+
+    # -- the life of the port ------------------------------------------------
 
     def when_listening(self) -> Deferred[IListeningPort]:
         """
@@ -271,7 +312,7 @@ class ListenerService(Service):
 
     @override
     def __repr__(self) -> str:
-        return f"<ListenerService {self.description}>"
+        return f"<{type(self).__name__} {self.description}>"
 
     @override
     def privilegedStartService(self) -> None:
@@ -290,7 +331,7 @@ class ListenerService(Service):
 
     def _not_bound_early(self, reason: Failure) -> None:
         if not reason.check(_NotBoundEarly):
-            log.debug(
+            self._logger().debug(
                 "could not bind {endpoint} early: {reason}; binding when listening",
                 endpoint=self.description,
                 reason=describe_listen_error(reason),
@@ -316,12 +357,9 @@ class ListenerService(Service):
         self._retry_call = None
         self.attempts += 1
         try:
-            listening = self._endpoint().listen(
-                _PortFactory(self.factory, self._port_stopped)
-            )
+            listening = self._endpoint().listen(self._factory(self._port_stopped))
         except Exception:
-            listening = Deferred()
-            listening.errback(Failure())
+            listening = fail()
         self._listening = listening
         listening.addCallbacks(self._listened, self._listen_failed)
 
@@ -332,6 +370,105 @@ class ListenerService(Service):
             return
         self.port = port
         self.attempts = 0
+        self._listened_on(port)
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(port)
+
+    def _listen_failed(self, reason: Failure) -> None:
+        self._listening = None
+        if self._stopping:
+            return
+        self._listen_failed_once(reason)
+        delay = self.retry(self.attempts)
+        self._logger().error(
+            "could not {verb} {endpoint}: {reason}; retrying in {delay:.2f}s "
+            "(attempt {attempt})",
+            verb=self.verb,
+            endpoint=self.description,
+            reason=describe_listen_error(reason),
+            delay=delay,
+            attempt=self.attempts,
+        )
+        self._retry_call = self.reactor.callLater(delay, self._listen)
+
+    def _port_stopped(self) -> None:
+        if self._stopping or not self.running:
+            return
+        self._forget_port()
+        reason = Failure(RuntimeError(f"port {self.description} stopped listening"))
+        self._logger().error(
+            "{noun} {endpoint} was lost", noun=self.noun, endpoint=self.description
+        )
+        parent = self.parent
+        if ISupervisor.providedBy(parent):
+            parent.child_failed(self, reason)
+        else:
+            self._listen()
+
+    @override
+    def stopService(self) -> Deferred[None]:  # type: ignore[override]
+        """
+        Stop listening; connections already made are not touched.
+        """
+        super().stopService()
+        self._stopping = True
+        if self._retry_call is not None and self._retry_call.active():
+            self._retry_call.cancel()
+        self._retry_call = None
+        if self._listening is not None:
+            self._listening.cancel()
+        self.binder.release()
+        port = self.port
+        if port is not None:
+            self._before_close(port)
+        self._forget_port()
+        if port is None:
+            return succeed(None)
+        stopped: Deferred[Any] = maybeDeferred(port.stopListening)
+        return stopped.addCallback(lambda _: None)
+
+
+class ListenerService(SupervisedPort):
+    """
+    Listens on one endpoint description, like C{tcp:4040:interface=127.0.0.1},
+    for lines, with its accept throttle, descriptor watermark and the
+    registry's connection limit on one gate.
+
+    @ivar gate: holds the reasons not to accept; None while not listening.
+    """
+
+    def __init__(
+        self,
+        description: str,
+        factory: LineFactory,
+        registry: ConnectionRegistry[Any],
+        reactor: Any,
+        retry: Callable[[int], float] = DEFAULT_LISTEN_RETRY,
+        stats: Stats | None = None,
+        endpoint: IStreamServerEndpoint | None = None,
+        fd_reserve: int = DEFAULT_RESERVE,
+        binder: PortBinder | None = None,
+    ) -> None:
+        """
+        @param fd_reserve: descriptors kept free below C{RLIMIT_NOFILE}.
+        """
+        super().__init__(description, reactor, retry, endpoint, binder)
+        self.fd_reserve = fd_reserve
+        self.factory = factory
+        self.registry = registry
+        self.stats = stats if stats is not None else Stats()
+        self.gate: PauseGate | None = None
+        self.throttle: AcceptThrottle | None = None
+        self.guard: GuardedSocket | None = None
+        self.watermark: FdWatermark | None = None
+
+    @override
+    def _factory(self, stopped: Callable[[], None]) -> IProtocolFactory:
+        return _PortFactory(self.factory, stopped)
+
+    @override
+    def _listened_on(self, port: IListeningPort) -> None:
         self.gate = PauseGate(
             getattr(port, "stopReading", _nothing),
             getattr(port, "startReading", _nothing),
@@ -366,38 +503,12 @@ class ListenerService(Service):
                 "reach this machine can connect",
                 endpoint=self.description,
             )
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter.callback(port)
 
-    def _listen_failed(self, reason: Failure) -> None:
-        self._listening = None
-        if self._stopping:
-            return
+    @override
+    def _listen_failed_once(self, reason: Failure) -> None:
         self.stats.incr("listen.failures")
-        delay = self.retry(self.attempts)
-        log.error(
-            "could not listen on {endpoint}: {reason}; retrying in {delay:.2f}s "
-            "(attempt {attempt})",
-            endpoint=self.description,
-            reason=describe_listen_error(reason),
-            delay=delay,
-            attempt=self.attempts,
-        )
-        self._retry_call = self.reactor.callLater(delay, self._listen)
 
-    def _port_stopped(self) -> None:
-        if self._stopping or not self.running:
-            return
-        self._forget_port()
-        reason = Failure(RuntimeError(f"port {self.description} stopped listening"))
-        log.error("listening port {endpoint} was lost", endpoint=self.description)
-        parent = self.parent
-        if ISupervisor.providedBy(parent):
-            parent.child_failed(self, reason)
-        else:
-            self._listen()
-
+    @override
     def _forget_port(self) -> None:
         # The throttle's timer must not touch a port that has closed.
         if self.throttle is not None:
@@ -410,29 +521,12 @@ class ListenerService(Service):
         if self.gate is not None:
             self.registry.remove_listener_gate(self.gate)
         self.gate = None
-        self.port = None
+        super()._forget_port()
 
     @override
-    def stopService(self) -> Deferred[None]:  # type: ignore[override]
-        """
-        Stop accepting; existing connections are not touched.
-        """
-        super().stopService()
-        self._stopping = True
-        if self._retry_call is not None and self._retry_call.active():
-            self._retry_call.cancel()
-        self._retry_call = None
-        if self._listening is not None:
-            self._listening.cancel()
-        self.binder.release()
-        port = self.port
-        if port is not None and self.gate is not None and not self.gate.paused:
+    def _before_close(self, port: IListeningPort) -> None:
+        if self.gate is not None and not self.gate.paused:
             accept_backlog(port)
-        self._forget_port()
-        if port is None:
-            return succeed(None)
-        stopped: Deferred[Any] = maybeDeferred(port.stopListening)
-        return stopped.addCallback(lambda _: None)
 
 
 def accept_backlog(port: IListeningPort) -> None:

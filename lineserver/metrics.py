@@ -24,17 +24,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import CollectorRegistry
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
-    IDelayedCall,
     IListeningPort,
+    IProtocolFactory,
     IStreamServerEndpoint,
 )
-from twisted.internet.protocol import Factory
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
@@ -42,8 +38,7 @@ from twisted.web.server import Request, Site
 from typing_extensions import override
 
 from lineserver.errors import ErrorCode
-from lineserver.interfaces import ISupervisor
-from lineserver.listener import DEFAULT_LISTEN_RETRY, PortBinder, describe_listen_error
+from lineserver.listener import DEFAULT_LISTEN_RETRY, SupervisedPort
 from lineserver.stats import Stats
 
 log = Logger(namespace="lineserver.metrics")
@@ -406,19 +401,16 @@ class _MetricsSite(Site):
         self._stopped()
 
 
-class MetricsService(Service):
+class MetricsService(SupervisedPort):
     """
-    Serves C{/metrics} on one endpoint description, supervised.
-
-    Like a line listener: the port is bound in C{privilegedStartService}
-    (before twistd drops privileges) and listens once the reactor runs; a
-    port it cannot listen on is logged and retried with jittered backoff
-    for as long as the service runs (not a crash: the line ports go on
-    serving); a port that dies while listening is a crash, reported to
-    the supervisor, which builds a fresh service.
-
-    @ivar port: the listening port, or None while not listening.
+    Serves C{/metrics} on one endpoint description, supervised like a line
+    listener (L{SupervisedPort}): bound before twistd drops privileges,
+    listening once the reactor runs, a busy port retried with backoff while
+    the line ports go on serving, a lost port reported to the supervisor.
     """
+
+    verb = "serve metrics on"
+    noun = "metrics port"
 
     def __init__(
         self,
@@ -427,78 +419,26 @@ class MetricsService(Service):
         reactor: Any,
         retry: Callable[[int], float] = DEFAULT_LISTEN_RETRY,
     ) -> None:
-        self.description = description
+        super().__init__(description, reactor, retry)
         self.registry = registry
-        self.reactor = reactor
-        self.retry = retry
-        self.binder = PortBinder(reactor)
-        self.port: IListeningPort | None = None
-        self.attempts = 0
-        self._retry_call: IDelayedCall | None = None
-        self._listening: Deferred[IListeningPort] | None = None
-        self._stopping = False
-        self._waiters: list[Deferred[IListeningPort]] = []
 
     @override
-    def __repr__(self) -> str:
-        return f"<MetricsService {self.description}>"
-
     def _endpoint(self) -> IStreamServerEndpoint:
         endpoint: IStreamServerEndpoint = serverFromString(
             self.binder, self.description
         )
         return endpoint
 
-    def when_listening(self) -> Deferred[IListeningPort]:
-        """
-        @return: a Deferred that fires with the port once listening.
-        """
-        if self.port is not None:
-            return succeed(self.port)
-        waiter: Deferred[IListeningPort] = Deferred()
-        self._waiters.append(waiter)
-        return waiter
+    @override
+    def _factory(self, stopped: Callable[[], None]) -> IProtocolFactory:
+        return metrics_site(self.registry, stopped)
 
     @override
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        try:
-            with self.binder.binding():
-                bound = self._endpoint().listen(Factory())
-        except Exception:
-            bound = fail()
-        # Not bound early (not TCP, or busy): the listen says why, and retries.
-        bound.addErrback(lambda _: None)
+    def _logger(self) -> Logger:
+        return log
 
     @override
-    def startService(self) -> None:
-        super().startService()
-        self._stopping = False
-        self.reactor.callWhenRunning(self._listen_if_running)
-
-    def _listen_if_running(self) -> None:
-        if self.running and not self._stopping:
-            self._listen()
-
-    def _listen(self) -> None:
-        self._retry_call = None
-        self.attempts += 1
-        try:
-            listening = self._endpoint().listen(
-                metrics_site(self.registry, self._port_stopped)
-            )
-        except Exception:
-            listening = fail()
-        self._listening = listening
-        listening.addCallbacks(self._listened, self._listen_failed)
-
-    def _listened(self, port: IListeningPort) -> None:
-        self._listening = None
-        if self._stopping:
-            port.stopListening()
-            return
-        self.port = port
-        self.attempts = 0
+    def _listened_on(self, port: IListeningPort) -> None:
         address = port.getHost()
         host = getattr(address, "host", None)
         where = (
@@ -511,52 +451,6 @@ class MetricsService(Service):
             endpoint=self.description,
             where=where,
         )
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter.callback(port)
-
-    def _listen_failed(self, reason: Failure) -> None:
-        self._listening = None
-        if self._stopping:
-            return
-        delay = self.retry(self.attempts)
-        log.error(
-            "could not serve metrics on {endpoint}: {reason}; retrying in "
-            "{delay:.2f}s (attempt {attempt})",
-            endpoint=self.description,
-            reason=describe_listen_error(reason),
-            delay=delay,
-            attempt=self.attempts,
-        )
-        self._retry_call = self.reactor.callLater(delay, self._listen)
-
-    def _port_stopped(self) -> None:
-        if self._stopping or not self.running:
-            return
-        self.port = None
-        log.error("metrics port {endpoint} was lost", endpoint=self.description)
-        reason = Failure(RuntimeError(f"port {self.description} stopped listening"))
-        parent = self.parent
-        if ISupervisor.providedBy(parent):
-            parent.child_failed(self, reason)
-        else:
-            self._listen()
-
-    @override
-    def stopService(self) -> Deferred[None]:  # type: ignore[override]
-        super().stopService()
-        self._stopping = True
-        if self._retry_call is not None and self._retry_call.active():
-            self._retry_call.cancel()
-        self._retry_call = None
-        if self._listening is not None:
-            self._listening.cancel()
-        self.binder.release()
-        port, self.port = self.port, None
-        if port is None:
-            return succeed(None)
-        stopped: Deferred[Any] = maybeDeferred(port.stopListening)
-        return stopped.addCallback(lambda _: None)
 
 
 def _url_host(host: str) -> str:
