@@ -276,29 +276,34 @@ class PerPeerTests(LimitsCase):
         server = self.start(
             "--mode", "echo", "--max-connections-per-peer", "2", listen=PROXIED
         )
-        v4 = [self.proxied(server, "10.1.2.3", b"v4-%d\n" % i) for i in range(2)]
-        for i, peer in enumerate(v4):
-            peer.expect(b"v4-%d\n" % i)
-        mapped = self.proxied(server, "::ffff:10.1.2.3", b"mapped\n")
-        mapped.read_until(lambda: mapped.end is not None, 5)
-        self.assertEqual(
-            (mapped.received, mapped.end),
-            (b"ERR too-many-connections-from-peer\n", "eof"),
-            "::ffff:10.1.2.3 was not counted with 10.1.2.3 (what it saw in 5 s)",
-        )
-
+        held = self.assert_one_peer(server, "10.1.2.3", "::ffff:10.1.2.3")
         # And the other way round, on another address.
-        v6 = [self.proxied(server, "::ffff:10.4.5.6", b"v6-%d\n" % i) for i in range(2)]
-        for i, peer in enumerate(v6):
-            peer.expect(b"v6-%d\n" % i)
-        plain = self.proxied(server, "10.4.5.6", b"plain\n")
-        plain.read_until(lambda: plain.end is not None, 5)
-        self.assertEqual(
-            (plain.received, plain.end),
-            (b"ERR too-many-connections-from-peer\n", "eof"),
-            "10.4.5.6 was not counted with ::ffff:10.4.5.6 (what it saw in 5 s)",
-        )
+        held += self.assert_one_peer(server, "::ffff:10.4.5.6", "10.4.5.6")
         self.stop(server)
+
+    def assert_one_peer(
+        self, server: ServerProcess, first: str, then: str
+    ) -> list[Peer]:
+        """
+        Two clients from C{first} fill its limit of two, so one from
+        C{then}, the same address written the other way, is refused.
+
+        @return: the two clients served (kept open until the stop).
+        """
+        served = [
+            self.proxied(server, first, b"%s-%d\n" % (first.encode(), i))
+            for i in range(2)
+        ]
+        for i, peer in enumerate(served):
+            peer.expect(b"%s-%d\n" % (first.encode(), i))
+        late = self.proxied(server, then, b"late\n")
+        late.read_until(lambda: late.end is not None, 5)
+        self.assertEqual(
+            (late.received, late.end),
+            (b"ERR too-many-connections-from-peer\n", "eof"),
+            f"{then} was not counted with {first} (what it saw in 5 s)",
+        )
+        return served
 
 
 class ProxyAdmissionTests(LimitsCase):

@@ -332,18 +332,7 @@ class SecurityCase(SynchronousTestCase):
             str(cwd), *args, "--shutdown-timeout", "5", port=port, listen=listen
         )
         self.addCleanup(server.kill)
-
-        def listening() -> bool:
-            if server.proc.poll() is not None:
-                out, err = server.proc.communicate(timeout=5)
-                raise AssertionError(
-                    f"server exited with {server.proc.returncode}:\n"
-                    f"{out.decode()[-2000:]}\n{err.decode()[-2000:]}\n"
-                    f"{server.log()[-2000:]}"
-                )
-            return server.log().count("listening on ") >= ports
-
-        wait_until(listening, f"{ports} listening port(s)", timeout=15)
+        server.wait_listening(ports, timeout=15)
         return server
 
     def sink_path(self, name: str = "server") -> Path:
