@@ -10,9 +10,14 @@ option is then refused, so that a typo (C{?fsycn=1}) is a usage error
 instead of a setting silently ignored.  A plain function declares nothing,
 and its options are left to it.
 
-Two optional contracts a sink may also provide: L{IReopenable} (SIGHUP
-reopens its file, for log rotation) and L{IPipelinedSink} (it takes more
-than one batch at a time, to group-commit them).
+Optional contracts a sink may also provide: L{IReopenable} (SIGHUP
+reopens its file, for log rotation), L{IPipelinedSink} (it takes more
+than one batch at a time, to group-commit them) and L{ISpooled} (it keeps
+confirmed lines in a disk spool until its destination has them).
+
+A sink whose destination is down, full or refusing fails with
+L{SinkUnavailable} (or an C{OSError}): an outage, retried for as long as it
+takes, never a crash that counts against the restart intensity.
 """
 
 from __future__ import annotations
@@ -58,6 +63,30 @@ class IPipelinedSink(Interface):
     """
 
     max_in_flight = Attribute("How many batches may await their Deferred (>= 1).")
+
+
+class ISpooled(Interface):
+    """
+    A sink that confirms lines once they are in its disk spool, before its
+    destination has them.  The loss ledger counts them apart:
+    received = delivered + queued + spooled + dropped.
+    """
+
+    spooled_lines = Attribute(
+        "Lines confirmed by this sink (their write Deferred fired) that are"
+        " in the spool and not yet confirmed by the destination behind it."
+    )
+
+
+class SinkUnavailable(Exception):
+    """
+    The sink's destination is down, full or refusing (a server that went
+    away, a wrong password, a full disk): an outage, not a bug.
+
+    The batch is kept and retried with capped backoff, and clients are
+    paused (or spooled) meanwhile; the process never ends for it.  The
+    message says what is wrong, for the operator's log.
+    """
 
 
 class SinkURLError(ValueError):
