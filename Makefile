@@ -21,8 +21,10 @@ OLDEST_STAMP := $(OLDEST)/.installed-stamp
 
 # System tools the tests run for real: logrotate rotates the file sink's
 # file, strace counts its fsyncs.  Installed when missing (as root, as CI
-# runs), after an apt-get update.
+# runs), after an apt-get update.  COMMAND=PACKAGE where the two differ.
 SYSTEM_TOOLS := logrotate strace
+# Socket activation and the unit files (tests/test_systemd.py).
+SYSTEM_TOOLS += systemd-socket-activate=systemd systemd-analyze=systemd
 
 .PHONY: run test lint typecheck trial trial-oldest pytest bench bench-quick clean system-tools
 
@@ -49,8 +51,9 @@ typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
 system-tools:
-	@missing=""; for tool in $(SYSTEM_TOOLS); do \
-		PATH="$$PATH:/usr/sbin:/sbin" command -v $$tool >/dev/null || missing="$$missing $$tool"; \
+	@missing=""; for entry in $(SYSTEM_TOOLS); do \
+		tool=$${entry%%=*}; package=$${entry#*=}; \
+		PATH="$$PATH:/usr/sbin:/sbin" command -v $$tool >/dev/null || missing="$$missing $$package"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing$$missing for the tests"; \

@@ -18,6 +18,7 @@ bound socket that does not listen refuses connections).  See L{PortBinder}.
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,7 +28,7 @@ from twisted.application.internet import backoffPolicy
 from twisted.application.service import Service
 from twisted.internet.abstract import isIPv6Address
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
     IDelayedCall,
@@ -39,6 +40,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from typing_extensions import override
+from zope.interface import implementer
 
 from lineserver.accept_guard import AcceptThrottle, GuardedSocket, guard_port
 from lineserver.connections import ConnectionRegistry
@@ -545,9 +547,44 @@ def accept_backlog(port: IListeningPort) -> None:
 
 def _endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
     if is_proxy_description(description):
-        return proxy_endpoint(reactor, description)
+        # The endpoint under the PROXY layer, built here: it may be systemd's.
+        inner = description.split(":", 1)[1]
+        return proxy_endpoint(reactor, _endpoint(reactor, inner))
     endpoint: IStreamServerEndpoint = serverFromString(reactor, description)
+    if isinstance(endpoint, AdoptedStreamServerEndpoint):
+        return InheritedEndpoint(reactor, endpoint.fileno, endpoint.addressFamily)
     return endpoint
+
+
+@implementer(IStreamServerEndpoint)
+class InheritedEndpoint:
+    """
+    A listening socket inherited from systemd (C{systemd:domain=INET:index=0}),
+    listened on as often as asked.
+
+    Twisted's C{AdoptedStreamServerEndpoint} closes the inherited descriptor
+    once it has adopted a copy, so a port that stopped (lost, restarted by
+    the supervisor, or listening again after a stop) would adopt whatever
+    file next took that number.  This one keeps the descriptor for the life
+    of the process: each listen adopts a fresh copy of the same socket, and
+    while no copy listens, new connections wait in the kernel's queue, as
+    they do between two runs of the service.
+    """
+
+    def __init__(self, reactor: Any, fileno: int, family: int) -> None:
+        self.reactor = reactor
+        self.fileno = fileno
+        self.family = family
+
+    def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
+        try:
+            os.set_blocking(self.fileno, False)
+            port: IListeningPort = self.reactor.adoptStreamPort(
+                self.fileno, self.family, factory
+            )
+        except Exception:
+            return fail()
+        return succeed(port)
 
 
 def _nothing() -> None:

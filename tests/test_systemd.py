@@ -1,0 +1,388 @@
+"""Socket activation, for real: the units in contrib/systemd/, their
+command line run under C{systemd-socket-activate}, and the C{systemd:}
+endpoint through lineserver's listener.
+
+C{systemd-socket-activate} (from the distribution's systemd package) does
+what systemd does for C{lineserver.socket}: it binds and listens on the
+socket, and runs the service with the socket as descriptor 3 and
+C{LISTEN_FDS}, C{LISTEN_PID} and C{LISTEN_FDNAMES} set.  It then becomes
+the service (it execs it), so it cannot hold the socket across a restart
+as systemd's PID 1 does.  For the restart test a small shell plays that
+part of PID 1: it is what C{systemd-socket-activate} runs, it keeps
+descriptor 3 open, and it starts the unit's command twice, each time with
+C{LISTEN_PID} set to the new process (as systemd sets it).  Between the
+two runs no lineserver process exists at all, and the test proves that
+clients connecting then are not refused: they wait in the kernel's queue
+and the second run serves them.
+"""
+
+# trial's assertion methods carry no annotations; checking their calls
+# would only add noise, everything else stays strict.
+# mypy: disable-error-code="no-untyped-call"
+
+from __future__ import annotations
+
+import configparser
+import contextlib
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+from collections.abc import Generator
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory, Protocol
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from lineserver.listener import InheritedEndpoint
+from tests.support import (
+    TWISTD,
+    Peer,
+    connect,
+    free_port,
+    proxy_v1,
+    reactor,
+    temp_dir,
+    wait_until,
+)
+
+UNITS = Path(__file__).parent.parent / "contrib" / "systemd"
+SERVICE = UNITS / "lineserver.service"
+SOCKET = UNITS / "lineserver.socket"
+#: Where the unit expects the checkout's twistd; the tests run this one.
+INSTALLED_TWISTD = "/opt/lineserver/.venv/bin/twistd"
+
+#: Plays PID 1 across a restart: run the command, wait for the go file,
+#: run it again; each run gets LISTEN_PID = its own pid (the inner shell
+#: execs the command, so the pid is the command's) and writes its pid to
+#: run-N.pid.  The wait is bounded (60 s) in case the test dies.
+RESTARTER = r"""
+go=$1; shift
+run() {
+    n=$1; shift
+    sh -c 'echo $$ > "run-$0.pid"; export LISTEN_PID=$$; exec "$@"' "$n" "$@"
+}
+run 1 "$@"
+i=0
+while [ ! -e "$go" ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i + 1)); done
+run 2 "$@"
+"""
+
+
+def activate() -> str:
+    """
+    @return: the path of systemd-socket-activate (make test installs it).
+    """
+    found = shutil.which("systemd-socket-activate")
+    if found is None:
+        raise AssertionError(
+            "systemd-socket-activate is missing: make system-tools installs it "
+            "(apt-get install systemd)"
+        )
+    return found
+
+
+def unit(path: Path) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(interpolation=None, strict=False)
+    parser.optionxform = str  # type: ignore[assignment, method-assign]
+    parser.read(path)
+    return parser
+
+
+def service_command() -> list[str]:
+    """
+    The unit's C{ExecStart}, with this checkout's twistd.
+    """
+    words = shlex.split(unit(SERVICE)["Service"]["ExecStart"])
+    if words[0] != INSTALLED_TWISTD:
+        raise AssertionError(f"ExecStart runs {words[0]}, not {INSTALLED_TWISTD}")
+    return [str(TWISTD), *words[1:]]
+
+
+def option(command: list[str], name: str) -> str:
+    return command[command.index(name) + 1]
+
+
+class Activated:
+    """
+    The service's command under C{systemd-socket-activate}, on a free
+    loopback port, in a fresh working directory (the unit's
+    C{WorkingDirectory}); its log (stdout, the journal under systemd) goes
+    to C{service.log} there.
+    """
+
+    def __init__(
+        self,
+        case: SynchronousTestCase,
+        *extra: str,
+        restart: bool = False,
+        replace: bool = False,
+    ) -> None:
+        """
+        @param extra: more options for the command.
+        @param replace: C{extra} is C{--port DESCRIPTION}, to take the place
+            of the unit's own C{--port}.
+        """
+        self.dir = Path(temp_dir(case))
+        self.port = free_port()
+        self.go = self.dir / "go"
+        self.log_path = self.dir / "service.log"
+        self.activate_log = self.dir / "activate.log"
+        name = unit(SOCKET)["Socket"]["FileDescriptorName"]
+        command = [
+            activate(),
+            f"--fdname={name}",
+            "--listen",
+            f"127.0.0.1:{self.port}",
+        ]
+        if restart:
+            command += ["sh", "-c", RESTARTER, "restarter", str(self.go)]
+        service = service_command()
+        if replace:
+            at = service.index("--port")
+            service[at : at + 2] = extra[:2]
+            extra = extra[2:]
+        command += [*service, *extra]
+        with open(self.log_path, "wb") as out, open(self.activate_log, "wb") as err:
+            self.proc = subprocess.Popen(command, cwd=self.dir, stdout=out, stderr=err)
+        case.addCleanup(self.kill)
+        wait_until(
+            lambda: "Listening on" in self.activate_log.read_text(),
+            "systemd-socket-activate to listen",
+            timeout=15,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def lines(self) -> list[bytes]:
+        path = self.dir / "lines.log"
+        return path.read_bytes().splitlines() if path.exists() else []
+
+    def run_pid(self, run: int) -> int:
+        path = self.dir / f"run-{run}.pid"
+        wait_until(path.exists, f"run {run} to start", timeout=15)
+        wait_until(lambda: path.read_text().strip() != "", f"run {run}'s pid")
+        return int(path.read_text())
+
+    def wait_listening(self, runs: int) -> None:
+        def listening() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"exited with {self.proc.returncode}:\n{self.log()[-3000:]}\n"
+                    f"{self.activate_log.read_text()[-2000:]}"
+                )
+            return self.log().count("listening on systemd:") >= runs
+
+        wait_until(listening, f"run {runs} to listen", timeout=30)
+
+    def wait_lines(self, expected: list[bytes]) -> None:
+        wait_until(
+            lambda: sorted(self.lines()) == sorted(expected),
+            f"{len(expected)} lines in the sink (have {len(self.lines())})",
+            timeout=30,
+        )
+
+    def stop(self, pid: int | None = None) -> None:
+        os.kill(pid or self.proc.pid, signal.SIGTERM)
+
+    def kill(self) -> None:
+        for run in (1, 2):
+            path = self.dir / f"run-{run}.pid"
+            if path.exists() and path.read_text().strip():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(path.read_text()), signal.SIGKILL)
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is gone for our purpose (its parent has not reaped it yet).
+    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    return state != "Z"
+
+
+def send_and_close(port: int, line: bytes) -> None:
+    """
+    Connect (a refused connection raises), send one line, close.
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        client.sendall(line + b"\n")
+
+
+class SocketActivationTests(SynchronousTestCase):
+    def test_served_on_the_inherited_socket(self) -> None:
+        """
+        The unit's command line, run as systemd runs it on the socket
+        unit's descriptor, serves the connection that caused the start
+        (made before any lineserver process existed), and says where it
+        listens.
+        """
+        service = Activated(self)
+        send_and_close(service.port, b"first")
+        service.wait_listening(1)
+        service.wait_lines([b"first"])
+        self.assertIn(
+            f"listening on systemd:domain=INET:name=lines "
+            f"(IPv4Address(type='TCP', host='127.0.0.1', port={service.port}))",
+            service.log(),
+        )
+        service.stop()
+        self.assertEqual(service.proc.wait(30), -signal.SIGTERM, service.log())
+        self.assertIn("stopped: 1 line(s) delivered", service.log())
+
+    def test_restart_refuses_no_connection(self) -> None:
+        """
+        Clients that connect while lineserver stops, and while no
+        lineserver runs at all, are not refused: they wait in the kernel's
+        queue on the socket systemd holds, and the next run serves every
+        line they sent.
+        """
+        service = Activated(self, restart=True)
+        send_and_close(service.port, b"run-1")
+        service.wait_listening(1)
+        service.wait_lines([b"run-1"])
+        first = service.run_pid(1)
+        service.stop(first)
+        sent = [b"run-1"]
+        for index in range(5):  # during the ordered stop
+            line = f"stopping-{index}".encode()
+            send_and_close(service.port, line)
+            sent.append(line)
+        wait_until(lambda: not alive(first), "run 1 to exit", timeout=30)
+        self.assertFalse((service.dir / "run-2.pid").exists())
+        for index in range(20):  # no lineserver process exists now
+            line = f"between-{index}".encode()
+            send_and_close(service.port, line)
+            sent.append(line)
+        self.assertFalse((service.dir / "run-2.pid").exists())
+        service.go.touch()
+        second = service.run_pid(2)
+        service.wait_listening(2)
+        service.wait_lines(sent)
+        service.stop(second)
+        self.assertEqual(service.proc.wait(30), 128 + signal.SIGTERM, service.log())
+        self.assertEqual(service.log().count("stopped: "), 2, service.log())
+
+    def test_connection_limit_holds_clients_in_the_queue(self) -> None:
+        """
+        The listener's gate works on the inherited socket: at
+        C{--max-connections} the next client waits unserved, and is served
+        once a slot frees.
+        """
+        service = Activated(self, "--max-connections", "1")
+        first = Peer(service.port, send=b"one\n")
+        self.addCleanup(first.close)
+        service.wait_lines([b"one"])
+        second = Peer(service.port, send=b"two\n")
+        self.addCleanup(second.close)
+        self.assertEqual(second.silent_for(1.0), b"")
+        self.assertEqual(service.lines(), [b"one"])
+        first.close()
+        service.wait_lines([b"one", b"two"])
+        service.stop()
+        self.assertEqual(service.proc.wait(30), -signal.SIGTERM, service.log())
+
+    def test_proxy_protocol_on_the_inherited_socket(self) -> None:
+        """
+        C{haproxy:systemd:...}: the PROXY header is read on the inherited
+        socket, and the line after it is delivered.
+        """
+        service = Activated(
+            self, "--port", "haproxy:systemd:domain=INET:name=lines", replace=True
+        )
+        with socket.create_connection(("127.0.0.1", service.port), timeout=10) as c:
+            c.sendall(proxy_v1("192.0.2.7", 4711, service.port) + b"proxied\n")
+        service.wait_lines([b"proxied"])
+        self.assertIn("192.0.2.7", service.log())
+        service.stop()
+        self.assertEqual(service.proc.wait(30), -signal.SIGTERM, service.log())
+
+
+class UnitFileTests(SynchronousTestCase):
+    def test_units_verify(self) -> None:
+        """
+        C{systemd-analyze verify} finds nothing to say about the units
+        (with ExecStart pointing at this checkout's twistd, which must
+        exist for it).
+        """
+        analyze = shutil.which("systemd-analyze")
+        if analyze is None:
+            raise AssertionError("systemd-analyze is missing (apt-get install systemd)")
+        directory = Path(temp_dir(self))
+        for path in (SERVICE, SOCKET):
+            text = path.read_text().replace(INSTALLED_TWISTD, str(TWISTD))
+            (directory / path.name).write_text(text)
+        result = subprocess.run(
+            [
+                analyze,
+                "verify",
+                str(directory / SOCKET.name),
+                str(directory / SERVICE.name),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tempfile.gettempdir(),
+        )
+        self.assertEqual((result.returncode, result.stdout + result.stderr), (0, ""))
+
+    def test_stop_timeout_outlasts_the_shutdown_timeout(self) -> None:
+        """
+        systemd's SIGKILL comes well after lineserver's own deadline for
+        an ordered stop, so a slow drain is never cut short by systemd.
+        """
+        service = unit(SERVICE)["Service"]
+        shutdown = float(option(service_command(), "--shutdown-timeout"))
+        self.assertGreaterEqual(float(service["TimeoutStopSec"]), shutdown + 5)
+        self.assertEqual(service["ExecReload"], "/bin/kill -HUP $MAINPID")
+        self.assertEqual(service["KillSignal"], "SIGTERM")
+
+
+class InheritedEndpointTests(TestCase):
+    """
+    An inherited listening socket can be listened on again after a stop,
+    which Twisted's own adopted endpoint cannot (it closes the descriptor).
+    """
+
+    def setUp(self) -> None:
+        self.inherited = socket.socket()
+        self.addCleanup(self.inherited.close)
+        self.inherited.bind(("127.0.0.1", 0))
+        self.inherited.listen(16)
+        self.port_number = self.inherited.getsockname()[1]
+
+    @inlineCallbacks
+    def served_once(
+        self, endpoint: InheritedEndpoint
+    ) -> Generator[Deferred[Any], Any, None]:
+        factory = Factory.forProtocol(Protocol)
+        port: IListeningPort = yield endpoint.listen(factory)
+        client = yield connect(self.port_number)
+        self.assertIsNotNone(client.transport)
+        client.transport.loseConnection()
+        yield maybeDeferred(port.stopListening)
+
+    @inlineCallbacks
+    def test_listens_twice(self) -> Generator[Deferred[Any], Any, None]:
+        """
+        Listen, stop, listen again on the same inherited socket: both
+        serve, and the inherited descriptor stays open throughout.
+        """
+        endpoint = InheritedEndpoint(reactor, self.inherited.fileno(), socket.AF_INET)
+        yield self.served_once(endpoint)
+        yield self.served_once(endpoint)
+        self.assertEqual(self.inherited.getsockname()[1], self.port_number)
+        # While nobody listens through Twisted, a client still connects.
+        socket.create_connection(("127.0.0.1", self.port_number), timeout=5).close()
