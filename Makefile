@@ -25,8 +25,10 @@ OLDEST_STAMP := $(OLDEST)/.installed-stamp
 SYSTEM_TOOLS := logrotate strace
 # Socket activation and the unit files (tests/test_systemd.py).
 SYSTEM_TOOLS += systemd-socket-activate=systemd systemd-analyze=systemd
+# Graphviz draws the docs site's diagrams (make docs).
+SYSTEM_TOOLS += dot=graphviz
 
-.PHONY: run test lint typecheck trial trial-oldest pytest bench bench-quick clean system-tools
+.PHONY: run test lint typecheck docs trial trial-oldest pytest bench bench-quick clean system-tools
 
 $(RUNTIME_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +51,12 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
+
+# The docs site (MkDocs, mkdocs.yml) in build/site; a warning (a broken
+# link, a page left out of the nav) fails the build.  docs/hooks.py makes
+# the configuration reference and the drawings (Graphviz) from the code.
+docs: $(STAMP) system-tools
+	$(VENV)/bin/mkdocs build --strict --site-dir build/site
 
 system-tools:
 	@missing=""; for entry in $(SYSTEM_TOOLS); do \
@@ -86,7 +94,7 @@ $(OLDEST_STAMP): pyproject.toml
 	$(OLDEST)/bin/python -m pip install --quiet "twisted[tls]==$(OLDEST_TWISTED)" -e ".[test]" $(EDITABLE)
 	touch $@
 
-test: lint typecheck trial pytest trial-oldest
+test: lint typecheck docs trial pytest trial-oldest
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run
