@@ -32,6 +32,7 @@ import socket
 import subprocess
 import tempfile
 from collections.abc import Generator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from lineserver.listener import InheritedEndpoint
 from tests.support import (
     TWISTD,
     Peer,
+    _lower_nofile,
     connect,
     free_port,
     proxy_v1,
@@ -123,8 +125,10 @@ class Activated:
         *extra: str,
         restart: bool = False,
         replace: bool = False,
+        nofile: int | None = None,
     ) -> None:
         """
+        @param nofile: a soft C{RLIMIT_NOFILE} for the service.
         @param extra: more options for the command.
         @param replace: C{extra} is C{--port DESCRIPTION}, to take the place
             of the unit's own C{--port}.
@@ -150,7 +154,13 @@ class Activated:
             extra = extra[2:]
         command += [*service, *extra]
         with open(self.log_path, "wb") as out, open(self.activate_log, "wb") as err:
-            self.proc = subprocess.Popen(command, cwd=self.dir, stdout=out, stderr=err)
+            self.proc = subprocess.Popen(
+                command,
+                cwd=self.dir,
+                stdout=out,
+                stderr=err,
+                preexec_fn=None if nofile is None else partial(_lower_nofile, nofile),
+            )
         case.addCleanup(self.kill)
         wait_until(
             lambda: "Listening on" in self.activate_log.read_text(),
@@ -291,6 +301,35 @@ class SocketActivationTests(SynchronousTestCase):
         self.assertEqual(service.lines(), [b"one"])
         first.close()
         service.wait_lines([b"one", b"two"])
+        service.stop()
+        self.assertEqual(service.proc.wait(30), -signal.SIGTERM, service.log())
+
+    def test_descriptor_watermark_holds_clients_in_the_queue(self) -> None:
+        """
+        The descriptor watermark works on the inherited socket: with a
+        soft limit of 96 descriptors and C{--fd-reserve 32}, the server
+        stops accepting at 64 open; the other clients wait in the socket's
+        queue and are served once served clients leave.
+        """
+        service = Activated(self, "--fd-reserve", "32", nofile=96)
+        clients = []
+        sent = []
+        for index in range(80):
+            line = f"client-{index}".encode()
+            clients.append(Peer(service.port, send=line + b"\n"))
+            self.addCleanup(clients[-1].close)
+            sent.append(line)
+        wait_until(
+            lambda: "at the watermark 64: pausing accept" in service.log(),
+            "the watermark to pause accepting",
+            timeout=30,
+        )
+        served = len(service.lines())
+        self.assertLess(served, len(sent))
+        for client in clients[:40]:
+            client.close()
+        service.wait_lines(sent)
+        self.assertIn("accepting again", service.log())
         service.stop()
         self.assertEqual(service.proc.wait(30), -signal.SIGTERM, service.log())
 
