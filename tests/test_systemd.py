@@ -304,14 +304,13 @@ class SocketActivationTests(SynchronousTestCase):
         service.stop()
         self.assertEqual(service.proc.wait(30), -signal.SIGTERM, service.log())
 
-    def test_descriptor_watermark_holds_clients_in_the_queue(self) -> None:
+    def held_then_served(self, service: Activated, paused: str) -> None:
         """
-        The descriptor watermark works on the inherited socket: with a
-        soft limit of 96 descriptors and C{--fd-reserve 32}, the server
-        stops accepting at 64 open; the other clients wait in the socket's
-        queue and are served once served clients leave.
+        80 clients connect and send a line each; the server, short of
+        descriptors, stops accepting (it logs C{paused}); the clients it
+        did not take wait in the socket's queue and are served once 40
+        clients leave.
         """
-        service = Activated(self, "--fd-reserve", "32", nofile=96)
         clients = []
         sent = []
         for index in range(80):
@@ -319,19 +318,33 @@ class SocketActivationTests(SynchronousTestCase):
             clients.append(Peer(service.port, send=line + b"\n"))
             self.addCleanup(clients[-1].close)
             sent.append(line)
-        wait_until(
-            lambda: "at the watermark 64: pausing accept" in service.log(),
-            "the watermark to pause accepting",
-            timeout=30,
-        )
-        served = len(service.lines())
-        self.assertLess(served, len(sent))
+        wait_until(lambda: paused in service.log(), repr(paused), timeout=30)
+        self.assertLess(len(service.lines()), len(sent))
         for client in clients[:40]:
             client.close()
         service.wait_lines(sent)
-        self.assertIn("accepting again", service.log())
         service.stop()
         self.assertEqual(service.proc.wait(30), -signal.SIGTERM, service.log())
+
+    def test_descriptor_watermark_holds_clients_in_the_queue(self) -> None:
+        """
+        The descriptor watermark works on the inherited socket: with a
+        soft limit of 96 descriptors and C{--fd-reserve 32}, the server
+        stops accepting at 64 open, and accepts again once clients leave.
+        """
+        service = Activated(self, "--fd-reserve", "32", nofile=96)
+        self.held_then_served(service, "at the watermark 64: pausing accept")
+        self.assertIn("accepting again", service.log())
+
+    def test_accept_guard_holds_clients_in_the_queue(self) -> None:
+        """
+        The accept guard works on the inherited socket: with no watermark
+        (C{--fd-reserve 0}), accept() failing with EMFILE pauses accepting
+        with a backoff instead of spinning, and the waiting clients are
+        served once descriptors free up.
+        """
+        service = Activated(self, "--fd-reserve", "0", nofile=64)
+        self.held_then_served(service, "accept failed with EMFILE")
 
     def test_proxy_protocol_on_the_inherited_socket(self) -> None:
         """
