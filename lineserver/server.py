@@ -355,6 +355,46 @@ class LineServer(Supervisor):
             service.reopen()
         return reloaded
 
+    # -- what the control socket asks (lineserver.control) ------------------
+
+    @property
+    def listeners_enabled(self) -> bool:
+        return not self.registry.listeners_held
+
+    def enable_listeners(self, enabled: bool) -> None:
+        """
+        Stop (False) or resume (True) accepting on every port, which stays
+        open: new clients wait in the kernel's backlog, as at the limit.
+        """
+        self.registry.hold_listeners(not enabled)
+        log.info(
+            "listeners {state} by the control socket",
+            state="enabled" if enabled else "disabled",
+        )
+
+    def set_max_connections(self, limit: int | None) -> None:
+        """
+        Change C{--max-connections} while running; waiting clients that a
+        higher limit lets in are served at once.
+        """
+        for waiter in self.registry.set_max_connections(limit):
+            waiter.slot_granted()
+        log.info("max-connections set to {limit}", limit=limit or "none")
+
+    def kill_connection(self, number: int) -> bool:
+        """
+        Close connection #C{number} as a stop would: after what it sent is
+        delivered, aborted if it does not take its last bytes.
+
+        @return: False if there is no such connection.
+        """
+        conn = self.registry.find(number)
+        if conn is None:
+            return False
+        log.info("closing {conn} for the control socket", conn=conn.identity)
+        conn.close()
+        return True
+
     @property
     def listeners(self) -> list[ListenerService]:
         return [s for s in self if isinstance(s, ListenerService)]
