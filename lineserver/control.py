@@ -493,7 +493,10 @@ class ControlProtocol(LineOnlyReceiver):
             self._busy = self._run(line.rstrip(b"\r"))
 
     def _run(self, raw: bytes) -> Deferred[None] | None:
-        as_json = raw.split(None, 1)[:1] == [JSON_PREFIX.encode()]
+        as_json = (
+            raw.split(None, 1)[:1] == [JSON_PREFIX.encode()]
+            or raw[: len(JSON_PREFIX) + 1].lower() == (JSON_PREFIX + " ").encode()
+        )
         try:
             command = parse(raw.decode("utf-8"))
         except UnicodeDecodeError:
@@ -658,10 +661,16 @@ class ServerControl:
         self.server = server
         self.reactor = reactor
         self.mode = mode
-        self.exit = exit if exit is not None else reactor.stop
+        self.exit = exit if exit is not None else self._stop_reactor
         self.reopen = reopen
         self.version = version
         self._started = time.monotonic()
+        self._drain: Deferred[str] | None = None
+        self._drain_waiters: list[Deferred[str]] = []
+
+    def _stop_reactor(self) -> None:
+        if self.reactor.running:
+            self.reactor.stop()
 
     def info(self) -> ServerInfo:
         server = self.server
@@ -726,6 +735,28 @@ class ServerControl:
         return self.reopen() if self.reopen is not None else []
 
     def drain(self, grace: float) -> Deferred[str]:
+        """
+        Drain once: a second C{drain} (another operator) waits for the
+        first one's end and gets the same summary.
+        """
+        if self._drain is not None:
+            waiter: Deferred[str] = Deferred()
+            self._drain_waiters.append(waiter)
+            return waiter
+        self._drain = self._drain_once(grace)
+        self._drain.addBoth(self._drained)
+        return self._drain
+
+    def _drained(self, result: Any) -> Any:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
+        return result
+
+    def _drain_once(self, grace: float) -> Deferred[str]:
         server = self.server
         server.enable_listeners(False)
         left: Deferred[None] = server.registry.when_empty()

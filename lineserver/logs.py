@@ -27,11 +27,14 @@ from typing import IO, Any, cast
 from twisted.logger import (
     FileLogObserver,
     ILogObserver,
+    Logger,
     formatEventAsClassicLogText,
     globalLogPublisher,
     jsonFileLogObserver,
 )
 from twisted.python.logfile import BaseLogFile
+
+log = Logger(namespace="lineserver.logs")
 
 #: The environment variable that names the log file of the factories here.
 LOG_FILE_VARIABLE = "LINESERVER_LOG_FILE"
@@ -124,15 +127,21 @@ def reopen_logs(
     extra: Callable[[], list[BaseLogFile]] = _twistd_log_files,
 ) -> list[str]:
     """
-    Reopen every log file this process writes to by name.
+    Reopen every log file this process writes to by name; one that cannot
+    be reopened is logged and stays in use as it was.
 
     @return: the paths reopened.
     """
     reopened = []
-    for opened in list(_OPEN):
-        opened.reopen()
-        reopened.append(opened.path)
-    for logfile in extra():
-        logfile.reopen()
-        reopened.append(str(logfile.path))
+    files: list[ReopenableFile | BaseLogFile] = [*_OPEN, *extra()]
+    for opened in files:
+        path = str(opened.path)
+        try:
+            opened.reopen()
+        except OSError:
+            # The old file stays in use: nothing is lost, and the next
+            # signal tries again.
+            log.failure("could not reopen the log file {path}", path=path)
+        else:
+            reopened.append(path)
     return reopened

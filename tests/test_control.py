@@ -12,16 +12,20 @@ tests/test_control_twistd.py.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from collections.abc import Generator
+from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
 from twisted.internet.error import ConnectionDone
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
@@ -34,6 +38,7 @@ from lineserver.control import (
     ConnectionInfo,
     ControlFactory,
     IControlTarget,
+    ServerControl,
     ServerInfo,
     control_defaults,
     dispatch,
@@ -42,8 +47,11 @@ from lineserver.control import (
 from lineserver.ctl import is_error
 from lineserver.flow import PauseGate
 from lineserver.handlers import EchoHandlerFactory
+from lineserver.logs import ReopenableFile, reopen_logs
 from lineserver.protocol import LineFactory, LineProtocol
+from lineserver.server import LineServer, ServerConfig
 from lineserver.stats import Stats
+from tests.support import reactor, temp_dir
 
 
 class ParseTests(SynchronousTestCase):
@@ -323,6 +331,17 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual(answers[3], "")
         self.assertFalse(transport.disconnecting)
 
+    def test_json_error(self) -> None:
+        """
+        A bad command with the C{json} prefix (in any case) gets its error
+        in JSON.
+        """
+        transport, proto = self.connect()
+        proto.dataReceived(b"JSON bogus\n")  # type: ignore[attr-defined]
+        answer = json.loads(transport.value())
+        self.assertFalse(answer["ok"])
+        self.assertIn("unknown command", answer["error"])
+
     def test_drain_answers_twice(self) -> None:
         """
         C{drain} answers at once (draining), then with the target's
@@ -438,3 +457,56 @@ class RegistryHookTests(SynchronousTestCase):
         self.assertFalse(self.listener.reading)
         self.assertIs(registry.find(second.number), second)
         self.assertIsNone(registry.find(99))
+
+
+class ServerControlTests(TestCase):
+    """
+    L{ServerControl} over a real L{LineServer} on a loopback port.
+    """
+
+    @inlineCallbacks
+    def test_drain_once(self) -> Generator[Any, Any, None]:
+        """
+        Two operators' C{drain}s stop the server once and exit once; both
+        get the summary.
+        """
+        server = LineServer(
+            ServerConfig(ports=["tcp:0:interface=127.0.0.1"]), reactor, handler="echo"
+        )
+        server.startService()
+        self.addCleanup(server.stopService)
+        yield server.when_listening()
+        exits: list[None] = []
+        control = ServerControl(server, reactor, exit=lambda: exits.append(None))
+        verifyObject(IControlTarget, control)
+        first = control.drain(0)
+        second = control.drain(0)
+        summaries = yield gatherResults([first, second])
+        self.assertEqual(
+            summaries, ["drained: 0 line(s) delivered; exiting with status 0"] * 2
+        )
+        self.assertFalse(server.running)
+        yield deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(exits, [None])
+        self.assertFalse(server.listeners_enabled)
+
+
+class ReopenFailureTests(SynchronousTestCase):
+    def test_unreopenable_file_logged_and_kept(self) -> None:
+        """
+        A log file whose directory went away cannot be reopened: that is
+        logged, the others are reopened, and the old file stays in use.
+        """
+        good_dir = temp_dir(self)
+        gone_dir = temp_dir(self)
+        good = ReopenableFile(os.path.join(good_dir, "good.log"))
+        self.addCleanup(good.close)
+        gone = ReopenableFile(os.path.join(gone_dir, "gone.log"))
+        self.addCleanup(gone.close)
+        shutil.rmtree(gone_dir)
+        reopened = reopen_logs(extra=list)
+        self.assertIn(good.path, reopened)
+        self.assertNotIn(gone.path, reopened)
+        self.assertEqual(len(self.flushLoggedErrors(FileNotFoundError)), 1)
+        gone.write("still written\n")
+        gone.flush()
