@@ -112,6 +112,9 @@ class ConnectionRegistry(Generic[Conn]):
         self.active: set[Conn] = set()
         self.waiting: deque[Conn] = deque()
         self.accepting = True
+        #: An operator stopped accepting (C{disable listener}): the
+        #: listener gates are held, as at the limit, until enabled again.
+        self.listeners_held = False
         self._all: set[Conn] = set()
         self._per_peer: Counter[str] = Counter()
         self._peer_of: dict[Conn, str] = {}
@@ -145,7 +148,7 @@ class ConnectionRegistry(Generic[Conn]):
         """
         Should the listeners stop accepting?  At the limit in C{wait} mode.
         """
-        return self.full and self.overflow == "wait"
+        return self.listeners_held or (self.full and self.overflow == "wait")
 
     def add_listener_gate(self, gate: PauseGate) -> None:
         """
@@ -266,6 +269,48 @@ class ConnectionRegistry(Generic[Conn]):
         self.waiting.clear()
         self.active.update(promoted)
         return promoted
+
+    def hold_listeners(self, held: bool) -> None:
+        """
+        Stop (True) or resume (False) accepting on every listener, the
+        ports left open: clients wait in the kernel's backlog meanwhile.
+        Resuming at the limit (in C{wait} mode) keeps them held.
+        """
+        self.listeners_held = held
+        self._update_gates()
+
+    def set_max_connections(self, limit: int | None) -> list[Conn]:
+        """
+        Change the limit (None: none).  Connections already served stay
+        served above a lowered limit; new ones wait (or are refused).
+
+        @return: the waiting connections a raised limit lets in, now
+            active; the caller starts serving them.
+        """
+        self.max_connections = limit
+        promoted: list[Conn] = []
+        while self.waiting and not self.full and self.accepting:
+            waiter = self.waiting.popleft()
+            self.active.add(waiter)
+            promoted.append(waiter)
+        self._update_gates()
+        return promoted
+
+    def _update_gates(self) -> None:
+        for gate in self._gates:
+            if self._holds_listeners:
+                gate.hold(LIMIT_REASON)
+            else:
+                gate.release(LIMIT_REASON)
+
+    def find(self, number: int) -> Conn | None:
+        """
+        @return: the tracked connection whose C{number} is C{number}.
+        """
+        for conn in self._all:
+            if getattr(conn, "number", None) == number:
+                return conn
+        return None
 
     def start_accepting(self) -> None:
         """

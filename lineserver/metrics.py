@@ -16,11 +16,17 @@ lines received = delivered + queued + dropped holds in every scrape.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import CollectorRegistry
@@ -53,6 +59,25 @@ _CLOSING_CODES = frozenset(
 )
 REFUSAL_CODES: tuple[str, ...] = tuple(
     code.value for code in ErrorCode if code not in _CLOSING_CODES
+)
+#: The Stats name of a child's restarts is this and the child's name.
+RESTARTS_PREFIX = "supervisor.restarts."
+#: Upper bounds, in seconds, of the sink write latency histogram's buckets.
+SINK_WRITE_BUCKETS: tuple[float, ...] = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
 )
 #: The accept() errors the accept guard counts; shown at 0 until they occur.
 ACCEPT_ERRNOS = ("EMFILE", "ENFILE", "ENOBUFS", "ENOMEM")
@@ -255,11 +280,14 @@ FAMILIES: tuple[Family, ...] = (
         "listen.failures",
         "Failed attempts to listen on a --port (retried with backoff).",
     ),
-    _one(
+    Family(
         "restarts",
         "counter",
-        "supervisor.restarts",
-        "Children (sink, listeners, metrics port) restarted after a failure.",
+        "Supervised children (sink, listeners, metrics and control ports) "
+        "restarted after a failure, by child.",
+        {},
+        label="child",
+        prefix=RESTARTS_PREFIX,
     ),
 )
 
@@ -307,16 +335,93 @@ def _family(family: Family, values: Mapping[str, int]) -> Metric:
     return metric
 
 
-def metrics_registry(stats: Stats, process: bool = True) -> CollectorRegistry:
+class LatencyHistogram:
+    """
+    Seconds observed, in cumulative buckets: the sink write latency, from
+    a batch's hand-over to the sink to its confirmation.
+
+    Pure bookkeeping, fed by L{lineserver.sink_service.SinkService}'s
+    C{on_written} hook and read at scrape time by L{HistogramCollector}.
+
+    @ivar counts: observations per bucket (not cumulative); the last one
+        is above every bound (C{+Inf}).
+    """
+
+    def __init__(self, bounds: Iterable[float] = SINK_WRITE_BUCKETS) -> None:
+        self.bounds = tuple(sorted(bounds))
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.total = 0.0
+        self.lines = 0
+
+    def observe(self, seconds: float, lines: int = 0) -> None:
+        """
+        One confirmed batch of C{lines} lines that took C{seconds}.
+        """
+        seconds = max(0.0, seconds)
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self.total += seconds
+        self.lines += lines
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def buckets(self) -> list[tuple[str, int]]:
+        """
+        @return: (upper bound, cumulative count) pairs, C{+Inf} last, as
+            Prometheus wants them.
+        """
+        cumulative = 0
+        pairs = []
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            cumulative += count
+            pairs.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+        return pairs
+
+
+class HistogramCollector:
+    """
+    Exports a L{LatencyHistogram} as one Prometheus histogram family.
+    """
+
+    def __init__(self, name: str, doc: str, histogram: LatencyHistogram) -> None:
+        self.name = PREFIX + name
+        self.doc = doc
+        self.histogram = histogram
+
+    def describe(self) -> list[Metric]:
+        return list(self.collect())
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.name, self.doc)
+        family.add_metric([], self.histogram.buckets(), self.histogram.total)
+        yield family
+
+
+def metrics_registry(
+    stats: Stats,
+    process: bool = True,
+    sink_writes: LatencyHistogram | None = None,
+) -> CollectorRegistry:
     """
     @return: a registry of this server's own (never the process-global
         C{REGISTRY}: two servers in one process would clash there), with
-        the L{StatsCollector} and, if C{process}, the standard C{process_*}
+        the L{StatsCollector}, the sink write latency histogram if
+        C{sink_writes} and, if C{process}, the standard C{process_*}
         metrics (open and maximum descriptors, memory, CPU) that tell how
         close the server is to its limits.
     """
     registry = CollectorRegistry()
     registry.register(StatsCollector(stats))
+    if sink_writes is not None:
+        registry.register(
+            HistogramCollector(
+                "sink_write_seconds",
+                "Seconds from a batch's hand-over to the sink to its "
+                "confirmation, per batch.",
+                sink_writes,
+            )
+        )
     if process:
         ProcessCollector(registry=registry)
     return registry

@@ -170,6 +170,13 @@ class LineProtocol(LineReceiver):
     def __repr__(self) -> str:
         return f"<LineProtocol {self.identity}>"
 
+    @property
+    def age(self) -> float:
+        """
+        Seconds since the connection was made (for C{show connections}).
+        """
+        return time.monotonic() - self._started if self._started else 0.0
+
     # -- carrying out the session's actions ---------------------------------
 
     def _run(self, actions: list[Action]) -> None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from twisted.application.service import IService
 from twisted.internet.defer import (
     Deferred,
     DeferredList,
@@ -40,7 +41,12 @@ from lineserver.flow import Pause, SinkQueue
 from lineserver.handlers import EchoHandlerFactory, SinkHandlerFactory
 from lineserver.interfaces import ILineHandlerFactory, ISinkFactory
 from lineserver.listener import ListenerService, PortBinder
-from lineserver.metrics import MetricsService, metrics_registry
+from lineserver.metrics import (
+    RESTARTS_PREFIX,
+    LatencyHistogram,
+    MetricsService,
+    metrics_registry,
+)
 from lineserver.ports import with_defaults
 from lineserver.protocol import LineFactory, LineProtocol, ProtocolSettings
 from lineserver.security import Security, SecurityConfig
@@ -168,6 +174,8 @@ class LineServer(Supervisor):
         self.stats.add_gauge("queue.pauses", lambda: self.queue.pauses)
         self.stats.add_gauge("queue.lines", lambda: self.queue.buffered_lines)
         self.stats.add_gauge("supervisor.restarts", lambda: self.restarts)
+        #: Sink write latency, for C{lineserver_sink_write_seconds}.
+        self.sink_writes = LatencyHistogram()
         self.registry: ConnectionRegistry[LineProtocol] = ConnectionRegistry(
             max_connections=config.max_connections,
             max_per_peer=config.max_connections_per_peer,
@@ -209,13 +217,25 @@ class LineServer(Supervisor):
             # After the listeners: it starts with them and, stopped last,
             # still answers scrapes while the server drains.
             metrics = with_defaults(config.metrics, config.backlog)
-            registry = metrics_registry(self.stats)
+            registry = metrics_registry(self.stats, sink_writes=self.sink_writes)
             self.add_child(
                 ChildSpec(
                     f"metrics {metrics}",
                     lambda: MetricsService(metrics, registry, reactor),
                 )
             )
+
+    @override
+    def add_child(self, spec: ChildSpec) -> IService:
+        """
+        Supervise a child, and count its restarts under its own name
+        (C{supervisor.restarts.<name>}).
+        """
+        service = super().add_child(spec)
+        self.stats.add_gauge(
+            RESTARTS_PREFIX + spec.name, lambda: self.restarts_by_child[spec.name]
+        )
+        return service
 
     @override
     def startService(self) -> None:
@@ -292,7 +312,11 @@ class LineServer(Supervisor):
     def _make_sink_service(self) -> SinkService:
         assert self.sink_factory is not None
         return SinkService(
-            self.sink_factory, self.queue, self.stats, self.config.max_batch_bytes
+            self.sink_factory,
+            self.queue,
+            self.stats,
+            self.config.max_batch_bytes,
+            on_written=self.sink_writes.observe,
         )
 
     def _listener_maker(
@@ -330,6 +354,46 @@ class LineServer(Supervisor):
         if service is not None:
             service.reopen()
         return reloaded
+
+    # -- what the control socket asks (lineserver.control) ------------------
+
+    @property
+    def listeners_enabled(self) -> bool:
+        return not self.registry.listeners_held
+
+    def enable_listeners(self, enabled: bool) -> None:
+        """
+        Stop (False) or resume (True) accepting on every port, which stays
+        open: new clients wait in the kernel's backlog, as at the limit.
+        """
+        self.registry.hold_listeners(not enabled)
+        log.info(
+            "listeners {state} by the control socket",
+            state="enabled" if enabled else "disabled",
+        )
+
+    def set_max_connections(self, limit: int | None) -> None:
+        """
+        Change C{--max-connections} while running; waiting clients that a
+        higher limit lets in are served at once.
+        """
+        for waiter in self.registry.set_max_connections(limit):
+            waiter.slot_granted()
+        log.info("max-connections set to {limit}", limit=limit or "none")
+
+    def kill_connection(self, number: int) -> bool:
+        """
+        Close connection #C{number} as a stop would: after what it sent is
+        delivered, aborted if it does not take its last bytes.
+
+        @return: False if there is no such connection.
+        """
+        conn = self.registry.find(number)
+        if conn is None:
+            return False
+        log.info("closing {conn} for the control socket", conn=conn.identity)
+        conn.close()
+        return True
 
     @property
     def listeners(self) -> list[ListenerService]:

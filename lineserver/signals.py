@@ -1,4 +1,5 @@
-"""SIGHUP as a service: reload configuration files while running.
+"""Signals as services: SIGHUP reloads configuration files, SIGUSR1
+reopens the log files (for logrotate), while running.
 
 A signal arrives between two bytecodes of whatever the main thread runs;
 the handler only asks the reactor to call back from its loop
@@ -22,21 +23,22 @@ log = Logger(namespace="lineserver.signals")
 _Handler = Callable[[int, FrameType | None], Any] | int | None
 
 
-class HangupReload(Service):
+class SignalAction(Service):
     """
-    Calls C{reload} from the reactor on each SIGHUP while running.
+    Calls C{action} from the reactor on each C{signum} while running.
 
     The handler is installed once the reactor runs (twistd installs its
-    own handlers then, and would not touch SIGHUP, but one installed
-    earlier would fire before the reactor can take the call) and the
-    previous one is put back on stop.
+    own handlers then, and its SIGUSR1 log rotation before: ours replaces
+    it; one installed earlier would fire before the reactor can take the
+    call) and the previous one is put back on stop.
     """
 
-    def __init__(
-        self, reactor: Any, reload: Callable[[], object], signum: int = signal.SIGHUP
-    ) -> None:
+    #: What the log says when the signal comes.
+    message = "{signal}: running {action!r}"
+
+    def __init__(self, reactor: Any, action: Callable[[], object], signum: int) -> None:
         self.reactor = reactor
-        self.reload = reload
+        self.action = action
         self.signum = signum
         self._previous: _Handler = None
         self._installed = False
@@ -53,14 +55,18 @@ class HangupReload(Service):
         self._installed = True
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self.reactor.callFromThread(self._reload)
+        self.reactor.callFromThread(self._act)
 
-    def _reload(self) -> None:
-        log.info("SIGHUP: reloading certificates and tokens, reopening the sink")
+    def _act(self) -> None:
+        log.info(
+            self.message,
+            signal=signal.Signals(self.signum).name,
+            action=self.action,
+        )
         try:
-            self.reload()
+            self.action()
         except Exception:
-            log.failure("reload failed")
+            log.failure("{signal} action failed", signal=self.signum)
 
     @override
     def stopService(self) -> None:  # type: ignore[override]
@@ -69,3 +75,41 @@ class HangupReload(Service):
             previous = signal.SIG_DFL if self._previous is None else self._previous
             signal.signal(self.signum, previous)
             self._installed = False
+
+
+class HangupReload(SignalAction):
+    """
+    SIGHUP: reload certificates and tokens, reopen the sink.
+    """
+
+    message = "SIGHUP: reloading certificates and tokens, reopening the sink"
+
+    def __init__(
+        self, reactor: Any, reload: Callable[[], object], signum: int = signal.SIGHUP
+    ) -> None:
+        super().__init__(reactor, reload, signum)
+
+    @property
+    def reload(self) -> Callable[[], object]:
+        return self.action
+
+
+class LogReopen(SignalAction):
+    """
+    SIGUSR1: reopen the log files, after logrotate moved them.
+    """
+
+    message = "SIGUSR1: reopening the log files"
+
+    def __init__(
+        self,
+        reactor: Any,
+        reopen: Callable[[], object],
+        signum: int = signal.SIGUSR1,
+    ) -> None:
+        super().__init__(reactor, self._reopen, signum)
+        self.reopen = reopen
+
+    def _reopen(self) -> None:
+        reopened = self.reopen()
+        log.info("reopened {files}", files=reopened)

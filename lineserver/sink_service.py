@@ -20,7 +20,9 @@ least once, as after any crash).
 
 from __future__ import annotations
 
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,6 +81,8 @@ class _Batch:
     lines: list[bytes]
     cost: int
     settled: bool = False
+    #: When it was handed to the sink (L{SinkService.timer}).
+    started: float = 0.0
 
 
 def max_in_flight(sink: ISink | None) -> int:
@@ -105,7 +109,16 @@ class SinkService(Service):
         queue: SinkQueue,
         stats: Stats | None = None,
         max_batch_bytes: int = 1 << 20,
+        on_written: Callable[[float, int], object] | None = None,
+        timer: Callable[[], float] = time.monotonic,
     ) -> None:
+        """
+        @param on_written: called with the seconds from a batch's hand-over
+            to its confirmation, and its lines, for each confirmed batch
+            (the sink write latency metric).
+        """
+        self.on_written = on_written
+        self.timer = timer
         self.sink_factory = sink_factory
         self.queue = queue
         self.stats = stats if stats is not None else Stats()
@@ -183,7 +196,7 @@ class SinkService(Service):
                     self.queue.when_ready(self._pump)
                     self._notify_idle()
                     return
-                batch = _Batch(lines, cost)
+                batch = _Batch(lines, cost, started=self.timer())
                 self._flight.append(batch)
                 assert self.sink is not None
                 written = maybeDeferred(self.sink.write, lines)
@@ -202,6 +215,8 @@ class SinkService(Service):
         self._flight.remove(batch)
         self.queue.confirm(batch.cost)
         self.stats.incr("lines.delivered", len(batch.lines))
+        if self.on_written is not None:
+            self.on_written(self.timer() - batch.started, len(batch.lines))
         if self._abandoned:
             if not self._writing:
                 self._close()

@@ -19,7 +19,7 @@ restarts, backoff and the intensity window with a L{Clock}.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -145,6 +145,7 @@ class Supervisor(MultiService):
 
     @ivar escalated: C{True} once the restart intensity was exceeded.
     @ivar restarts: how many fresh instances were started after failures.
+    @ivar restarts_by_child: the same, by child name (for metrics).
     @ivar backoff: the restart delay policy in use (attempt -> seconds).
     """
 
@@ -183,6 +184,7 @@ class Supervisor(MultiService):
         self._on_escalate = on_escalate
         self.escalated = False
         self.restarts = 0
+        self.restarts_by_child: Counter[str] = Counter()
         # Every known child by name; insertion order is start order.
         self._specs: dict[str, ChildSpec] = {}
         # (time, name) of each restart still inside the intensity window.
@@ -552,6 +554,7 @@ class Supervisor(MultiService):
     def _restart(self, name: str) -> None:
         del self._restarting[name]
         self.restarts += 1
+        self.restarts_by_child[name] += 1
         self._spawn(name)
 
     def _escalate(self, name: str, failure: Failure) -> None:

@@ -22,12 +22,14 @@ from twisted.python.failure import Failure
 from typing_extensions import override
 
 from lineserver.connections import OVERFLOW_CHOICES
+from lineserver.control import ControlService, ServerControl, control_defaults
 from lineserver.fdlimits import DEFAULT_RESERVE
+from lineserver.logs import reopen_logs
 from lineserver.ports import EVERY_INTERFACE, port_number, with_defaults
 from lineserver.protocol import ProtocolSettings
 from lineserver.security import Security, SecurityConfig, SecurityConfigError
 from lineserver.server import DEFAULT_PORT, HANDLERS, LineServer, ServerConfig
-from lineserver.signals import HangupReload
+from lineserver.signals import HangupReload, LogReopen
 from lineserver.sinks import SinkURLError, sink_factory_from_url
 from lineserver.supervisor import ChildSpec
 from lineserver.tls import (
@@ -329,6 +331,7 @@ class Options(usage.Options):
         self["sink"] = DEFAULT_SINK
         self._sink_given = False
         self["metrics"] = None
+        self["control"] = None
 
     def opt_version(self) -> NoReturn:
         """
@@ -383,6 +386,20 @@ class Options(usage.Options):
         self["metrics"] = description
 
     @_flowed
+    def opt_control(self, description: str) -> None:
+        """
+        Take operator commands on this endpoint, e.g.
+        unix:/run/lineserver.sock (mode=600 unless given; only the file mode
+        protects it); once at most. See lineserver-ctl. [default: off]
+        """
+        if self["control"] is not None:
+            raise usage.UsageError(
+                f"--control: given twice ({self['control']!r} and "
+                f"{description!r}); there is one control socket"
+            )
+        self["control"] = description
+
+    @_flowed
     def opt_allow(self, network: str) -> None:
         """
         Admit only clients from this network (CIDR or address, IPv4 or
@@ -426,6 +443,8 @@ class Options(usage.Options):
         if self["metrics"] is not None:
             check_endpoint(self["metrics"], "--metrics")
             check_metrics_port(self["metrics"], self["ports"], self["backlog"])
+        if self["control"] is not None:
+            check_endpoint(self["control"], "--control")
         self["max-restarts"] = _convert("max-restarts", self, _whole, minimum=0)
         self["fd-reserve"] = _convert("fd-reserve", self, _whole, minimum=0)
         self["tls-handshake-timeout"] = _convert(
@@ -627,4 +646,20 @@ def makeService(options: Options) -> IService:
         ),
     )
     server.add_child(ChildSpec("sighup", lambda: HangupReload(reactor, server.reload)))
+    server.add_child(ChildSpec("sigusr1", lambda: LogReopen(reactor, reopen_logs)))
+    if options["control"] is not None:
+        control = control_defaults(options["control"])
+        target = ServerControl(
+            server,
+            reactor,
+            mode=options["mode"],
+            reopen=reopen_logs,
+            version=version_text(),
+        )
+        server.add_child(
+            ChildSpec(
+                f"control {control}",
+                lambda: ControlService(control, target, reactor),
+            )
+        )
     return server

@@ -36,10 +36,21 @@ from zope.interface import implementer
 from lineserver.errors import ErrorCode
 from lineserver.flow import SinkQueue
 from lineserver.handlers import PerLineHandler
-from lineserver.interfaces import ILineHandler, ILineHandlerFactory, ISink
-from lineserver.metrics import ACCEPT_ERRNOS, StatsCollector, metrics_registry
+from lineserver.interfaces import (
+    ILineHandler,
+    ILineHandlerFactory,
+    ISink,
+    ISinkFactory,
+)
+from lineserver.metrics import (
+    ACCEPT_ERRNOS,
+    SINK_WRITE_BUCKETS,
+    LatencyHistogram,
+    StatsCollector,
+    metrics_registry,
+)
 from lineserver.server import LineServer, ServerConfig
-from lineserver.sink_service import queued_lines
+from lineserver.sink_service import SinkService, queued_lines
 from lineserver.stats import Stats
 from tests.support import MemorySinkFactory, connect, eventually, free_port, reactor
 
@@ -110,6 +121,8 @@ TWINS = {
     "connections.refused.forbidden": "errors.forbidden",
     "connections.refused.limit": "errors.too-many-connections",
     "connections.refused.peer": "errors.too-many-connections-from-peer",
+    # Exported by child (supervisor.restarts.<child>), whose sum it is.
+    "supervisor.restarts": "supervisor.restarts.<child>",
 }
 
 
@@ -235,6 +248,70 @@ class CollectorTests(SynchronousTestCase):
         self.assertIn("process_open_fds", families)
 
 
+class LatencyHistogramTests(SynchronousTestCase):
+    @given(st.lists(st.floats(min_value=0, max_value=100, allow_nan=False)))
+    def test_buckets_cumulative(self, observed: list[float]) -> None:
+        """
+        Each bucket counts the observations at or below its bound, the
+        C{+Inf} bucket counts them all, and the sum is their total.
+        """
+        histogram = LatencyHistogram()
+        for seconds in observed:
+            histogram.observe(seconds, 1)
+        buckets = histogram.buckets()
+        self.assertEqual(buckets[-1], ("+Inf", len(observed)))
+        for (bound, count), limit in zip(buckets[:-1], SINK_WRITE_BUCKETS, strict=True):
+            self.assertEqual(float(bound), limit)
+            self.assertEqual(count, sum(1 for s in observed if s <= limit))
+        self.assertAlmostEqual(histogram.total, sum(observed), places=6)
+        self.assertEqual(histogram.lines, len(observed))
+        self.assertEqual(histogram.count, len(observed))
+
+    def test_exported_as_histogram(self) -> None:
+        """
+        The server registry exports C{lineserver_sink_write_seconds} as a
+        Prometheus histogram: cumulative C{_bucket} samples by C{le}, a
+        C{_count} and a C{_sum}.
+        """
+        histogram = LatencyHistogram()
+        histogram.observe(0.003, 10)
+        histogram.observe(0.2, 5)
+        registry = metrics_registry(Stats(), process=False, sink_writes=histogram)
+        families, samples = parse(generate_latest(registry).decode())
+        self.assertEqual(families["lineserver_sink_write_seconds"].type, "histogram")
+        name = "lineserver_sink_write_seconds"
+        self.assertEqual(value(samples, name + "_bucket", le="0.0025"), 0)
+        self.assertEqual(value(samples, name + "_bucket", le="0.005"), 1)
+        self.assertEqual(value(samples, name + "_bucket", le="0.25"), 2)
+        self.assertEqual(value(samples, name + "_bucket", le="+Inf"), 2)
+        self.assertEqual(value(samples, name + "_count"), 2)
+        self.assertAlmostEqual(value(samples, name + "_sum"), 0.203)
+
+    def test_sink_service_reports_each_confirmed_batch(self) -> None:
+        """
+        The SinkService calls its C{on_written} hook once per confirmed
+        batch, with the time from hand-over to confirmation and the lines;
+        a batch still in flight is not reported.
+        """
+        now = [100.0]
+        seen: list[tuple[float, int]] = []
+        factory = HeldSinkFactory()
+        queue = SinkQueue(1 << 20, 1 << 10)
+        service = SinkService(
+            factory,
+            queue,
+            on_written=lambda seconds, lines: seen.append((seconds, lines)),
+            timer=lambda: now[0],
+        )
+        service.startService()
+        queue.put([b"a", b"b"], 4)
+        self.assertEqual(len(factory.sink.writes), 1)
+        now[0] += 0.25
+        self.assertEqual(seen, [])
+        factory.sink.writes[0][1].callback(None)
+        self.assertEqual(seen, [(0.25, 2)])
+
+
 class QueueLineCountTests(SynchronousTestCase):
     def test_lines_counted_until_confirmed(self) -> None:
         """
@@ -336,6 +413,7 @@ class HeldSink:
         return succeed(None)
 
 
+@implementer(ISinkFactory)
 class HeldSinkFactory:
     description = "held:"
 
@@ -611,7 +689,7 @@ class ScrapeTests(TestCase):
         yield listening
         samples = yield self.scrape(server)
         self.assertEqual(value(samples, "lineserver_lines_received_total"), 1)
-        self.assertEqual(value(samples, "lineserver_restarts_total"), 0)
+        self.assertEqual(total(samples, "lineserver_restarts_total"), 0)
         client.transport.loseConnection()
         yield client.gone
 
@@ -635,7 +713,19 @@ class ScrapeTests(TestCase):
         )
         samples = yield self.scrape(server)
         self.assertEqual(self.metrics_port(server), port)
-        self.assertEqual(value(samples, "lineserver_restarts_total"), 1)
+        self.assertEqual(total(samples, "lineserver_restarts_total"), 1)
+        self.assertEqual(
+            value(samples, "lineserver_restarts_total", child=first.name), 1
+        )
+        self.assertEqual(
+            value(
+                samples,
+                "lineserver_restarts_total",
+                child=str(server.listeners[0].name),
+            ),
+            0,
+            "every child has its series, at 0 until it restarts",
+        )
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     @inlineCallbacks

@@ -196,6 +196,40 @@ class MetricsTwistdTests(SynchronousTestCase):
         written = Path(self.dir, "lines.log").read_bytes().count(b"\n")
         self.assertEqual(written, sent)
 
+    def test_sink_write_latency_and_restarts_by_child(self) -> None:
+        """
+        A real twistd exports the sink write latency as a histogram: once
+        lines are delivered, every confirmed batch is counted, within the
+        buckets, with a sum of seconds; and each supervised child has its
+        own restart counter (at 0: nothing crashed).
+        """
+        server, metrics_port = self.start()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            s.sendall(b"".join(b"line %d\n" % i for i in range(200)))
+        wait_until(
+            lambda: (
+                value(scrape(metrics_port), "lineserver_lines_delivered_total") == 200
+            ),
+            "200 lines delivered",
+        )
+        samples = scrape(metrics_port)
+        name = "lineserver_sink_write_seconds"
+        batches = value(samples, name + "_count")
+        self.assertGreaterEqual(batches, 1)
+        self.assertLessEqual(batches, 200)
+        self.assertEqual(value(samples, name + "_bucket", le="+Inf"), batches)
+        self.assertGreater(value(samples, name + "_sum"), 0)
+        children = {
+            dict(labels)["child"]: v
+            for (n, labels), v in samples.items()
+            if n == "lineserver_restarts_total"
+        }
+        self.assertEqual(children.get("sink"), 0)
+        self.assertTrue(
+            any(child.startswith("listener 0 tcp:") for child in children), children
+        )
+        self.assertEqual(sum(children.values()), 0)
+
     def test_refused_client_counted(self) -> None:
         """
         A client over C{--max-connections} (reject mode) reads its
