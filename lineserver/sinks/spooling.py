@@ -155,6 +155,7 @@ class SpoolingSink:
         self._complained = float("-inf")
         self._broken: Failure | None = None
         self._closing = False
+        self._closed: Deferred[None] | None = None
         self._busy: set[Deferred[Any]] = set()
 
     # -- ISink --------------------------------------------------------------
@@ -210,6 +211,8 @@ class SpoolingSink:
         waiting for a write it may be stuck in: that batch is spooled),
         and leave what is spooled for the next start.
         """
+        if self._closed is not None:
+            return self._closed
         self._closing = True
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
@@ -217,7 +220,8 @@ class SpoolingSink:
         waiting, self._waiting = self._waiting, deque()
         for _, done in waiting:
             done.errback(Failure(RuntimeError("the spool closed")))
-        return Deferred.fromCoroutine(self._close())
+        self._closed = Deferred.fromCoroutine(self._close())
+        return self._closed
 
     async def _close(self) -> None:
         while self._busy:
