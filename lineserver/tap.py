@@ -333,8 +333,7 @@ class Options(usage.Options):
         [
             "quiet-connections",
             None,
-            "Do not log a line per closed connection (refusals are still "
-            "logged).",
+            "Do not log a line per closed connection (refusals are still logged).",
         ],
     ]
 
@@ -630,7 +629,7 @@ def _hard_exit(status: int) -> None:
     os._exit(status)
 
 
-def _sink(options: Options, reactor: Any) -> ISinkFactory:
+def sink_from_options(options: Options, reactor: Any) -> ISinkFactory:
     """
     The sink of C{--sink}, behind the disk spool if C{--spool} names one.
     """
@@ -649,7 +648,7 @@ def makeService(options: Options) -> IService:
         config_from_options(options),
         reactor,
         handler=options["mode"],
-        sink=_sink(options, reactor) if options["mode"] == "sink" else None,
+        sink=sink_from_options(options, reactor) if options["mode"] == "sink" else None,
         on_escalate=exit_after_stop(reactor),
         on_start_failed=exit_after_stop(
             reactor, EXIT_CANNOT_START, "the server could not start"

@@ -16,6 +16,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
+from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -24,6 +25,7 @@ from lineserver.interfaces import ISink, ISinkFactory
 from lineserver.sinks import ISpooled, SinkUnavailable
 from lineserver.sinks.spooling import SpoolingSink, SpoolingSinkFactory
 from lineserver.spool import SegmentStore, segment_name
+from lineserver.tap import Options, sink_from_options
 from tests.support import temp_dir
 
 
@@ -340,3 +342,45 @@ class SpoolingSinkTests(SynchronousTestCase):
         again = self.opened()
         self.assertEqual(again.spooled_lines, 1)
         self.assertEqual(self.inner.confirm_all(), [b"kept"])
+
+
+class OptionsTests(SynchronousTestCase):
+    def parse(self, *args: str) -> Options:
+        options = Options()
+        options.parseOptions(["--sink", "null:", *args])
+        return options
+
+    def test_spool_options(self) -> None:
+        """
+        --spool DIR puts the sink behind a spool in DIR (made absolute),
+        capped at --spool-max (with K, M, G suffixes; 4G by default);
+        without --spool the sink is used as it is.
+        """
+        directory = temp_dir(self)
+        options = self.parse("--spool", directory, "--spool-max", "64M")
+        factory = sink_from_options(options, Clock())
+        self.assertIsInstance(factory, SpoolingSinkFactory)
+        assert isinstance(factory, SpoolingSinkFactory)
+        self.assertEqual(factory.directory, os.path.abspath(directory))
+        self.assertEqual(factory.max_bytes, 64 << 20)
+        self.assertEqual(factory.description, "null:")
+        self.assertEqual(self.parse("--spool", directory)["spool-max"], 4 << 30)
+        self.assertNotIsInstance(
+            sink_from_options(self.parse(), Clock()), SpoolingSinkFactory
+        )
+
+    def test_bad_spool_options(self) -> None:
+        """
+        A size that is not one, or zero, is a usage error naming the
+        option; so is --spool outside sink mode.
+        """
+        for bad in ("lots", "0", "1T"):
+            error = self.assertRaises(
+                usage.UsageError, self.parse, "--spool", "x", "--spool-max", bad
+            )
+            self.assertIn("--spool-max", str(error))
+        options = Options()
+        error = self.assertRaises(
+            usage.UsageError, options.parseOptions, ["--mode", "echo", "--spool", "x"]
+        )
+        self.assertIn("--spool", str(error))
