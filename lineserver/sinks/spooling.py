@@ -135,6 +135,7 @@ class SpoolingSink:
         self.lost_lines = 0
         self._clock = clock
         self._pool: ThreadPool | None = None
+        self._shutdown_trigger: Any = None
         self._in_thread = in_thread
         self._backoff = backoff if backoff is not None else outage_backoff()
         self._store = SegmentStore(directory, segment_bytes or _segment_size(max_bytes))
@@ -168,6 +169,11 @@ class SpoolingSink:
         if self._in_thread is None:
             pool = self._pool = ThreadPool(1, 1, name=f"spool {self.directory}")
             pool.start()
+            # Stop the thread as the reactor stops, even if close never
+            # comes (a stop that gave up on the sink).
+            self._shutdown_trigger = self._clock.addSystemEventTrigger(
+                "during", "shutdown", pool.stop
+            )
             clock = self._clock
             self._in_thread = lambda f, *a: deferToThreadPool(clock, pool, f, *a)
         recovered = self._run(self._store.open)
@@ -276,6 +282,9 @@ class SpoolingSink:
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.stop()
+        trigger, self._shutdown_trigger = self._shutdown_trigger, None
+        if trigger is not None:
+            self._clock.removeSystemEventTrigger(trigger)
 
     def _recovered(self, recovered: Any) -> None:
         for what in recovered.damaged:
