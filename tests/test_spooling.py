@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
@@ -384,3 +386,86 @@ class OptionsTests(SynchronousTestCase):
             usage.UsageError, options.parseOptions, ["--mode", "echo", "--spool", "x"]
         )
         self.assertIn("--spool", str(error))
+
+
+class SpoolingPropertyTests(SynchronousTestCase):
+    """
+    Random interleavings of writes, the wrapped sink confirming, failing
+    (an outage) or going down, and time passing.
+    """
+
+    @settings(max_examples=60, deadline=None)
+    @given(
+        st.lists(
+            st.sampled_from(["write", "confirm", "fail", "tick", "down", "up"]),
+            max_size=60,
+        )
+    )
+    def test_every_line_once_in_order_and_exact_count(self, events: list[str]) -> None:
+        """
+        Whatever happens, spooled_lines is at every moment the number of
+        lines the wrapper confirmed and the wrapped sink has not; and once
+        the sink stays up, it has received every written line exactly
+        once, in order.
+        """
+        clock = Clock()
+        directory = os.path.join(temp_dir(self), "spool")
+        inner = HeldSinkFactory()
+        sink = SpoolingSink(
+            inner,
+            directory,
+            clock,
+            in_thread=run_now,
+            backoff=lambda attempt: 1.0,
+            max_bytes=1 << 20,
+        )
+        self.successResultOf(sink.open())
+        written: list[bytes] = []
+        confirmed: set[bytes] = set()
+        delivered: list[bytes] = []
+        pending: Deferred[None] | None = None
+
+        def fire(success: bool) -> None:
+            for held in inner.sinks:
+                for lines, done in held.writes:
+                    if not done.called:
+                        if success:
+                            delivered.extend(lines)
+                            done.callback(None)
+                        else:
+                            done.errback(ConnectionRefusedError())
+                        return
+
+        def check() -> None:
+            waiting = [line for line in confirmed if line not in delivered]
+            self.assertEqual(sink.spooled_lines, len(waiting))
+
+        def write() -> None:
+            nonlocal pending
+            if pending is not None and not pending.called:
+                return
+            batch = [b"line %d" % (len(written) + k) for k in range(2)]
+            written.extend(batch)
+            pending = sink.write(batch)
+            pending.addCallback(lambda _: confirmed.update(batch))
+
+        for event in events:
+            if event == "write":
+                write()
+            elif event in ("confirm", "fail"):
+                fire(event == "confirm")
+            elif event == "tick":
+                clock.advance(1.0)
+            else:
+                inner.open_error = ConnectionRefusedError() if event == "down" else None
+            check()
+        inner.open_error = None
+        for _ in range(200):
+            clock.advance(1.0)
+            fire(True)
+            check()
+        self.assertEqual(delivered, written)
+        self.assertEqual(confirmed, set(written))
+        self.assertEqual(sink.spooled_lines, 0)
+        self.successResultOf(sink.close())
+        self.assertEqual(os.listdir(directory), [])
