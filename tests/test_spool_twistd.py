@@ -293,3 +293,31 @@ class SpoolTests(OutageCase):
         self.wait_delivered(len(lines))
         self.assertEqual(self.delivered(), lines)
         again.stop()
+
+    def test_sigterm_with_a_full_spool_spills_past_the_cap(self) -> None:
+        """
+        At SIGTERM with the sink down and the spool full (the client
+        paused), what is queued is spooled past --spool-max rather than
+        lost: the next start, with the sink working, delivers every line
+        the server had read, in order, and nothing it had not.
+        """
+        self.break_sink()
+        server = self.spooling("--spool-max", "256K")
+        lines = numbered(b"spilled", 200_000, width=100)
+        flood = Sender(server.port, lines)
+        wait_until(lambda: "is full" in server.log(), "a full spool", timeout=30)
+        server.stop()
+        # The server is gone: the client's send ends (with an error).
+        flood.thread.join(30)
+        flood.sock.close()
+        self.assertIn("stay in the spool", server.log())
+        self.assertNotIn("left unwritten", server.log())
+        kept = spooled(self.spool)
+        self.assertGreater(sum(len(line) + 1 for line in kept), 256 << 10)
+        self.assertEqual(kept, lines[: len(kept)])
+        self.mend_sink()
+        again = self.spooling()
+        self.wait_delivered(len(kept))
+        wait_until(lambda: not list(self.spool.iterdir()), "an empty spool")
+        self.assertEqual(self.delivered(), kept)
+        again.stop()

@@ -304,6 +304,32 @@ class SpoolingSinkTests(SynchronousTestCase):
         self.assertEqual(sink.spooled_lines, 0)
         self.assertEqual(self.segments(), [])
 
+    def test_spill_at_stop_goes_past_the_cap(self) -> None:
+        """
+        When the process stops (spill(), run before the reactor shuts
+        down), a write waiting for room is spooled past max_bytes, and so
+        is every later one: what is queued is kept, not lost.
+        """
+        self.inner.open_error = ConnectionRefusedError()
+        sink = self.opened(max_bytes=2048, segment_bytes=512)
+        waiting = None
+        for _ in range(100):
+            written = sink.write([b"y" * 200])
+            if not written.called:
+                waiting = written
+                break
+        assert waiting is not None
+        before = sink.spooled_lines
+        sink.spill()
+        self.successResultOf(waiting)
+        self.successResultOf(sink.write([b"after"]))
+        self.assertEqual(sink.spooled_lines, before + 2)
+        size = sum(
+            os.path.getsize(os.path.join(self.directory, name))
+            for name in self.segments()
+        )
+        self.assertGreater(size, 2048)
+
     def test_bug_in_direct_write_fails_the_write(self) -> None:
         """
         A bug (not an outage) in the wrapped sink's write fails the

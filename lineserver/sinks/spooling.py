@@ -136,6 +136,8 @@ class SpoolingSink:
         self._clock = clock
         self._pool: ThreadPool | None = None
         self._shutdown_trigger: Any = None
+        self._spill_trigger: Any = None
+        self._spilling = False
         self._in_thread = in_thread
         self._backoff = backoff if backoff is not None else outage_backoff()
         self._store = SegmentStore(directory, segment_bytes or _segment_size(max_bytes))
@@ -173,6 +175,9 @@ class SpoolingSink:
             # comes (a stop that gave up on the sink).
             self._shutdown_trigger = self._clock.addSystemEventTrigger(
                 "during", "shutdown", pool.stop
+            )
+            self._spill_trigger = self._clock.addSystemEventTrigger(
+                "before", "shutdown", self.spill
             )
             clock = self._clock
             self._in_thread = lambda f, *a: deferToThreadPool(clock, pool, f, *a)
@@ -282,9 +287,10 @@ class SpoolingSink:
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.stop()
-        trigger, self._shutdown_trigger = self._shutdown_trigger, None
-        if trigger is not None:
-            self._clock.removeSystemEventTrigger(trigger)
+        for trigger in (self._shutdown_trigger, self._spill_trigger):
+            if trigger is not None:
+                self._clock.removeSystemEventTrigger(trigger)
+        self._shutdown_trigger = self._spill_trigger = None
 
     def _recovered(self, recovered: Any) -> None:
         for what in recovered.damaged:
@@ -304,7 +310,28 @@ class SpoolingSink:
                 sink=self.inner_factory.description,
             )
 
+    def spill(self) -> None:
+        """
+        The process is stopping: from now on the spool takes every batch,
+        past C{max_bytes} if need be, so that what is still queued is
+        spooled within the shutdown timeout instead of lost.  (Run before
+        the reactor shuts down; the stop then flushes the queue here.)
+        """
+        if self._spilling or self._closing:
+            return
+        self._spilling = True
+        if self._waiting:
+            log.warn(
+                "spool {dir}: stopping; what is queued is spooled past "
+                "--spool-max ({max} bytes)",
+                dir=self.directory,
+                max=self.max_bytes,
+            )
+        self._release()
+
     def _full(self, lines: list[bytes]) -> bool:
+        if self._spilling:
+            return False
         if not (self._records or self._appending):
             return False  # an empty spool takes any batch, or it would wedge
         size = HEADER.size + sum(len(line) + 1 for line in lines) + len(MAGIC)
