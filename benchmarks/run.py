@@ -74,9 +74,13 @@ from benchmarks.procs import (
     running_servers,
     steal_seconds,
 )
+from benchmarks.spool import SCENARIO as SPOOL_SCENARIO
+from benchmarks.spool import SpoolFigures, format_spool_table, run_spool_phase
 from benchmarks.tables import cell, format_table, paired_ratios, spread
 
 RESULTS = REPO / "benchmarks" / "results"
+#: Lines sent through the spool scenario (times --scale).
+SPOOL_LINES = 200_000
 
 
 @dataclass(frozen=True)
@@ -516,6 +520,7 @@ def format_servers(reports: list[ServerReport]) -> str:
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     names = [s.name for s in SCENARIOS] + [s.name for s in LONG_SCENARIOS]
+    names.append(SPOOL_SCENARIO)
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.run",
         description="lineserver against a stock Twisted LineReceiver baseline.",
@@ -640,6 +645,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seconds=QUICK_LONG_SECONDS if args.quick else LONG_SECONDS,
             budget=int(LONG_BUDGET * args.scale),
         )
+        spool_figures: SpoolFigures | None = None
         long_measurements: list[LongMeasurement] = []
         long_reports: list[LongServerReport] = []
         payload = workdir / "payload.bin"
@@ -657,6 +663,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if long_settings.scenarios:
                 print("long lines:", flush=True)
                 long_measurements, long_reports = run_long_phase(long_settings)
+            if SPOOL_SCENARIO in args.scenarios:
+                print("spool:", flush=True)
+                spool_figures = run_spool_phase(
+                    max(1000, int(SPOOL_LINES * args.scale)), args.rounds, workdir
+                )
         except BenchError as e:
             print(f"benchmark failed: {e}", file=sys.stderr)
             return 2
@@ -680,6 +691,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(format_long_table(long_rows))
         print()
         print(format_long_servers(long_reports))
+    if spool_figures is not None:
+        print()
+        print(format_spool_table(spool_figures))
     busy = [m for m in measurements if m.loadgen_cpu_seconds > 0.9 * m.seconds]
     if busy:
         print(
@@ -714,6 +728,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "scenarios": rows,
         "servers": [asdict(r) for r in reports],
         "measurements": [asdict(m) for m in measurements],
+        "spool": None if spool_figures is None else asdict(spool_figures),
         "long_lines": {
             "seconds_cap": long_settings.seconds,
             "budget_bytes": long_settings.budget,

@@ -47,6 +47,7 @@ from lineserver.metrics import (
     MetricsService,
     metrics_registry,
 )
+from lineserver.outage import is_outage
 from lineserver.ports import with_defaults
 from lineserver.protocol import LineFactory, LineProtocol, ProtocolSettings
 from lineserver.security import Security, SecurityConfig
@@ -200,7 +201,8 @@ class LineServer(Supervisor):
         self.start_failure: Failure | None = None
         self._on_start_failed = on_start_failed or on_escalate
         if sink is not None:
-            self.add_child(ChildSpec(SINK, self._make_sink_service))
+            # A sink whose destination is down is an outage, not a crash.
+            self.add_child(ChildSpec(SINK, self._make_sink_service, outage=is_outage))
         for index, given in enumerate(config.ports):
             description = with_defaults(given, config.backlog)
             # Endpoints are built on a binder, so that they can be bound in
@@ -311,12 +313,29 @@ class LineServer(Supervisor):
 
     def _make_sink_service(self) -> SinkService:
         assert self.sink_factory is not None
-        return SinkService(
+        service = SinkService(
             self.sink_factory,
             self.queue,
             self.stats,
             self.config.max_batch_bytes,
             on_written=self.sink_writes.observe,
+        )
+        # After a good start, the supervisor reports the sink's outages.
+        service.quiet_outages = self.phase is Phase.RUNNING
+        return service
+
+    @override
+    def outage_detail(self, name: str) -> str:
+        """
+        The sink's outage holds up the queued lines; clients are paused
+        once the queue reaches its high watermark.
+        """
+        if name != SINK:
+            return ""
+        return (
+            f"{queued_lines(self.queue)} line(s) wait in the queue "
+            f"({self.queue.buffered} bytes; clients are paused at "
+            f"{self.config.high_watermark})"
         )
 
     def _listener_maker(

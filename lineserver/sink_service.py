@@ -34,6 +34,7 @@ from typing_extensions import override
 
 from lineserver.flow import SinkQueue
 from lineserver.interfaces import ISink, ISinkFactory, ISupervisor
+from lineserver.outage import is_outage
 from lineserver.sinks import IPipelinedSink, IReopenable
 from lineserver.stats import Stats
 
@@ -134,6 +135,9 @@ class SinkService(Service):
         self._idle: list[Deferred[None]] = []
         self._open_waiters: list[Deferred[None]] = []
         self._closing: Deferred[None] | None = None
+        #: Log an outage (L{is_outage}) at debug level only: set by a
+        #: supervisor that reports outages itself, at most every few seconds.
+        self.quiet_outages = False
 
     @property
     def _writing(self) -> bool:
@@ -246,7 +250,14 @@ class SinkService(Service):
         self._open = False
         self.failure = reason
         self.stats.incr("sink.failures")
-        if opening:
+        if self.quiet_outages and is_outage(reason):
+            # An outage: the supervisor says so, at most every few seconds.
+            log.debug(
+                "sink {sink} is down: {reason}",
+                sink=self.sink_factory.description,
+                reason=describe_failure(reason),
+            )
+        elif opening:
             log.failure(
                 "could not open sink {sink}: {reason}",
                 reason,

@@ -48,11 +48,37 @@ class ChildSpec:
         never return an instance that was used before.
     @ivar restart: C{"permanent"} children are restarted after a failure;
         C{"temporary"} ones are stopped, removed and forgotten.
+    @ivar outage: tells an outage of the child (its destination down, full
+        or refusing) from a crash; an outage restarts a permanent child
+        with capped backoff forever and never counts against the restart
+        intensity.  None: every failure is a crash.
     """
 
     name: str
     start: Callable[[], IService]
     restart: RestartPolicy = "permanent"
+    outage: Callable[[Failure], bool] | None = None
+
+
+#: Seconds between two log lines about the same child's outage.
+OUTAGE_COMPLAINT_INTERVAL = 5.0
+
+#: Seconds without a failure after which a child's next outage is a new
+#: one (its backoff starts again from the shortest delay): longer than
+#: the longest restart delay, jitter included.
+OUTAGE_RESET = 15.0
+
+
+@dataclass
+class _Outage:
+    """
+    One child's current outage: how long, how many tries, when last said.
+    """
+
+    since: float
+    last: float
+    attempts: int = 0
+    complained: float = float("-inf")
 
 
 def default_backoff() -> Callable[[int], float]:
@@ -73,6 +99,16 @@ def _caught() -> Failure:
     untyped, so the ignore lives here).
     """
     return Failure()  # type: ignore[no-untyped-call]
+
+
+def _reason_text(failure: Failure) -> str:
+    """
+    @return: the OS's words for an C{OSError}, the exception's text else.
+    """
+    error = failure.value
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error) or type(error).__name__
 
 
 def _as_failure(reason: object) -> Failure:
@@ -143,9 +179,17 @@ class Supervisor(MultiService):
     fall within C{period} seconds, the supervisor stops all its children
     and calls C{on_escalate}.
 
+    Outages (a failure the child's spec calls one, see L{ChildSpec.outage})
+    are not crashes: the child is restarted with capped backoff for as long
+    as it takes, a warning says what is wrong at most every
+    L{OUTAGE_COMPLAINT_INTERVAL} seconds, and the intensity window never
+    sees them.
+
     @ivar escalated: C{True} once the restart intensity was exceeded.
-    @ivar restarts: how many fresh instances were started after failures.
+    @ivar restarts: how many fresh instances were started after failures
+        (outages included).
     @ivar restarts_by_child: the same, by child name (for metrics).
+    @ivar outages: how many failures were outages.
     @ivar backoff: the restart delay policy in use (attempt -> seconds).
     """
 
@@ -185,6 +229,9 @@ class Supervisor(MultiService):
         self.escalated = False
         self.restarts = 0
         self.restarts_by_child: Counter[str] = Counter()
+        self.outages = 0
+        # The current outage of each child in one, by name.
+        self._outages: dict[str, _Outage] = {}
         # Every known child by name; insertion order is start order.
         self._specs: dict[str, ChildSpec] = {}
         # (time, name) of each restart still inside the intensity window.
@@ -477,9 +524,69 @@ class Supervisor(MultiService):
         self.services.remove(service)
         service.parent = None
 
+    def outage_detail(self, name: str) -> str:
+        """
+        @return: what an outage of child C{name} holds up, for its log
+            line (a server says how many lines wait); empty by default.
+        """
+        return ""
+
+    def _is_outage(self, name: str, failure: Failure) -> bool:
+        spec = self._specs.get(name)
+        return (
+            spec is not None
+            and spec.restart == "permanent"
+            and spec.outage is not None
+            and spec.outage(failure)
+        )
+
+    def _outage(self, name: str, service: IService | None, failure: Failure) -> None:
+        """
+        Restart a child whose destination is down, with capped backoff and
+        a warning at most every few seconds; the intensity is not touched.
+        """
+        self.outages += 1
+        now = self._clock.seconds()
+        outage = self._outages.get(name)
+        if outage is None or now - outage.last >= max(self._period, OUTAGE_RESET):
+            # A failure long after the last one starts a new outage.
+            outage = self._outages[name] = _Outage(since=now, last=now)
+        outage.last = now
+        outage.attempts += 1
+        delay = self.backoff(outage.attempts)
+        if now - outage.complained >= OUTAGE_COMPLAINT_INTERVAL:
+            outage.complained = now
+            detail = self.outage_detail(name)
+            self.log.warn(
+                "child {name} is down (an outage, not a crash): {reason}; "
+                "down for {seconds:.1f}s{detail}; retrying in {delay:.1f}s",
+                name=name,
+                reason=_reason_text(failure),
+                seconds=now - outage.since,
+                detail=f"; {detail}" if detail else "",
+                delay=delay,
+            )
+        pending = self._restarting[name] = _PendingRestart()
+        if service is None:
+            self._schedule(name, pending, outage.attempts, delay)
+            return
+        self._detach(name, service)
+        stopped = self._stop_detached(name, service)
+        stopped.addCallback(
+            lambda _: self._schedule(name, pending, outage.attempts, delay)
+        )
+        stopped.addErrback(
+            lambda f: self.log.failure(
+                "could not schedule a restart of {name}", f, name=name
+            )
+        )
+
     def _handle_failure(
         self, name: str, service: IService | None, failure: Failure
     ) -> None:
+        if self._is_outage(name, failure):
+            self._outage(name, service, failure)
+            return
         self.log.failure(
             "child {name} failed: {reason}",
             failure,
@@ -538,17 +645,24 @@ class Supervisor(MultiService):
             "error while stopping child {name}", failure, LogLevel.error, name=name
         )
 
-    def _schedule(self, name: str, pending: _PendingRestart, attempt: int) -> None:
+    def _schedule(
+        self,
+        name: str,
+        pending: _PendingRestart,
+        attempt: int,
+        delay: float | None = None,
+    ) -> None:
         if not self.running or self._restarting.get(name) is not pending:
             # Cancelled by stopService while the failed instance stopped.
             return
-        delay = self.backoff(attempt)
-        self.log.info(
-            "restarting child {name} in {delay:.2f}s (attempt {attempt})",
-            name=name,
-            delay=delay,
-            attempt=attempt,
-        )
+        if delay is None:
+            delay = self.backoff(attempt)
+            self.log.info(
+                "restarting child {name} in {delay:.2f}s (attempt {attempt})",
+                name=name,
+                delay=delay,
+                attempt=attempt,
+            )
         pending.call = self._clock.callLater(delay, self._restart, name)
 
     def _restart(self, name: str) -> None:

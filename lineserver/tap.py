@@ -24,6 +24,7 @@ from typing_extensions import override
 from lineserver.connections import OVERFLOW_CHOICES
 from lineserver.control import ControlService, ServerControl, control_defaults
 from lineserver.fdlimits import DEFAULT_RESERVE
+from lineserver.interfaces import ISinkFactory
 from lineserver.logs import reopen_logs
 from lineserver.ports import EVERY_INTERFACE, port_number, with_defaults
 from lineserver.protocol import ProtocolSettings
@@ -31,6 +32,7 @@ from lineserver.security import Security, SecurityConfig, SecurityConfigError
 from lineserver.server import DEFAULT_PORT, HANDLERS, LineServer, ServerConfig
 from lineserver.signals import HangupReload, LogReopen
 from lineserver.sinks import SinkURLError, sink_factory_from_url
+from lineserver.sinks.spooling import SpoolingSinkFactory
 from lineserver.supervisor import ChildSpec
 from lineserver.tls import (
     ReloadableServerTLS,
@@ -311,6 +313,20 @@ class Options(usage.Options):
             "File of tokens; a client's first line must be AUTH <token>. "
             "Re-read on SIGHUP.",
         ],
+        [
+            "spool",
+            None,
+            None,
+            "Directory of the disk spool: lines the sink cannot take now "
+            "(down or slow) are fsynced there and replayed in order "
+            "(default: no spool; clients are paused).",
+        ],
+        [
+            "spool-max",
+            None,
+            "4G",
+            "Most bytes of --spool files; at it, clients are paused.",
+        ],
     ]
 
     optFlags: list[list[Any]] = [
@@ -461,6 +477,9 @@ class Options(usage.Options):
             self[name] = _convert(name, self, _seconds, minimum=0)
         if self["mode"] == "sink":
             self._check_sink()
+        self["spool-max"] = _convert("spool-max", self, parse_size, minimum=1)
+        if self["spool"] is not None and self["mode"] != "sink":
+            raise usage.UsageError("--spool: only used in --mode sink")
 
     def _check_security(self) -> None:
         """
@@ -630,6 +649,18 @@ def _hard_exit(status: int) -> None:
     os._exit(status)
 
 
+def sink_from_options(options: Options, reactor: Any) -> ISinkFactory:
+    """
+    The sink of C{--sink}, behind the disk spool if C{--spool} names one.
+    """
+    sink = sink_factory_from_url(options["sink"], reactor)
+    if options["spool"] is None:
+        return sink
+    return SpoolingSinkFactory(
+        sink, options["spool"], reactor, max_bytes=options["spool-max"]
+    )
+
+
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
@@ -637,9 +668,7 @@ def makeService(options: Options) -> IService:
         config_from_options(options),
         reactor,
         handler=options["mode"],
-        sink=sink_factory_from_url(options["sink"], reactor)
-        if options["mode"] == "sink"
-        else None,
+        sink=sink_from_options(options, reactor) if options["mode"] == "sink" else None,
         on_escalate=exit_after_stop(reactor),
         on_start_failed=exit_after_stop(
             reactor, EXIT_CANNOT_START, "the server could not start"

@@ -167,12 +167,15 @@ class ServerProcess:
         port: int | None = None,
         listen: str | None = None,
         nofile: int | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         """
         @param port: the loopback port to listen on (a free one if None).
         @param listen: the C{--port} description instead of plain TCP on
             C{port} (an C{ssl:} or C{haproxy:} one); it must use C{port}.
         @param nofile: a soft C{RLIMIT_NOFILE} for the server process.
+        @param env: variables to set in the server's environment (on top
+            of this process's), like C{PYTHONPATH} for a sink plugin.
         """
         self.port = port or free_port()
         self.log_path = Path(cwd, "server.log")
@@ -192,6 +195,7 @@ class ServerProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             preexec_fn=None if nofile is None else partial(_lower_nofile, nofile),
+            env=None if env is None else {**os.environ, **env},
         )
 
     @property

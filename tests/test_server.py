@@ -446,11 +446,17 @@ class GatedSinkFactory:
         return sink
 
 
+class SinkBug(Exception):
+    """
+    A bug in a sink (not an outage, which an OSError would be).
+    """
+
+
 @implementer(ISinkFactory)
 class FlakySinkFactory:
     """
-    The first sink opens, then fails its first write; every later one
-    fails to open.
+    The first sink opens, then fails its first write with a bug; every
+    later one fails to open with a bug.
     """
 
     description = "flaky:"
@@ -460,10 +466,10 @@ class FlakySinkFactory:
 
     def __call__(self) -> ISink:
         self.built += 1
+        sink = GatedSink(open_now=self.built == 1)
         if self.built > 1:
-            return FailingSink()
-        sink = GatedSink(open_now=True)
-        sink.write = lambda lines: fail(OSError("disk full"))  # type: ignore[method-assign]
+            sink.opened.errback(SinkBug("cannot open"))
+        sink.write = lambda lines: fail(SinkBug("bug in write"))  # type: ignore[method-assign]
         return sink
 
 
@@ -601,7 +607,7 @@ class StartTests(ServerTestCase):
         self.assertTrue(server.escalated)
         self.assertEqual(self.start_failures, [])
         yield client.gone
-        self.flushLoggedErrors(OSError)
+        self.flushLoggedErrors(SinkBug)
 
 
 class BindTests(ServerTestCase):

@@ -21,6 +21,8 @@ from typing_extensions import override
 from zope.interface.verify import verifyObject
 
 from lineserver.interfaces import ISupervisor
+from lineserver.outage import is_outage
+from lineserver.sinks import SinkUnavailable
 from lineserver.supervisor import ChildSpec, Supervisor, default_backoff
 
 
@@ -846,3 +848,132 @@ class LifecycleTests(SupervisorTestsMixin, SynchronousTestCase):
             self.assertFalse(factories[name].built[0].running)
         self.successResultOf(supervisor.stopService())
         self.assertEqual(self.events[-2:], ["stop b2", "stop a2"])
+
+
+def down(message: str = "Connection refused") -> Failure:
+    return Failure(ConnectionRefusedError(111, message))
+
+
+class OutageTests(SupervisorTestsMixin, SynchronousTestCase):
+    """
+    A child whose spec tells outages from crashes (C{ChildSpec.outage}).
+    """
+
+    def outage_supervisor(self) -> tuple[Supervisor, Factory]:
+        supervisor = self.supervisor(max_restarts=2, period=10.0)
+        factory = self.factory("sink")
+        supervisor.add_child(ChildSpec("sink", factory, outage=is_outage))
+        supervisor.startService()
+        return supervisor, factory
+
+    def test_outages_never_escalate(self) -> None:
+        """
+        A child failing with an outage, over and over for far longer than
+        the intensity window, is restarted every time and never escalates;
+        outages and restarts are counted.
+        """
+        supervisor, factory = self.outage_supervisor()
+        for _ in range(100):
+            supervisor.child_failed(supervisor.child("sink"), down())
+            self.clock.advance(1.0)
+        self.assertFalse(supervisor.escalated)
+        self.assertEqual(self.escalations, [])
+        self.assertEqual(len(factory.built), 101)
+        self.assertEqual(supervisor.outages, 100)
+        self.assertEqual(supervisor.restarts, 100)
+        self.assertTrue(supervisor.child("sink").running)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_outage_backoff_is_capped_exponential(self) -> None:
+        """
+        Restarts after outages wait the backoff of the outage's try number
+        (here the default: doubling from 0.2s, capped at 5s plus jitter),
+        whatever the intensity window.
+        """
+        supervisor = Supervisor(clock=self.clock, max_restarts=0, period=1.0)
+        factory = self.factory("sink")
+        supervisor.add_child(ChildSpec("sink", factory, outage=is_outage))
+        supervisor.startService()
+        delays = []
+        for _ in range(8):
+            supervisor.child_failed(supervisor.child("sink"), down())
+            waited = 0.0
+            while "sink" not in supervisor.namedServices:
+                self.clock.advance(0.05)
+                waited += 0.05
+            delays.append(waited)
+        for attempt, waited in enumerate(delays, start=1):
+            base = min(0.1 * 2.0**attempt, 5.0)
+            self.assertTrue(base <= waited < base + 1.1, (attempt, waited))
+        self.assertFalse(supervisor.escalated)
+
+    def test_outage_logged_every_few_seconds(self) -> None:
+        """
+        An outage says what is wrong, for how long, and what waits (the
+        supervisor's outage_detail), at most every 5 seconds, without a
+        traceback.
+        """
+        supervisor, _ = self.outage_supervisor()
+        supervisor.outage_detail = lambda name: f"7 line(s) wait for {name}"  # type: ignore[method-assign]
+        with capturedLogs() as events:
+            for _ in range(20):
+                supervisor.child_failed(supervisor.child("sink"), down())
+                self.clock.advance(1.0)
+        warnings = [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
+        self.assertEqual(len(warnings), 4)
+        self.assertTrue(
+            warnings[0].startswith(
+                "child sink is down (an outage, not a crash): Connection refused;"
+                " down for 0.0s; 7 line(s) wait for sink; retrying in 1.0s"
+            ),
+            warnings[0],
+        )
+        self.assertIn("down for 5.0s", warnings[1])
+        self.assertFalse(any("log_failure" in e for e in events))
+
+    def test_a_crash_still_counts(self) -> None:
+        """
+        The same child failing with a bug (not an outage) counts against
+        the intensity, and outages between crashes do not.
+        """
+        supervisor, _ = self.outage_supervisor()
+        for _ in range(2):
+            supervisor.child_failed(supervisor.child("sink"), boom())
+            self.clock.advance(1.0)
+            supervisor.child_failed(supervisor.child("sink"), down())
+            self.clock.advance(1.0)
+        self.assertFalse(supervisor.escalated)
+        supervisor.child_failed(supervisor.child("sink"), boom())
+        self.assertTrue(supervisor.escalated)
+        self.assertEqual(len(self.flushLoggedErrors(CrashError)), 3)
+
+    def test_without_outage_spec_an_oserror_is_a_crash(self) -> None:
+        """
+        A child whose spec names no outages escalates on OSErrors as on
+        any crash.
+        """
+        supervisor = self.supervisor(max_restarts=1)
+        supervisor.add_child(ChildSpec("a", self.factory("a")))
+        supervisor.startService()
+        supervisor.child_failed(supervisor.child("a"), down())
+        self.clock.advance(1.0)
+        supervisor.child_failed(supervisor.child("a"), down())
+        self.assertTrue(supervisor.escalated)
+        self.assertEqual(len(self.flushLoggedErrors(ConnectionRefusedError)), 2)
+
+    def test_is_outage(self) -> None:
+        """
+        SinkUnavailable and OSError (with ConnectionError, TimeoutError)
+        are outages; anything else is a bug.
+        """
+        for error in (
+            SinkUnavailable("full"),
+            OSError(28, "No space left on device"),
+            ConnectionResetError(),
+            TimeoutError(),
+        ):
+            self.assertTrue(is_outage(error), error)
+            self.assertTrue(is_outage(Failure(error)), error)
+        bugs: tuple[Exception, ...] = (RuntimeError(), ValueError(), CrashError())
+        for bug in bugs:
+            self.assertFalse(is_outage(bug), bug)
