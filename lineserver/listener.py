@@ -103,9 +103,20 @@ class PortBinder:
     C{listenTCP}.  Other kinds (C{unix:}) are not bound early.
     """
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        inherited: dict[tuple[int, str], socket.socket] | None = None,
+    ) -> None:
+        """
+        @param inherited: listening sockets by (port, interface) as
+            C{listenTCP} is asked for them, bound by another process (a
+            worker's parent, L{lineserver.workers}): adopted, never bound.
+        """
         self._reactor = reactor
         self._bound: dict[tuple[int, str], socket.socket] = {}
+        self._inherited = inherited or {}
+        self._backlogs: dict[tuple[int, str], int] = {}
         self._dry_run = False
 
     def __getattr__(self, name: str) -> Any:
@@ -128,9 +139,18 @@ class PortBinder:
         self, port: int, factory: Any, backlog: int = 50, interface: str = ""
     ) -> Any:
         key = (port, interface)
+        inherited = self._inherited.get(key)
+        if inherited is not None:
+            if self._dry_run:
+                return _BoundOnly(inherited)
+            # adoptStreamPort takes its own copy; ours stays for a re-listen.
+            return self._reactor.adoptStreamPort(
+                inherited.fileno(), inherited.family, factory
+            )
         if self._dry_run:
             if key not in self._bound:
                 self._bound[key] = _bind(port, interface)
+            self._backlogs[key] = backlog
             return _BoundOnly(self._bound[key])
         skt = self._bound.pop(key, None)
         if skt is None:
@@ -150,6 +170,15 @@ class PortBinder:
         How many sockets are bound and waiting to listen.
         """
         return len(self._bound)
+
+    def hand_over(self) -> dict[tuple[int, str], tuple[socket.socket, int]]:
+        """
+        Give up the sockets bound early, with the backlog each was to
+        listen with, to a caller that listens on them itself (a parent that
+        passes them to its workers); the binder forgets them.
+        """
+        bound, self._bound = self._bound, {}
+        return {key: (skt, self._backlogs.get(key, 50)) for key, skt in bound.items()}
 
     def release(self) -> None:
         """

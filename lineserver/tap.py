@@ -10,6 +10,7 @@ import atexit
 import os
 import platform
 import re
+import socket
 import sys
 from collections.abc import Callable
 from importlib import metadata
@@ -29,6 +30,7 @@ from lineserver.security import Security, SecurityConfig, SecurityConfigError
 from lineserver.server import DEFAULT_PORT, HANDLERS, LineServer, ServerConfig
 from lineserver.signals import HangupReload
 from lineserver.sinks import SinkURLError, sink_factory_from_url
+from lineserver.stats import Stats
 from lineserver.supervisor import ChildSpec
 from lineserver.tls import (
     ReloadableServerTLS,
@@ -37,6 +39,7 @@ from lineserver.tls import (
     split_ssl_description,
 )
 from lineserver.twisted_internals import parse_endpoint_description
+from lineserver.workers import parse_workers
 
 log = Logger(namespace="lineserver.tap")
 
@@ -303,6 +306,13 @@ class Options(usage.Options):
             "Private key PEM for --starttls (default: in --tls-cert).",
         ],
         [
+            "workers",
+            None,
+            "1",
+            "Worker processes serving the ports: a number, or auto (one per "
+            "core); 1 is a single process. See docs/workers.md.",
+        ],
+        [
             "auth-tokens",
             None,
             None,
@@ -329,6 +339,7 @@ class Options(usage.Options):
         self["sink"] = DEFAULT_SINK
         self._sink_given = False
         self["metrics"] = None
+        self.arguments: list[str] = []
 
     def opt_version(self) -> NoReturn:
         """
@@ -391,8 +402,18 @@ class Options(usage.Options):
         self["allow"] = [*(self["allow"] or []), network]
 
     @override
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        # Kept for --workers: each worker is given the same command line.
+        self.arguments = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
+
+    @override
     def postOptions(self) -> None:
         self["ports"] = list(self["ports"]) or [default_port()]
+        try:
+            self["workers"] = parse_workers(str(self["workers"]), self["ports"])
+        except ValueError as error:
+            raise usage.UsageError(f"--workers: {error}") from None
         for description in self["ports"]:
             if not is_ssl_description(description):
                 check_endpoint(description)
@@ -614,6 +635,24 @@ def _hard_exit(status: int) -> None:
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
+    if options["workers"] > 1:
+        from lineserver.workers import worker_parent
+
+        return worker_parent(options, reactor)
+    server = make_server(options, reactor)
+    server.add_child(ChildSpec("sighup", lambda: HangupReload(reactor, server.reload)))
+    return server
+
+
+def make_server(
+    options: Options,
+    reactor: Any,
+    inherited: dict[tuple[int, str], socket.socket] | None = None,
+    stats: Stats | None = None,
+) -> LineServer:
+    """
+    The server C{options} describe (a worker's adopts C{inherited} ports).
+    """
     server = LineServer(
         config_from_options(options),
         reactor,
@@ -625,6 +664,7 @@ def makeService(options: Options) -> IService:
         on_start_failed=exit_after_stop(
             reactor, EXIT_CANNOT_START, "the server could not start"
         ),
+        inherited=inherited,
+        stats=stats,
     )
-    server.add_child(ChildSpec("sighup", lambda: HangupReload(reactor, server.reload)))
     return server
