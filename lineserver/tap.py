@@ -39,7 +39,7 @@ from lineserver.tls import (
     split_ssl_description,
 )
 from lineserver.twisted_internals import parse_endpoint_description
-from lineserver.workers import parse_workers
+from lineserver.workers import WORKER_SOCKETS, parse_workers
 
 log = Logger(namespace="lineserver.tap")
 
@@ -313,6 +313,13 @@ class Options(usage.Options):
             "core); 1 is a single process. See docs/workers.md.",
         ],
         [
+            "worker-sockets",
+            None,
+            "reuseport",
+            "With --workers: reuseport (one SO_REUSEPORT socket per worker, "
+            "even spread) or shared (one socket all workers accept from).",
+        ],
+        [
             "auth-tokens",
             None,
             None,
@@ -327,8 +334,7 @@ class Options(usage.Options):
         [
             "quiet-connections",
             None,
-            "Do not log a line per closed connection (refusals are still "
-            "logged).",
+            "Do not log a line per closed connection (refusals are still logged).",
         ],
     ]
 
@@ -414,6 +420,11 @@ class Options(usage.Options):
             self["workers"] = parse_workers(str(self["workers"]), self["ports"])
         except ValueError as error:
             raise usage.UsageError(f"--workers: {error}") from None
+        if self["worker-sockets"] not in WORKER_SOCKETS:
+            raise usage.UsageError(
+                "--worker-sockets: expected reuseport or shared, got "
+                f"{self['worker-sockets']!r}"
+            )
         for description in self["ports"]:
             if not is_ssl_description(description):
                 check_endpoint(description)

@@ -44,6 +44,7 @@ from typing import Any
 
 from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.logger import Logger, LogLevel
@@ -69,6 +70,8 @@ REPORT_INTERVAL = 0.5
 #: Seconds a worker may take to stop beyond --shutdown-timeout before it
 #: is killed.
 KILL_GRACE = 5.0
+#: How workers share a port (C{--worker-sockets}).
+WORKER_SOCKETS = ("reuseport", "shared")
 #: Counted (as dropped) when a worker dies: lines it held at its last report.
 LOST_WITH_WORKER = "lines.worker_lost"
 
@@ -176,9 +179,10 @@ class WorkerStats:
     The latest report of each worker, and their sums.
 
     Counters of workers that exited stay in the sums (a counter never goes
-    back); their gauges leave.  A worker that dies unasked held, at its
-    last report, C{queue.lines} lines the parent cannot know the fate of:
-    they are counted under C{lines.worker_lost}, so that the ledger
+    back); their gauges leave.  A worker that exits held, at its last
+    report, C{queue.lines} lines the parent cannot know the fate of (none
+    after a clean stop, which reports last): they are counted under
+    C{lines.worker_lost}, so that the ledger
     C{lines.received = lines.delivered + queue.lines + lines.failed +
     lines.worker_lost} holds for the sums.
     """
@@ -194,18 +198,17 @@ class WorkerStats:
             {str(k): int(v) for k, v in report["gauges"].items()},
         )
 
-    def retire(self, index: int, died: bool) -> None:
+    def retire(self, index: int) -> None:
         """
-        Worker C{index} exited: keep its counters; if it C{died}, count what
-        it still held as lost.
+        Worker C{index} exited: keep its counters, and count what it still
+        held at its last report as lost (after a clean stop, nothing).
         """
         last = self._live.pop(index, None)
         if last is None:
             return
         _, counters, gauges = last
         self._retired.update(counters)
-        if died:
-            self._retired[LOST_WITH_WORKER] += gauges.get("queue.lines", 0)
+        self._retired[LOST_WITH_WORKER] += gauges.get("queue.lines", 0)
 
     def per_worker(self) -> dict[int, dict[str, int]]:
         """
@@ -337,7 +340,7 @@ class WorkerProcess(Service, ProcessProtocol):
         args = [sys.executable, "-m", "lineserver.worker_main"]
         args += ["--index", str(self.index), "--stats-fd", str(STATS_FD)]
         args += ["--parent-pid", str(os.getpid())]
-        for offset, (key, skt) in enumerate(pool.sockets.items()):
+        for offset, (key, skt) in enumerate(pool.sockets_for(self.index).items()):
             child_fds[FIRST_PORT_FD + offset] = skt.fileno()
             args += ["--inherit", f"{FIRST_PORT_FD + offset}={key[0]}={key[1]}"]
         args += ["--", *pool.arguments]
@@ -416,8 +419,7 @@ class WorkerProcess(Service, ProcessProtocol):
                 index=self.index,
                 n=len(rest),
             )
-        clean = self._stopping and code == 0
-        self.pool.stats.retire(self.index, died=not clean)
+        self.pool.stats.retire(self.index)
         how = f"status {code}" if signum is None else f"signal {signum}"
         if self._stopping:
             (log.info if code == 0 else log.error)(
@@ -515,6 +517,7 @@ class WorkerParent(Supervisor):
         shutdown_timeout: float = 10.0,
         stdout: bool = False,
         metrics: str | None = None,
+        reuseport: bool = True,
         on_escalate: Callable[[Failure], None] | None = None,
     ) -> None:
         """
@@ -522,6 +525,8 @@ class WorkerParent(Supervisor):
         @param arguments: the lineserver command line each worker runs.
         @param stdout: relay the workers' C{stdout:} lines (whole lines).
         @param metrics: serve the summed stats at C{/metrics} there.
+        @param reuseport: one C{SO_REUSEPORT} socket per worker and port,
+            rather than one socket all workers share.
         """
         super().__init__(
             clock=reactor,
@@ -534,11 +539,12 @@ class WorkerParent(Supervisor):
         self.ports = [with_defaults(p, backlog) for p in ports]
         self.arguments = list(arguments)
         self.stop_timeout = shutdown_timeout + KILL_GRACE
+        self.reuseport = reuseport
         self.stats = WorkerStats()
         self.summed = SummedStats(self.stats)
         self.summed.add_gauge("workers.running", self._running_workers)
         self.summed.add_gauge("supervisor.restarts", lambda: self.restarts)
-        self._bound: dict[str, dict[tuple[int, str], socket.socket]] = {}
+        self._bound: dict[str, dict[tuple[int, str], list[socket.socket]]] = {}
         self._bind_attempts = 0
         self._bind_retry: IDelayedCall | None = None
         self.relay = StdoutRelay(reactor) if stdout else None
@@ -588,7 +594,9 @@ class WorkerParent(Supervisor):
             if description in self._bound:
                 continue
             try:
-                self._bound[description] = bind_port(self.reactor, description)
+                self._bound[description] = bind_port(
+                    self.reactor, description, self.count if self.reuseport else 1
+                )
             except Exception as error:
                 if not quiet:
                     self._bind_attempts += 1
@@ -606,23 +614,38 @@ class WorkerParent(Supervisor):
                         delay, self.start_children
                     )
                 return False
-            for skt in self._bound[description].values():
-                host, number = skt.getsockname()[:2]
+            for copies in self._bound[description].values():
+                host, number = copies[0].getsockname()[:2]
                 log.info(
-                    "parent listening on {host}:{number} for {count} workers",
+                    "parent listening on {host}:{number} for {count} workers ({how})",
                     host=host,
                     number=number,
                     count=self.count,
+                    how="one SO_REUSEPORT socket each"
+                    if self.reuseport
+                    else "one shared socket",
                 )
         return True
 
-    @property
-    def sockets(self) -> dict[tuple[int, str], socket.socket]:
+    def sockets_for(self, index: int) -> dict[tuple[int, str], socket.socket]:
         """
-        The listening sockets, by (port, interface) as each worker's
-        C{listenTCP} asks for them.
+        The listening sockets worker C{index} adopts, by (port, interface)
+        as its C{listenTCP} asks for them: the same for every worker, or
+        its own C{SO_REUSEPORT} copy.
         """
-        return {k: v for bound in self._bound.values() for k, v in bound.items()}
+        return {
+            key: copies[index % len(copies)]
+            for bound in self._bound.values()
+            for key, copies in bound.items()
+        }
+
+    def _all_sockets(self) -> list[socket.socket]:
+        return [
+            skt
+            for bound in self._bound.values()
+            for copies in bound.values()
+            for skt in copies
+        ]
 
     @override
     def start_children(self) -> None:
@@ -648,7 +671,7 @@ class WorkerParent(Supervisor):
         if self._bind_retry is not None and self._bind_retry.active():
             self._bind_retry.cancel()
         self._bind_retry = None
-        for skt in self.sockets.values():
+        for skt in self._all_sockets():
             skt.close()
         self._bound = {}
         if self.unclean_stops:
@@ -663,11 +686,15 @@ class WorkerParent(Supervisor):
             worker.reload()
 
 
-def bind_port(reactor: Any, description: str) -> dict[tuple[int, str], socket.socket]:
+def bind_port(
+    reactor: Any, description: str, copies: int = 1
+) -> dict[tuple[int, str], list[socket.socket]]:
     """
     Bind and listen on a TCP port as a single process would (the same
     parser, the same (port, interface) keys), for the workers to adopt.
 
+    @param copies: 1 for one socket every worker shares; more for that many
+        C{SO_REUSEPORT} sockets on the same address, one per worker.
     @raise CannotListenError: the port cannot be had (in use, no permission).
     """
     binder = PortBinder(reactor)
@@ -678,11 +705,33 @@ def bind_port(reactor: Any, description: str) -> dict[tuple[int, str], socket.so
     if failures:
         binder.release()
         failures[0].raiseException()
-    sockets: dict[tuple[int, str], socket.socket] = {}
+    sockets: dict[tuple[int, str], list[socket.socket]] = {}
     for key, (skt, backlog) in binder.hand_over().items():
-        skt.listen(backlog)
-        sockets[key] = skt
+        if copies == 1:
+            sockets[key] = [skt]
+        else:
+            # Port 0 was given a number: the copies take the same one.
+            address, family = skt.getsockname(), skt.family
+            skt.close()
+            sockets[key] = [_reuseport(family, address, key) for _ in range(copies)]
+        for each in sockets[key]:
+            each.listen(backlog)
     return sockets
+
+
+def _reuseport(
+    family: socket.AddressFamily, address: Any, key: tuple[int, str]
+) -> socket.socket:
+    skt = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        skt.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        skt.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        skt.setblocking(False)
+        skt.bind(address)
+    except OSError as error:
+        skt.close()
+        raise CannotListenError(key[1], key[0], error) from error
+    return skt
 
 
 def _plain_endpoint(binder: PortBinder, description: str) -> Any:
@@ -715,6 +764,7 @@ def worker_parent(options: Any, reactor: Any) -> WorkerParent:
         stdout=options["mode"] == "sink"
         and str(options["sink"]).lower().startswith("stdout:"),
         metrics=options["metrics"],
+        reuseport=options["worker-sockets"] == "reuseport",
         on_escalate=exit_after_stop(reactor, EXIT_ESCALATED, "workers crash too often"),
     )
     return parent

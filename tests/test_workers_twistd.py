@@ -1,0 +1,263 @@
+"""C{twistd -n lineserver --workers N}: real parent and worker processes.
+
+Both workers serve one port; a worker killed with SIGKILL is replaced while
+the other goes on serving and loses nothing; SIGTERM drains every worker;
+SIGHUP reopens every worker's file; stdout lines stay whole; the metrics
+are the workers' sums; a worker that cannot start ends the parent.
+"""
+
+# mypy: disable-error-code="no-untyped-call"
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.support import (
+    TWISTD,
+    Peer,
+    ServerProcess,
+    free_port,
+    temp_dir,
+    wait_until,
+)
+
+SIGTERM = -signal.SIGTERM
+#: A file sink that cannot open (as in tests.test_lifecycle_twistd).
+UNOPENABLE = "/proc/version"
+
+
+def worker_pids(server: ServerProcess) -> dict[int, list[int]]:
+    """
+    @return: the PIDs each worker index was started with, in order.
+    """
+    pids: dict[int, list[int]] = {}
+    for index, pid in re.findall(r"worker (\d+) started: pid (\d+)", server.log()):
+        pids.setdefault(int(index), []).append(int(pid))
+    return pids
+
+
+def file_lines(directory: str, name: str) -> list[bytes]:
+    path = Path(directory, name)
+    return path.read_bytes().splitlines() if path.exists() else []
+
+
+def send_lines(port: int, lines: list[bytes]) -> None:
+    """
+    One short connection per line.
+    """
+    for line in lines:
+        peer = Peer(port, send=line + b"\n")
+        peer.close()
+
+
+def start(directory: str, *args: str, workers: int = 2) -> ServerProcess:
+    server = ServerProcess(directory, "--workers", str(workers), *args)
+    return server.wait_listening(ports=workers, timeout=60)
+
+
+class WorkersTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.dir = temp_dir(self)
+
+    def server(self, *args: str, workers: int = 2) -> ServerProcess:
+        server = start(self.dir, *args, workers=workers)
+        self.addCleanup(server.kill)
+        return server
+
+    def test_both_workers_serve_and_sigterm_drains_all(self) -> None:
+        """
+        Each worker writes its own file, both take connections, and after
+        SIGTERM every line sent is in exactly one of the files.
+        """
+        server = self.server("--sink", "file:lines.log")
+        sent = [b"line %d" % i for i in range(80)]
+        send_lines(server.port, sent)
+        os.kill(server.pid, signal.SIGTERM)
+        self.assertEqual(server.proc.wait(60), SIGTERM, server.log()[-3000:])
+        first = file_lines(self.dir, "lines.log.0")
+        second = file_lines(self.dir, "lines.log.1")
+        self.assertTrue(first and second, (len(first), len(second)))
+        self.assertEqual(sorted(first + second), sorted(sent))
+        self.assertFalse(Path(self.dir, "lines.log").exists())
+        log = server.log()
+        for index in (0, 1):
+            self.assertRegex(log, rf"worker {index} \(pid \d+\) stopped: status 0")
+        self.assertIn("stopping 2 worker(s)", log)
+
+    def test_killed_worker_is_replaced_and_the_other_loses_nothing(self) -> None:
+        server = self.server("--sink", "file:lines.log")
+        pids = worker_pids(server)
+        peers = [Peer(server.port, send=b"peer %d first\n" % i) for i in range(24)]
+        # Which worker took which connection, from the file its line is in.
+        wait_until(
+            lambda: len(file_lines(self.dir, "lines.log.0"))
+            + len(file_lines(self.dir, "lines.log.1"))
+            == len(peers),
+            "every first line written",
+            timeout=30,
+        )
+        on_first = {line.split()[1] for line in file_lines(self.dir, "lines.log.0")}
+        killed = [p for i, p in enumerate(peers) if b"%d" % i in on_first]
+        survivors = [p for i, p in enumerate(peers) if b"%d" % i not in on_first]
+        self.assertTrue(killed and survivors, (len(killed), len(survivors)))
+
+        os.kill(pids[0][0], signal.SIGKILL)
+        for peer in killed:
+            peer.wait_closed(timeout=20)
+            self.assertEqual(peer.end, "reset")
+        for i, peer in enumerate(peers):
+            if peer in survivors:
+                peer.send(b"peer %d second\n" % i)
+        wait_until(
+            lambda: len(worker_pids(server).get(0, [])) == 2, "a new worker 0", 30
+        )
+        new_pid = worker_pids(server)[0][1]
+        self.assertNotEqual(new_pid, pids[0][0])
+        self.assertEqual(worker_pids(server)[1], pids[1])  # the survivor stayed
+        wait_until(lambda: server.log().count("listening on ") >= 3, "relisten", 30)
+        before = len(file_lines(self.dir, "lines.log.0"))
+        # The new worker serves: new connections reach lines.log.0 again.
+        for n in range(200):
+            send_lines(server.port, [b"later %d" % n])
+            if len(file_lines(self.dir, "lines.log.0")) > before:
+                break
+        self.assertGreater(len(file_lines(self.dir, "lines.log.0")), before)
+        self.assertIn("restarting child worker 0", server.log())
+
+        for peer in survivors:
+            peer.close()
+        os.kill(server.pid, signal.SIGTERM)
+        self.assertEqual(server.proc.wait(60), SIGTERM, server.log()[-3000:])
+        second = file_lines(self.dir, "lines.log.1")
+        for i, peer in enumerate(peers):
+            if peer in survivors:
+                self.assertEqual(second.count(b"peer %d first" % i), 1)
+                self.assertEqual(second.count(b"peer %d second" % i), 1)
+
+    def test_sighup_reopens_every_workers_file(self) -> None:
+        server = self.server("--sink", "file:lines.log")
+        for index in (0, 1):
+            wait_until(
+                lambda index=index: Path(self.dir, f"lines.log.{index}").exists(),
+                "the files",
+            )
+            os.rename(
+                Path(self.dir, f"lines.log.{index}"),
+                Path(self.dir, f"lines.log.{index}.old"),
+            )
+        os.kill(server.pid, signal.SIGHUP)
+        wait_until(lambda: server.log().count("reopened (asked to)") >= 2, "reopen")
+        sent = [b"after %d" % i for i in range(60)]
+        send_lines(server.port, sent)
+        os.kill(server.pid, signal.SIGTERM)
+        self.assertEqual(server.proc.wait(60), SIGTERM, server.log()[-3000:])
+        first = file_lines(self.dir, "lines.log.0")
+        second = file_lines(self.dir, "lines.log.1")
+        self.assertTrue(first and second, (len(first), len(second)))
+        self.assertEqual(sorted(first + second), sorted(sent))
+
+    def test_stdout_lines_never_mix(self) -> None:
+        """
+        Lines far longer than a pipe's atomic write, from both workers at
+        once, come out of the parent's standard output whole.
+        """
+        server = self.server("--sink", "stdout:")
+        lines = [(b"%02d" % i) * 20_000 for i in range(16)]
+        peers = [Peer(server.port) for _ in lines]
+        for _ in range(3):
+            for peer, line in zip(peers, lines, strict=True):
+                peer.send(line[:30_000])
+            for peer, line in zip(peers, lines, strict=True):
+                peer.send(line[30_000:] + b"\n")
+        for peer in peers:
+            peer.close()
+        time.sleep(1)
+        os.kill(server.pid, signal.SIGTERM)
+        out, _ = server.proc.communicate(timeout=60)
+        self.assertEqual(server.proc.returncode, SIGTERM, server.log()[-3000:])
+        got = out.splitlines()
+        self.assertEqual(sorted(got), sorted(lines * 3))
+        served_by = set(re.findall(r"worker (\d) \[\d+\]: closed", server.log()))
+        self.assertEqual(served_by, {"0", "1"})
+
+    def test_metrics_are_the_sums(self) -> None:
+        metrics = free_port()
+        server = self.server(
+            "--sink", "file:lines.log", "--metrics", f"tcp:{metrics}"
+        )
+        send_lines(server.port, [b"m %d" % i for i in range(50)])
+
+        def scrape() -> dict[str, float]:
+            url = f"http://127.0.0.1:{metrics}/metrics"
+            with urllib.request.urlopen(url, timeout=10) as page:
+                text = page.read().decode()
+            return {
+                name: float(value)
+                for name, value in re.findall(r"^(lineserver_\w+) (\S+)$", text, re.M)
+            }
+
+        wait_until(
+            lambda: scrape().get("lineserver_lines_delivered_total") == 50,
+            "50 lines delivered in the sums",
+            timeout=30,
+        )
+        values = scrape()
+        self.assertEqual(values["lineserver_lines_received_total"], 50)
+        self.assertEqual(values["lineserver_connections_opened_total"], 50)
+        self.assertEqual(values["lineserver_lines_queued"], 0)
+        per_worker = [len(file_lines(self.dir, f"lines.log.{i}")) for i in (0, 1)]
+        self.assertEqual(sum(per_worker), 50)
+        self.assertTrue(all(per_worker), per_worker)
+
+    def test_auto_is_one_worker_per_core(self) -> None:
+        cores = len(os.sched_getaffinity(0))
+        server = self.server("--mode", "echo", workers=cores)
+        self.assertEqual(sorted(worker_pids(server)), list(range(cores)))
+        auto = ServerProcess(self.dir, "--mode", "echo", "--workers", "auto")
+        self.addCleanup(auto.kill)
+        wait_until(
+            lambda: auto.log().count("listening on ") >= cores, "auto workers", 60
+        )
+        self.assertEqual(len(worker_pids(auto)), cores)
+        peer = Peer(auto.port, send=b"echo me\n")
+        peer.expect(b"echo me\n")
+        peer.close()
+
+    def test_a_worker_that_cannot_start_ends_the_parent(self) -> None:
+        server = ServerProcess(
+            self.dir,
+            "--workers",
+            "2",
+            "--sink",
+            f"file:{UNOPENABLE}",
+            "--max-restarts",
+            "2",
+        )
+        self.addCleanup(server.kill)
+        self.assertEqual(server.proc.wait(120), 70, server.log()[-3000:])
+        log = server.log()
+        self.assertIn("restart intensity exceeded", log)
+        self.assertIn("lineserver gives up: workers crash too often", log)
+
+    def test_bad_values_are_usage_errors(self) -> None:
+        for args in (
+            ["--workers", "0"],
+            ["--workers", "lots"],
+            ["--workers", "2", "--port", "unix:lines.sock"],
+        ):
+            done = subprocess.run(
+                [str(TWISTD), "-n", "--pidfile=", "lineserver", *args],
+                cwd=self.dir,
+                capture_output=True,
+                timeout=60,
+            )
+            self.assertEqual(done.returncode, 1, args)
+            self.assertIn(b"--workers:", done.stdout + done.stderr, args)
