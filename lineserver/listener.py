@@ -18,6 +18,7 @@ bound socket that does not listen refuses connections).  See L{PortBinder}.
 
 from __future__ import annotations
 
+import select
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -558,6 +559,10 @@ class ListenerService(SupervisedPort):
             accept_backlog(port)
 
 
+#: At most this many accept passes when taking in the backlog at a stop.
+_BACKLOG_PASSES = 1000
+
+
 def accept_backlog(port: IListeningPort) -> None:
     """
     Accept the connections waiting in the kernel's backlog, once.
@@ -568,8 +573,17 @@ def accept_backlog(port: IListeningPort) -> None:
     ordinary connections, which the ordered stop then drains.
     """
     do_read = getattr(port, "doRead", None)
-    if do_read is not None:
+    if do_read is None:
+        return
+    # One doRead accepts at most as many as the last one did (Twisted
+    # scales it to the traffic; after a trickle, one): go on while the
+    # socket still holds connections, a bounded number of times.
+    poller = select.poll()
+    poller.register(port.fileno(), select.POLLIN)  # type: ignore[attr-defined]
+    for _ in range(_BACKLOG_PASSES):
         do_read()
+        if not poller.poll(0):
+            return
 
 
 def _endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:

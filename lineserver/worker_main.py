@@ -150,6 +150,10 @@ def main(argv: list[str] | None = None) -> None:
     reporter = StatsReporter(reactor, stats, args.stats_fd, REPORT_INTERVAL)
 
     async def stop() -> None:
+        # The listening ports' last copies are the ones the server adopted:
+        # closed by its stop after it took in their backlog.
+        for skt in inherited.values():
+            skt.close()
         hangup.stopService()
         try:
             await server.stopService()

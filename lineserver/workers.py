@@ -617,7 +617,7 @@ class WorkerParent(Supervisor):
             for copies in self._bound[description].values():
                 host, number = copies[0].getsockname()[:2]
                 log.info(
-                    "parent listening on {host}:{number} for {count} workers ({how})",
+                    "parent bound {host}:{number} for {count} workers ({how})",
                     host=host,
                     number=number,
                     count=self.count,
@@ -665,15 +665,18 @@ class WorkerParent(Supervisor):
         """
         names = [str(w.name) for w in self.workers()]
         log.info("stopping {n} worker(s)", n=len(names))
-        await DeferredList([self.stop_child(name) for name in names])
-        if self.relay is not None:
-            await self.relay.close()
+        # No worker is started again: the workers' own copies are the last,
+        # so a port stops listening (and refuses) once its workers stop,
+        # as a single process's does.
         if self._bind_retry is not None and self._bind_retry.active():
             self._bind_retry.cancel()
         self._bind_retry = None
         for skt in self._all_sockets():
             skt.close()
         self._bound = {}
+        await DeferredList([self.stop_child(name) for name in names])
+        if self.relay is not None:
+            await self.relay.close()
         if self.unclean_stops:
             log.error("{n} worker(s) did not stop cleanly", n=self.unclean_stops)
 

@@ -98,9 +98,11 @@ class WorkersTests(SynchronousTestCase):
         peers = [Peer(server.port, send=b"peer %d first\n" % i) for i in range(24)]
         # Which worker took which connection, from the file its line is in.
         wait_until(
-            lambda: len(file_lines(self.dir, "lines.log.0"))
-            + len(file_lines(self.dir, "lines.log.1"))
-            == len(peers),
+            lambda: (
+                len(file_lines(self.dir, "lines.log.0"))
+                + len(file_lines(self.dir, "lines.log.1"))
+                == len(peers)
+            ),
             "every first line written",
             timeout=30,
         )
@@ -111,8 +113,10 @@ class WorkersTests(SynchronousTestCase):
 
         os.kill(pids[0][0], signal.SIGKILL)
         for peer in killed:
+            # The kernel closes a dead process's sockets: a FIN, or a reset
+            # if it held unread bytes.  Either way the client knows.
             peer.wait_closed(timeout=20)
-            self.assertEqual(peer.end, "reset")
+            self.assertIn(peer.end, ("eof", "reset"))
         for i, peer in enumerate(peers):
             if peer in survivors:
                 peer.send(b"peer %d second\n" % i)
@@ -145,10 +149,8 @@ class WorkersTests(SynchronousTestCase):
     def test_sighup_reopens_every_workers_file(self) -> None:
         server = self.server("--sink", "file:lines.log")
         for index in (0, 1):
-            wait_until(
-                lambda index=index: Path(self.dir, f"lines.log.{index}").exists(),
-                "the files",
-            )
+            path = Path(self.dir, f"lines.log.{index}")
+            wait_until(path.exists, f"{path.name} created")
             os.rename(
                 Path(self.dir, f"lines.log.{index}"),
                 Path(self.dir, f"lines.log.{index}.old"),
@@ -190,9 +192,7 @@ class WorkersTests(SynchronousTestCase):
 
     def test_metrics_are_the_sums(self) -> None:
         metrics = free_port()
-        server = self.server(
-            "--sink", "file:lines.log", "--metrics", f"tcp:{metrics}"
-        )
+        server = self.server("--sink", "file:lines.log", "--metrics", f"tcp:{metrics}")
         send_lines(server.port, [b"m %d" % i for i in range(50)])
 
         def scrape() -> dict[str, float]:
@@ -221,7 +221,7 @@ class WorkersTests(SynchronousTestCase):
         cores = len(os.sched_getaffinity(0))
         server = self.server("--mode", "echo", workers=cores)
         self.assertEqual(sorted(worker_pids(server)), list(range(cores)))
-        auto = ServerProcess(self.dir, "--mode", "echo", "--workers", "auto")
+        auto = ServerProcess(temp_dir(self), "--mode", "echo", "--workers", "auto")
         self.addCleanup(auto.kill)
         wait_until(
             lambda: auto.log().count("listening on ") >= cores, "auto workers", 60
