@@ -11,8 +11,10 @@ Three measurements, each with real processes:
     connections is measured; then the same count for C{twistd lineserver
     --workers N} itself, from its log.
   - CPU per line: C{twistd lineserver --mode echo --workers W} for W = 1
-    and 2, driven by L{benchmarks.loadgen} (echo, 16 connections); the CPU
-    seconds of the parent and every worker, over the lines echoed.  It does
+    and 2, driven by L{benchmarks.loadgen}: bulk (16 connections, 1,000
+    lines in flight each) and chatty (64 connections, one line in flight
+    each, so one line per read: the fleet's case); the CPU seconds of the
+    parent and every worker, over the lines echoed.  It does
     not depend on how many cores there are, so it is the honest figure on a
     machine too small to show scaling.
   - throughput, with the load generator pinned (C{taskset}) to the last
@@ -30,12 +32,14 @@ import os
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -239,21 +243,40 @@ def lineserver_spread(
 # -- CPU per line and throughput ---------------------------------------------
 
 
+@dataclass(frozen=True)
+class Echo:
+    """
+    One echo scenario of L{benchmarks.loadgen}: C{window} lines in flight
+    per connection (1: every line is its own read, the fleet's case).
+    """
+
+    name: str
+    connections: int
+    lines: int
+    window: int
+
+
+ECHO = (Echo("bulk", 16, 3_000_000, 1000), Echo("chatty", 64, 60_000, 1))
+QUICK_ECHO = (Echo("bulk", 16, 600_000, 1000), Echo("chatty", 64, 15_000, 1))
+
+
 def echo_run(
     directory: Path,
+    scenario: Echo,
     workers: int,
-    lines: int,
     server_cpus: str | None = None,
     client_cpus: str | None = None,
 ) -> dict[str, Any]:
     """
-    Echo C{lines} lines over 16 connections; CPU of the whole server.
+    Echo the scenario's lines; CPU of the whole server (parent and workers).
     """
     server = Lineserver(directory, workers, "--quiet-connections", pin=server_cpus)
     try:
         command = [sys.executable, "-m", "benchmarks.loadgen", "--port"]
-        command += [str(server.port), "--mode", "echo", "--connections", "16"]
-        command += ["--lines", str(lines), "--payload", str(directory / "payload")]
+        command += [str(server.port), "--mode", "echo"]
+        command += ["--connections", str(scenario.connections)]
+        command += ["--lines", str(scenario.lines), "--window", str(scenario.window)]
+        command += ["--payload", str(directory / "payload"), "--timeout", "240"]
         if client_cpus is not None:
             command = ["taskset", "-c", client_cpus, *command]
         before = server.cpu_seconds()
@@ -263,14 +286,49 @@ def echo_run(
         cpu = server.cpu_seconds() - before
         result = json.loads(out)
         return {
+            "scenario": scenario.name,
             "workers": workers,
             "lines_per_second": result["lines_per_second"],
-            "cpu_us_per_line": cpu / lines * 1e6,
+            "cpu_us_per_line": cpu / scenario.lines * 1e6,
             "server_cpus": server_cpus or "any",
             "client_cpus": client_cpus or "any",
         }
     finally:
         server.stop()
+
+
+def echo_phase(directory: Path, rounds: int, scenarios: Sequence[Echo]) -> None:
+    """
+    Per scenario and round: 1 worker, 2 workers, and (with 2 cores or more)
+    1 worker pinned apart from the load generator; medians printed.
+    """
+    cores = len(os.sched_getaffinity(0))
+    setups: list[tuple[int, str | None, str | None]] = [
+        (1, None, None),
+        (2, None, None),
+    ]
+    if cores >= 2:
+        rest = f"0-{cores - 2}" if cores > 2 else "0"
+        setups.append((1, rest, str(cores - 1)))
+    for scenario in scenarios:
+        print(
+            f"\n## echo {scenario.name}: {scenario.connections} connections, "
+            f"{scenario.lines} lines of 90 bytes, window {scenario.window}, "
+            f"median of {rounds}"
+        )
+        results: dict[tuple[int, str | None, str | None], list[dict[str, Any]]] = {}
+        for _ in range(rounds):
+            for setup in setups:
+                run = echo_run(directory, scenario, *setup)
+                results.setdefault(setup, []).append(run)
+        for (workers, server_cpus, client_cpus), runs in results.items():
+            rate = statistics.median(r["lines_per_second"] for r in runs)
+            cpu = statistics.median(r["cpu_us_per_line"] for r in runs)
+            print(
+                f"workers {workers}  server cpus {server_cpus or 'any':>4}  "
+                f"loadgen cpus {client_cpus or 'any':>4}  "
+                f"{rate / 1e3:8.1f} k lines/s  {cpu:6.2f} us CPU/line"
+            )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -284,7 +342,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     cores = len(os.sched_getaffinity(0))
     connections = 304 if args.quick else 1000
-    lines = 100_000 if args.quick else 400_000
     rounds = 1 if args.quick else args.rounds
     print(f"# workers benchmark, {cores} core(s), {time.strftime('%Y-%m-%d %H:%M')}")
     print(f"\n## spread of {connections} short connections over 2 workers")
@@ -299,22 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for _ in range(rounds):
                 counts = lineserver_spread(directory, 2, connections, mode)
                 print(f"lineserver --worker-sockets {mode}: {counts}  (from its log)")
-        print(f"\n## echo, 16 connections, {lines} lines of 90 bytes")
-        runs = []
-        for _ in range(rounds):
-            runs.append(echo_run(directory, 1, lines))
-            runs.append(echo_run(directory, 2, lines))
-            if cores >= 2:
-                last = str(cores - 1)
-                rest = f"0-{cores - 2}" if cores > 2 else "0"
-                runs.append(echo_run(directory, 1, lines, rest, last))
-        for run in runs:
-            print(
-                f"workers {run['workers']}  server cpus {run['server_cpus']:>4}  "
-                f"loadgen cpus {run['client_cpus']:>4}  "
-                f"{run['lines_per_second'] / 1e3:8.0f} k lines/s  "
-                f"{run['cpu_us_per_line']:6.2f} us CPU/line"
-            )
+        echo_phase(directory, rounds, QUICK_ECHO if args.quick else ECHO)
     return 0
 
 

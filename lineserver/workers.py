@@ -344,9 +344,16 @@ class WorkerProcess(Service, ProcessProtocol):
             child_fds[FIRST_PORT_FD + offset] = skt.fileno()
             args += ["--inherit", f"{FIRST_PORT_FD + offset}={key[0]}={key[1]}"]
         args += ["--", *pool.arguments]
-        process = pool.reactor.spawnProcess(
-            self, sys.executable, args, env=dict(os.environ), childFDs=child_fds
-        )
+        try:
+            process = pool.reactor.spawnProcess(
+                self, sys.executable, args, env=dict(os.environ), childFDs=child_fds
+            )
+        except OSError as error:
+            # After --uid, the interpreter must be that user's to run too.
+            raise WorkerExited(
+                f"cannot start worker {self.index}: {sys.executable}: "
+                f"{error.strerror or error} (as uid {os.getuid()})"
+            ) from error
         self.pid = process.pid
         log.info("worker {index} started: pid {pid}", index=self.index, pid=self.pid)
 
@@ -755,6 +762,7 @@ def worker_parent(options: Any, reactor: Any) -> WorkerParent:
     """
     from lineserver.tap import EXIT_ESCALATED, exit_after_stop
 
+    escalate = exit_after_stop(reactor, EXIT_ESCALATED, "workers crash too often")
     parent = WorkerParent(
         reactor,
         options["workers"],
@@ -768,6 +776,7 @@ def worker_parent(options: Any, reactor: Any) -> WorkerParent:
         and str(options["sink"]).lower().startswith("stdout:"),
         metrics=options["metrics"],
         reuseport=options["worker-sockets"] == "reuseport",
-        on_escalate=exit_after_stop(reactor, EXIT_ESCALATED, "workers crash too often"),
+        # Workers start before the reactor runs: one may fail that early.
+        on_escalate=lambda failure: reactor.callWhenRunning(escalate, failure),
     )
     return parent

@@ -14,12 +14,14 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests import test_lifecycle_twistd as lifecycle
 from tests.support import (
     TWISTD,
     Peer,
@@ -34,14 +36,18 @@ SIGTERM = -signal.SIGTERM
 UNOPENABLE = "/proc/version"
 
 
-def worker_pids(server: ServerProcess) -> dict[int, list[int]]:
+def worker_pids_in(log: str) -> dict[int, list[int]]:
     """
     @return: the PIDs each worker index was started with, in order.
     """
     pids: dict[int, list[int]] = {}
-    for index, pid in re.findall(r"worker (\d+) started: pid (\d+)", server.log()):
+    for index, pid in re.findall(r"worker (\d+) started: pid (\d+)", log):
         pids.setdefault(int(index), []).append(int(pid))
     return pids
+
+
+def worker_pids(server: ServerProcess) -> dict[int, list[int]]:
+    return worker_pids_in(server.log())
 
 
 def file_lines(directory: str, name: str) -> list[bytes]:
@@ -261,3 +267,86 @@ class WorkersTests(SynchronousTestCase):
             )
             self.assertEqual(done.returncode, 1, args)
             self.assertIn(b"--workers:", done.stdout + done.stderr, args)
+
+
+def runs_python_as(uid: int, gid: int) -> bool:
+    """
+    Can this user run this interpreter and import lineserver?  (Not where
+    Python lives in root's home, as pyenv puts it.)
+    """
+
+    def drop() -> None:
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", "import lineserver.worker_main"],
+            preexec_fn=drop,
+            cwd="/",
+            capture_output=True,
+            timeout=60,
+        )
+    except OSError:
+        return False
+    return done.returncode == 0
+
+
+class PrivilegedWorkersTests(lifecycle.PrivilegedPortTests):
+    """
+    With C{--uid}, the parent binds a port below 1024 as root and the
+    workers, started after the privileges are dropped, serve it; where that
+    user cannot run this Python, the parent says so and gives up.
+    """
+
+    def test_low_port_served_after_dropping_privileges(self) -> None:
+        user, group, uid, gid = lifecycle.unprivileged_ids()
+        port = lifecycle.free_privileged_port()
+        log_path = Path(self.dir, "server.log")
+        proc = subprocess.Popen(
+            [
+                str(TWISTD),
+                "-n",
+                "--pidfile=",
+                f"--logfile={log_path}",
+                *("--uid", user, "--gid", group),
+                "lineserver",
+                *("--mode", "echo", "--workers", "2", "--max-restarts", "1"),
+                *("--port", f"tcp:{port}:interface=127.0.0.1"),
+            ],
+            cwd=self.dir,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+        def log() -> str:
+            return log_path.read_text() if log_path.exists() else ""
+
+        def kill() -> None:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+        self.addCleanup(kill)
+        wait_until(lambda: f"parent bound 127.0.0.1:{port}" in log(), "bound", 30)
+        self.assertIn("set uid/gid", log())
+        if not runs_python_as(uid, gid):
+            self.assertEqual(proc.wait(60), 70, log()[-3000:])
+            self.assertIn(f"cannot start worker 0: {sys.executable}", log())
+            self.assertIn("Permission denied", log())
+            self.assertIn("lineserver gives up: workers crash too often", log())
+            return
+        wait_until(lambda: log().count("listening on ") >= 2, "2 workers", 60)
+        for n in range(8):
+            peer = Peer(port, send=b"served by nobody %d\n" % n)
+            peer.expect(b"served by nobody %d\n" % n)
+            peer.close()
+        pids = [proc.pid] + [p for ps in worker_pids_in(log()).values() for p in ps]
+        self.assertEqual(len(pids), 3)
+        for pid in pids:
+            self.assertEqual(lifecycle.ids_of(pid), ([uid] * 4, [gid] * 4))
+        self.assertNotIn("could not listen", log())
+        os.kill(proc.pid, signal.SIGTERM)
+        self.assertEqual(proc.wait(60), SIGTERM, log()[-3000:])
+        self.assertNotIn("Traceback", log())
