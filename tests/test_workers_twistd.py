@@ -98,6 +98,21 @@ class WorkersTests(SynchronousTestCase):
             self.assertRegex(log, rf"worker {index} \(pid \d+\) stopped: status 0")
         self.assertIn("stopping 2 worker(s)", log)
 
+    def test_sigint_drains_like_sigterm(self) -> None:
+        server = self.server("--sink", "file:lines.log")
+        peers = [Peer(server.port) for _ in range(12)]
+        for n, peer in enumerate(peers):
+            peer.send(b"open %d\n" % n)
+        os.kill(server.pid, signal.SIGINT)
+        self.assertEqual(server.proc.wait(60), -signal.SIGINT, server.log()[-3000:])
+        written = file_lines(self.dir, "lines.log.0") + file_lines(
+            self.dir, "lines.log.1"
+        )
+        self.assertEqual(sorted(written), sorted(b"open %d" % n for n in range(12)))
+        for peer in peers:
+            peer.wait_closed()
+        self.assertEqual(len(re.findall(r"stopped: status 0", server.log())), 2)
+
     def test_killed_worker_is_replaced_and_the_other_loses_nothing(self) -> None:
         server = self.server("--sink", "file:lines.log")
         pids = worker_pids(server)
