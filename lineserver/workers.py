@@ -53,6 +53,7 @@ from typing_extensions import override
 
 from lineserver.listener import DEFAULT_LISTEN_RETRY, PortBinder, _endpoint
 from lineserver.ports import port_number, with_defaults
+from lineserver.signals import HangupReload
 from lineserver.sinks import SinkURL
 from lineserver.stats import Stats
 from lineserver.supervisor import ChildSpec, Supervisor
@@ -487,23 +488,6 @@ class WorkerExited(Exception):
     """
 
 
-class _ForwardHangup(Service):
-    def __init__(self, reactor: Any, reload: Callable[[], object]) -> None:
-        from lineserver.signals import HangupReload
-
-        self._inner = HangupReload(reactor, reload)
-
-    @override
-    def startService(self) -> None:
-        super().startService()
-        self._inner.startService()
-
-    @override
-    def stopService(self) -> None:  # type: ignore[override]
-        super().stopService()
-        self._inner.stopService()
-
-
 class WorkerParent(Supervisor):
     """
     Binds the ports, starts C{count} workers on them, and supervises them.
@@ -558,9 +542,7 @@ class WorkerParent(Supervisor):
         self.unclean_stops = 0
         for index in range(count):
             self.add_child(ChildSpec(f"worker {index}", self._maker(index)))
-        self.add_child(
-            ChildSpec("sighup", lambda: _ForwardHangup(reactor, self.reload))
-        )
+        self.add_child(ChildSpec("sighup", lambda: HangupReload(reactor, self.reload)))
         if metrics is not None:
             from lineserver.metrics import MetricsService, metrics_registry
 
