@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -237,6 +238,46 @@ class WorkersTests(SynchronousTestCase):
         per_worker = [len(file_lines(self.dir, f"lines.log.{i}")) for i in (0, 1)]
         self.assertEqual(sum(per_worker), 50)
         self.assertTrue(all(per_worker), per_worker)
+
+    def test_busy_port_is_retried_before_any_worker_starts(self) -> None:
+        port = free_port()
+        holder = socket.socket()
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        self.addCleanup(holder.close)
+        server = ServerProcess(self.dir, "--mode", "echo", "--workers", "2", port=port)
+        self.addCleanup(server.kill)
+        wait_until(lambda: "could not listen on" in server.log(), "a retry", 30)
+        self.assertEqual(worker_pids(server), {})
+        holder.close()
+        server.wait_listening(ports=2, timeout=60)
+        peer = Peer(port, send=b"at last\n")
+        peer.expect(b"at last\n")
+        peer.close()
+
+    def test_workers_stop_when_the_parent_is_killed(self) -> None:
+        """
+        A parent gone without a stop (SIGKILL) leaves no worker behind:
+        each gets SIGTERM from the kernel and stops in order.
+        """
+        server = self.server("--sink", "file:lines.log")
+        pids = [ps[0] for ps in worker_pids(server).values()]
+        send_lines(server.port, [b"before %d" % i for i in range(10)])
+        os.kill(server.pid, signal.SIGKILL)
+        server.proc.wait(10)
+
+        def gone(pid: int) -> bool:
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except FileNotFoundError:
+                return True
+            return "\nState:\tZ" in status
+
+        wait_until(lambda: all(gone(pid) for pid in pids), "workers gone", 30)
+        written = file_lines(self.dir, "lines.log.0") + file_lines(
+            self.dir, "lines.log.1"
+        )
+        self.assertEqual(sorted(written), sorted(b"before %d" % i for i in range(10)))
 
     def test_auto_is_one_worker_per_core(self) -> None:
         cores = len(os.sched_getaffinity(0))
