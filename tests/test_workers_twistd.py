@@ -239,6 +239,30 @@ class WorkersTests(SynchronousTestCase):
         self.assertEqual(sum(per_worker), 50)
         self.assertTrue(all(per_worker), per_worker)
 
+        # A worker killed: its counters stay in the sums, and the ledger
+        # (received = delivered + queued + dropped) still balances.
+        os.kill(worker_pids(server)[0][0], signal.SIGKILL)
+        wait_until(lambda: len(worker_pids(server).get(0, [])) == 2, "restart", 30)
+        send_lines(server.port, [b"n %d" % i for i in range(20)])
+        wait_until(
+            lambda: scrape().get("lineserver_lines_delivered_total") == 70,
+            "70 lines delivered in the sums",
+            timeout=30,
+        )
+        url = f"http://127.0.0.1:{metrics}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as page:
+            text = page.read()
+        dropped = re.findall(rb'lines_dropped_total\{reason="([^"]+)"\} (\S+)', text)
+        self.assertIn(b"worker-lost", dict(dropped))
+        values = scrape()
+        self.assertEqual(
+            values["lineserver_lines_received_total"],
+            values["lineserver_lines_delivered_total"]
+            + values["lineserver_lines_queued"]
+            + sum(float(v) for _, v in dropped),
+        )
+        self.assertEqual(values["lineserver_restarts_total"], 1)
+
     def test_busy_port_is_retried_before_any_worker_starts(self) -> None:
         port = free_port()
         holder = socket.socket()
