@@ -334,7 +334,8 @@ class Options(usage.Options):
         [
             "quiet-connections",
             None,
-            "Do not log a line per closed connection (refusals are still logged).",
+            "Do not log a line per closed connection (refusals are still "
+            "logged).",
         ],
     ]
 
