@@ -569,6 +569,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="servers on CPU 0, the load generator on CPU 1 (needs 2 CPUs)",
     )
     parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument(
+        "--no-workers",
+        dest="workers",
+        action="store_false",
+        help="leave out the --workers section (benchmarks.workers)",
+    )
     parser.add_argument("--json", type=Path, default=RESULTS / "latest.json")
     parser.add_argument("--workdir", type=Path, help="for sink files and payload")
     args = parser.parse_args(argv)
@@ -740,6 +746,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(document, indent=2) + "\n")
     print(f"results: {args.json}")
+    if args.workers:
+        # --workers: spread over workers, CPU per line with 1 and 2 (its own
+        # module and output; figures in docs/workers.md).
+        from benchmarks import workers
+
+        print()
+        workers.main(["--quick"] if args.quick else [])
     if args.strict and any(
         row["meets_min_ratio"] is False for row in rows if not row["tls"]
     ):

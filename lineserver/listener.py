@@ -19,6 +19,7 @@ bound socket that does not listen refuses connections).  See L{PortBinder}.
 from __future__ import annotations
 
 import os
+import select
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -105,9 +106,20 @@ class PortBinder:
     C{listenTCP}.  Other kinds (C{unix:}) are not bound early.
     """
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        inherited: dict[tuple[int, str], socket.socket] | None = None,
+    ) -> None:
+        """
+        @param inherited: listening sockets by (port, interface) as
+            C{listenTCP} is asked for them, bound by another process (a
+            worker's parent, L{lineserver.workers}): adopted, never bound.
+        """
         self._reactor = reactor
         self._bound: dict[tuple[int, str], socket.socket] = {}
+        self._inherited = inherited or {}
+        self._backlogs: dict[tuple[int, str], int] = {}
         self._dry_run = False
 
     def __getattr__(self, name: str) -> Any:
@@ -130,9 +142,18 @@ class PortBinder:
         self, port: int, factory: Any, backlog: int = 50, interface: str = ""
     ) -> Any:
         key = (port, interface)
+        inherited = self._inherited.get(key)
+        if inherited is not None:
+            if self._dry_run:
+                return _BoundOnly(inherited)
+            # adoptStreamPort takes its own copy; ours stays for a re-listen.
+            return self._reactor.adoptStreamPort(
+                inherited.fileno(), inherited.family, factory
+            )
         if self._dry_run:
             if key not in self._bound:
                 self._bound[key] = _bind(port, interface)
+            self._backlogs[key] = backlog
             return _BoundOnly(self._bound[key])
         skt = self._bound.pop(key, None)
         if skt is None:
@@ -152,6 +173,15 @@ class PortBinder:
         How many sockets are bound and waiting to listen.
         """
         return len(self._bound)
+
+    def hand_over(self) -> dict[tuple[int, str], tuple[socket.socket, int]]:
+        """
+        Give up the sockets bound early, with the backlog each was to
+        listen with, to a caller that listens on them itself (a parent that
+        passes them to its workers); the binder forgets them.
+        """
+        bound, self._bound = self._bound, {}
+        return {key: (skt, self._backlogs.get(key, 50)) for key, skt in bound.items()}
 
     def release(self) -> None:
         """
@@ -531,6 +561,10 @@ class ListenerService(SupervisedPort):
             accept_backlog(port)
 
 
+#: At most this many accept passes when taking in the backlog at a stop.
+_BACKLOG_PASSES = 1000
+
+
 def accept_backlog(port: IListeningPort) -> None:
     """
     Accept the connections waiting in the kernel's backlog, once.
@@ -541,8 +575,17 @@ def accept_backlog(port: IListeningPort) -> None:
     ordinary connections, which the ordered stop then drains.
     """
     do_read = getattr(port, "doRead", None)
-    if do_read is not None:
+    if do_read is None:
+        return
+    # One doRead accepts at most as many as the last one did (Twisted
+    # scales it to the traffic; after a trickle, one): go on while the
+    # socket still holds connections, a bounded number of times.
+    poller = select.poll()
+    poller.register(port.fileno(), select.POLLIN)  # type: ignore[attr-defined]
+    for _ in range(_BACKLOG_PASSES):
         do_read()
+        if not poller.poll(0):
+            return
 
 
 def _endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:

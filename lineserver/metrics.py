@@ -133,7 +133,7 @@ FAMILIES: tuple[Family, ...] = (
         "counter",
         "Lines accepted and then lost, by reason: received = delivered + "
         "queued + dropped.",
-        {"handler-failed": "lines.failed"},
+        {"handler-failed": "lines.failed", "worker-lost": "lines.worker_lost"},
         label="reason",
     ),
     Family(

@@ -17,6 +17,7 @@ restarts nothing while it stops).  A stopped server can be started again.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -143,6 +144,7 @@ class LineServer(Supervisor):
         on_escalate: Callable[[Failure], None] | None = None,
         protocol_class: type[LineProtocol] | None = None,
         on_start_failed: Callable[[Failure], None] | None = None,
+        inherited: dict[tuple[int, str], socket.socket] | None = None,
     ) -> None:
         """
         @param handler: C{"sink"}, C{"echo"}, or a handler builder.
@@ -152,6 +154,8 @@ class LineServer(Supervisor):
         @param on_start_failed: called, once the server has stopped, when a
             start fails because the sink could not open; C{on_escalate} if
             not given (either way the server gave up).
+        @param inherited: listening sockets bound by a parent process, by
+            (port, interface): a worker adopts them (L{lineserver.workers}).
         @raise ValueError: the C{"sink"} handler without a sink.
         """
         build = HANDLERS[handler] if isinstance(handler, str) else handler
@@ -207,7 +211,7 @@ class LineServer(Supervisor):
             description = with_defaults(given, config.backlog)
             # Endpoints are built on a binder, so that they can be bound in
             # privilegedStartService and listen later.
-            binder = PortBinder(reactor)
+            binder = PortBinder(reactor, inherited)
             endpoint = self.security.endpoint(binder, description)
             self.add_child(
                 ChildSpec(

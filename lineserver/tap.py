@@ -10,6 +10,7 @@ import atexit
 import os
 import platform
 import re
+import socket
 import sys
 from collections.abc import Callable
 from importlib import metadata
@@ -33,6 +34,7 @@ from lineserver.server import DEFAULT_PORT, HANDLERS, LineServer, ServerConfig
 from lineserver.signals import HangupReload, LogReopen
 from lineserver.sinks import SinkURLError, sink_factory_from_url
 from lineserver.sinks.spooling import SpoolingSinkFactory
+from lineserver.stats import Stats
 from lineserver.supervisor import ChildSpec
 from lineserver.tls import (
     ReloadableServerTLS,
@@ -41,6 +43,7 @@ from lineserver.tls import (
     split_ssl_description,
 )
 from lineserver.twisted_internals import parse_endpoint_description
+from lineserver.workers import WORKER_SOCKETS, parse_workers
 
 log = Logger(namespace="lineserver.tap")
 
@@ -307,6 +310,20 @@ class Options(usage.Options):
             "Private key PEM for --starttls (default: in --tls-cert).",
         ],
         [
+            "workers",
+            None,
+            "1",
+            "Worker processes serving the ports: a number, or auto (one per "
+            "core); 1 is a single process. See docs/workers.md.",
+        ],
+        [
+            "worker-sockets",
+            None,
+            "reuseport",
+            "With --workers: reuseport (one SO_REUSEPORT socket per worker, "
+            "even spread) or shared (one socket all workers accept from).",
+        ],
+        [
             "auth-tokens",
             None,
             None,
@@ -348,6 +365,7 @@ class Options(usage.Options):
         self._sink_given = False
         self["metrics"] = None
         self["control"] = None
+        self.arguments: list[str] = []
 
     def opt_version(self) -> NoReturn:
         """
@@ -424,8 +442,23 @@ class Options(usage.Options):
         self["allow"] = [*(self["allow"] or []), network]
 
     @override
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        # Kept for --workers: each worker is given the same command line.
+        self.arguments = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
+
+    @override
     def postOptions(self) -> None:
         self["ports"] = list(self["ports"]) or [default_port()]
+        try:
+            self["workers"] = parse_workers(str(self["workers"]), self["ports"])
+        except ValueError as error:
+            raise usage.UsageError(f"--workers: {error}") from None
+        if self["worker-sockets"] not in WORKER_SOCKETS:
+            raise usage.UsageError(
+                "--worker-sockets: expected reuseport or shared, got "
+                f"{self['worker-sockets']!r}"
+            )
         for description in self["ports"]:
             if not is_ssl_description(description):
                 check_endpoint(description)
@@ -480,6 +513,12 @@ class Options(usage.Options):
         self["spool-max"] = _convert("spool-max", self, parse_size, minimum=1)
         if self["spool"] is not None and self["mode"] != "sink":
             raise usage.UsageError("--spool: only used in --mode sink")
+        if self["control"] is not None and self["workers"] > 1:
+            # One socket for N processes needs a parent that fans commands
+            # out to its workers; until then, refused rather than ignored.
+            raise usage.UsageError(
+                "--control: not available with --workers above 1 yet"
+            )
 
     def _check_security(self) -> None:
         """
@@ -664,16 +703,11 @@ def sink_from_options(options: Options, reactor: Any) -> ISinkFactory:
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    server = LineServer(
-        config_from_options(options),
-        reactor,
-        handler=options["mode"],
-        sink=sink_from_options(options, reactor) if options["mode"] == "sink" else None,
-        on_escalate=exit_after_stop(reactor),
-        on_start_failed=exit_after_stop(
-            reactor, EXIT_CANNOT_START, "the server could not start"
-        ),
-    )
+    if options["workers"] > 1:
+        from lineserver.workers import worker_parent
+
+        return worker_parent(options, reactor)
+    server = make_server(options, reactor)
     server.add_child(ChildSpec("sighup", lambda: HangupReload(reactor, server.reload)))
     server.add_child(ChildSpec("sigusr1", lambda: LogReopen(reactor, reopen_logs)))
     if options["control"] is not None:
@@ -691,4 +725,28 @@ def makeService(options: Options) -> IService:
                 lambda: ControlService(control, target, reactor),
             )
         )
+    return server
+
+
+def make_server(
+    options: Options,
+    reactor: Any,
+    inherited: dict[tuple[int, str], socket.socket] | None = None,
+    stats: Stats | None = None,
+) -> LineServer:
+    """
+    The server C{options} describe (a worker's adopts C{inherited} ports).
+    """
+    server = LineServer(
+        config_from_options(options),
+        reactor,
+        handler=options["mode"],
+        sink=sink_from_options(options, reactor) if options["mode"] == "sink" else None,
+        on_escalate=exit_after_stop(reactor),
+        on_start_failed=exit_after_stop(
+            reactor, EXIT_CANNOT_START, "the server could not start"
+        ),
+        inherited=inherited,
+        stats=stats,
+    )
     return server
