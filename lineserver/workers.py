@@ -53,6 +53,7 @@ from typing_extensions import override
 
 from lineserver.listener import DEFAULT_LISTEN_RETRY, PortBinder, _endpoint
 from lineserver.logs import reopen_logs
+from lineserver.metrics import RESTARTS_PREFIX
 from lineserver.ports import port_number, with_defaults
 from lineserver.signals import HangupReload, LogReopen
 from lineserver.sinks import SinkURL
@@ -542,7 +543,9 @@ class WorkerParent(Supervisor):
         self.relay = StdoutRelay(reactor) if stdout else None
         self.unclean_stops = 0
         for index in range(count):
-            self.add_child(ChildSpec(f"worker {index}", self._maker(index)))
+            name = f"worker {index}"
+            self.add_child(ChildSpec(name, self._maker(index)))
+            self.summed.add_gauge(RESTARTS_PREFIX + name, self._restarts_of(name))
         self.add_child(ChildSpec("sighup", lambda: HangupReload(reactor, self.reload)))
         # Workers log through the parent: reopening its log is enough.
         self.add_child(ChildSpec("sigusr1", lambda: LogReopen(reactor, reopen_logs)))
@@ -557,6 +560,9 @@ class WorkerParent(Supervisor):
                     lambda: MetricsService(description, registry, reactor),
                 )
             )
+
+    def _restarts_of(self, name: str) -> Callable[[], int]:
+        return lambda: self.restarts_by_child[name]
 
     def _maker(self, index: int) -> Callable[[], IService]:
         return lambda: WorkerProcess(self, index)

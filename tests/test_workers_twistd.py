@@ -261,7 +261,9 @@ class WorkersTests(SynchronousTestCase):
             + values["lineserver_lines_queued"]
             + sum(float(v) for _, v in dropped),
         )
-        self.assertEqual(values["lineserver_restarts_total"], 1)
+        restarts = dict(re.findall(rb'restarts_total\{child="([^"]+)"\} (\S+)', text))
+        self.assertEqual(float(restarts[b"worker 0"]), 1)
+        self.assertEqual(float(restarts[b"worker 1"]), 0)
 
     def test_busy_port_is_retried_before_any_worker_starts(self) -> None:
         port = free_port()
