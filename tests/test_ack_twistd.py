@@ -236,11 +236,12 @@ class AckTwistdTests(SynchronousTestCase):
         errors: list[BaseException] = []
 
         def send_line_by_line() -> None:
-            # One small send at a time, so that reads and sink writes, and
-            # so ACKs, are many; blocked (EAGAIN) once the server stops
-            # reading this client.
+            # One small send at a time, paced so that most reach the server
+            # in reads of their own: each read is a sink write and an ACK.
+            # Blocked (EAGAIN) once the server stops reading this client.
             try:
                 while sending.is_set():
+                    time.sleep(0.0005)
                     view = memoryview(deaf.lines(1))
                     while view and sending.is_set():
                         try:
