@@ -16,6 +16,11 @@ process, so the load generator has the other core to itself.
     python -m benchmarks.run --quick       # about 50 seconds
     python -m benchmarks.run --servers baseline --scenarios sink-1,echo-1
     python -m benchmarks.run --scenarios long-1M,long-8M
+    python -m benchmarks.run --scenarios delivery --quick
+
+The C{delivery} scenario (L{benchmarks.delivery}) runs lineserver's file
+sink with C{fsync=interval}, C{fsync=batch} and C{--ack} beside the plain
+file sink, in the same rounds: what durability and acknowledgements cost.
 
 The C{long-*} scenarios (L{benchmarks.longlines}) echo lines of 1 to
 16 MiB through both servers with a 16 MiB line limit, in MiB/s: the cost of
@@ -43,6 +48,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from benchmarks.delivery import (
+    DELIVERY,
+    DeliveryResult,
+    delivery_rows,
+    format_delivery_rows,
+    run_delivery,
+)
 from benchmarks.loadgen import LINE_LENGTH, write_payload
 from benchmarks.longlines import (
     LONG_SCENARIOS,
@@ -516,6 +528,7 @@ def format_servers(reports: list[ServerReport]) -> str:
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     names = [s.name for s in SCENARIOS] + [s.name for s in LONG_SCENARIOS]
+    names.append(DELIVERY)
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.run",
         description="lineserver against a stock Twisted LineReceiver baseline.",
@@ -642,6 +655,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         long_measurements: list[LongMeasurement] = []
         long_reports: list[LongServerReport] = []
+        delivery = DeliveryResult()
         payload = workdir / "payload.bin"
         if scenarios:
             write_payload(str(payload), max(s.lines for s in scenarios))
@@ -657,6 +671,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if long_settings.scenarios:
                 print("long lines:", flush=True)
                 long_measurements, long_reports = run_long_phase(long_settings)
+            if DELIVERY in args.scenarios:
+                delivery = run_delivery(harness, workdir, args.scale)
         except BenchError as e:
             print(f"benchmark failed: {e}", file=sys.stderr)
             return 2
@@ -680,6 +696,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(format_long_table(long_rows))
         print()
         print(format_long_servers(long_reports))
+    delivery_table = delivery_rows(delivery)
+    if delivery_table:
+        print()
+        print(format_delivery_rows(delivery_table))
     busy = [m for m in measurements if m.loadgen_cpu_seconds > 0.9 * m.seconds]
     if busy:
         print(
@@ -714,6 +734,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "scenarios": rows,
         "servers": [asdict(r) for r in reports],
         "measurements": [asdict(m) for m in measurements],
+        "delivery": {
+            "scenarios": delivery_table,
+            "servers": [asdict(r) for r in delivery.reports],
+            "measurements": [asdict(m) for m in delivery.measurements],
+        },
         "long_lines": {
             "seconds_cap": long_settings.seconds,
             "budget_bytes": long_settings.budget,
