@@ -16,6 +16,11 @@ process, so the load generator has the other core to itself.
     python -m benchmarks.run --quick       # about 50 seconds
     python -m benchmarks.run --servers baseline --scenarios sink-1,echo-1
     python -m benchmarks.run --scenarios long-1M,long-8M
+    python -m benchmarks.run --scenarios delivery --quick
+
+The C{delivery} scenario (L{benchmarks.delivery}) runs lineserver's file
+sink with C{fsync=interval}, C{fsync=batch} and C{--ack} beside the plain
+file sink, in the same rounds: what durability and acknowledgements cost.
 
 The C{long-*} scenarios (L{benchmarks.longlines}) echo lines of 1 to
 16 MiB through both servers with a 16 MiB line limit, in MiB/s: the cost of
@@ -43,6 +48,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from benchmarks.delivery import (
+    DELIVERY,
+    DeliveryResult,
+    delivery_rows,
+    format_delivery_rows,
+    run_delivery,
+)
 from benchmarks.loadgen import LINE_LENGTH, write_payload
 from benchmarks.longlines import (
     LONG_SCENARIOS,
@@ -521,6 +533,7 @@ def format_servers(reports: list[ServerReport]) -> str:
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     names = [s.name for s in SCENARIOS] + [s.name for s in LONG_SCENARIOS]
     names.append(SPOOL_SCENARIO)
+    names.append(DELIVERY)
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.run",
         description="lineserver against a stock Twisted LineReceiver baseline.",
@@ -654,6 +667,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         spool_figures: SpoolFigures | None = None
         long_measurements: list[LongMeasurement] = []
         long_reports: list[LongServerReport] = []
+        delivery = DeliveryResult()
         payload = workdir / "payload.bin"
         if scenarios:
             write_payload(str(payload), max(s.lines for s in scenarios))
@@ -674,6 +688,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 spool_figures = run_spool_phase(
                     max(1000, int(SPOOL_LINES * args.scale)), args.rounds, workdir
                 )
+            if DELIVERY in args.scenarios:
+                delivery = run_delivery(harness, workdir, args.scale)
         except BenchError as e:
             print(f"benchmark failed: {e}", file=sys.stderr)
             return 2
@@ -700,6 +716,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if spool_figures is not None:
         print()
         print(format_spool_table(spool_figures))
+    delivery_table = delivery_rows(delivery)
+    if delivery_table:
+        print()
+        print(format_delivery_rows(delivery_table))
     busy = [m for m in measurements if m.loadgen_cpu_seconds > 0.9 * m.seconds]
     if busy:
         print(
@@ -735,6 +755,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "servers": [asdict(r) for r in reports],
         "measurements": [asdict(m) for m in measurements],
         "spool": None if spool_figures is None else asdict(spool_figures),
+        "delivery": {
+            "scenarios": delivery_table,
+            "servers": [asdict(r) for r in delivery.reports],
+            "measurements": [asdict(m) for m in delivery.measurements],
+        },
         "long_lines": {
             "seconds_cap": long_settings.seconds,
             "budget_bytes": long_settings.budget,

@@ -10,12 +10,13 @@ has confirmed them, so a batch in flight still holds its memory.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from enum import Enum
+from typing import Any
 
 from twisted.internet.interfaces import IPushProducer
 from typing_extensions import override
-from zope.interface import implementer
+from zope.interface import Interface, implementer
 
 
 class Pause(Enum):
@@ -117,6 +118,61 @@ class _GateProducer:
         """
 
 
+class IAckOwner(Interface):
+    """
+    Whose lines a batch holds: told how many of its lines became durable
+    when the sink confirms the batch (C{--ack}).
+    """
+
+    def lines_durable(count: int) -> None:  # noqa: N805 (an interface)
+        """
+        C{count} more of this owner's lines (the oldest not yet confirmed)
+        are durable by the sink's promise.  Called once per owner per
+        confirmed batch, however many puts of that owner the batch merged.
+        """
+
+
+#: Who put the lines of a batch, in order: (owner, lines), or None for a
+#: batch without owners (the common case: no C{--ack}).
+Owners = list[tuple[IAckOwner, int]] | None
+
+
+class Batch:
+    """
+    Batches taken from the queue and merged, with whose lines they are.
+    It unpacks and compares as C{(lines, cost)}, so that
+    C{lines, cost = take()} reads as it always has; its identity is what
+    L{SinkQueue.confirm_batch} confirms.  (A class with slots: a tuple
+    subclass with attributes costs three times as much to make, once per
+    batch.)
+
+    @ivar owners: the owners of its lines, in order, or None.
+    @ivar left: bytes not yet confirmed (for the byte-count L{SinkQueue.confirm}).
+    """
+
+    __slots__ = ("cost", "left", "lines", "owners")
+
+    def __init__(self, lines: list[bytes], cost: int, owners: Owners = None) -> None:
+        self.lines = lines
+        self.cost = cost
+        self.owners = owners
+        self.left = cost
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.lines, self.cost))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Batch):
+            other = (other.lines, other.cost)
+        return (self.lines, self.cost) == other
+
+    __hash__ = object.__hash__
+
+    @override
+    def __repr__(self) -> str:
+        return f"<Batch of {len(self.lines)} line(s), {self.cost} bytes>"
+
+
 class SinkQueue:
     """
     The bounded buffer between connections and the sink.
@@ -124,12 +180,19 @@ class SinkQueue:
     Producers (connections) register; when buffered bytes reach the high
     watermark every registered producer is paused, and when confirmed
     writes bring them under the low watermark, all are resumed.  Nothing is
-    ever dropped: a full queue pushes back instead.
+    ever dropped: a full queue pushes back instead (only a stop that gives
+    the sink up drops, through L{drop_all}, and says how many).
+
+    A put may name an owner (L{IAckOwner}, a connection's acknowledgements)
+    and the lines are followed through merged batches, so that confirming
+    a batch tells each of its owners, once, how many of its lines are
+    durable.
 
     @ivar buffered: bytes put and not yet confirmed by the sink.
     @ivar buffered_lines: lines put and not yet confirmed by the sink
         (waiting, or in a batch in flight), so that lines received equal
         lines delivered plus lines queued at any moment.
+    @ivar waiting_lines: the lines of L{buffered_lines} not in flight.
     """
 
     def __init__(self, high_watermark: int, low_watermark: int) -> None:
@@ -142,13 +205,12 @@ class SinkQueue:
         self.low_watermark = low_watermark
         self.buffered = 0
         self.buffered_lines = 0
+        self.waiting_lines = 0
         self.paused = False
         self.pauses = 0
-        self._batches: deque[tuple[list[bytes], int]] = deque()
-        # Taken batches not yet confirmed, oldest first, as [lines, bytes
-        # left to confirm]: confirm() is told bytes only, and a batch's
-        # lines leave the count when its last byte is confirmed.
-        self._in_flight: deque[list[int]] = deque()
+        self._batches: deque[tuple[list[bytes], int, Owners]] = deque()
+        # Taken batches not yet confirmed, oldest first.
+        self._in_flight: deque[Batch] = deque()
         self._producers: set[IPushProducer] = set()
         self._on_ready: Callable[[], None] | None = None
 
@@ -170,13 +232,31 @@ class SinkQueue:
     def unregister(self, producer: IPushProducer) -> None:
         self._producers.discard(producer)
 
-    def put(self, lines: list[bytes], cost: int) -> None:
+    def put(
+        self,
+        lines: list[bytes],
+        cost: int,
+        owner: IAckOwner | None = None,
+        count: int | None = None,
+    ) -> None:
         """
         Queue a batch of lines that costs C{cost} bytes of memory.
+
+        @param owner: whose lines they are, told when they are durable.
+        @param count: how many of C{owner}'s lines these are (default: all).
         """
-        self._batches.append((lines, cost))
+        self._batches.append(
+            (
+                lines,
+                cost,
+                None
+                if owner is None
+                else [(owner, len(lines) if count is None else count)],
+            )
+        )
         self.buffered += cost
         self.buffered_lines += len(lines)
+        self.waiting_lines += len(lines)
         if not self.paused and self.buffered >= self.high_watermark:
             self.paused = True
             self.pauses += 1
@@ -186,55 +266,121 @@ class SinkQueue:
         if ready is not None:
             ready()
 
-    def take(self, max_cost: int) -> tuple[list[bytes], int]:
+    def take(self, max_cost: int) -> Batch:
         """
         Take queued batches, merged, up to about C{max_cost} bytes (always at
-        least one batch).  Their bytes stay counted until L{confirm}.
+        least one batch).  Their bytes stay counted until confirmed.
         """
         batches = self._batches
         if not batches:
-            return [], 0
-        lines, cost = batches.popleft()
+            return Batch([], 0)
+        lines, cost, owners = batches.popleft()
         if batches and cost < max_cost:
             lines = list(lines)
             while batches and cost < max_cost:
-                more, more_cost = batches.popleft()
+                more, more_cost, more_owners = batches.popleft()
                 lines += more
                 cost += more_cost
-        self._in_flight.append([len(lines), cost])
-        return lines, cost
+                if more_owners is not None:
+                    owners = more_owners if owners is None else owners + more_owners
+        batch = Batch(lines, cost, owners)
+        self.waiting_lines -= len(lines)
+        self._in_flight.append(batch)
+        return batch
 
-    def give_back(self, lines: list[bytes], cost: int) -> None:
+    def give_back_batch(self, batch: Batch) -> None:
         """
         Put a taken batch back at the front, after a failed write.  Its
         lines and bytes stay counted: they are queued again.
         """
-        self._batches.appendleft((lines, cost))
-        # The batch is no longer in flight: the most recent taken batch of
-        # this size (what was just taken is given back first).
-        for index in range(len(self._in_flight) - 1, -1, -1):
-            if self._in_flight[index] == [len(lines), cost]:
+        self._forget(batch)
+        self._batches.appendleft((batch.lines, batch.cost, batch.owners))
+        self.waiting_lines += len(batch.lines)
+
+    def give_back(self, lines: list[bytes], cost: int) -> None:
+        """
+        L{give_back_batch} for a caller that kept only C{lines} and
+        C{cost}: the most recent batch taken of that size goes back.
+        """
+        for batch in reversed(self._in_flight):
+            if len(batch.lines) == len(lines) and batch.cost == cost:
+                self.give_back_batch(batch)
+                return
+        self._batches.appendleft((lines, cost, None))
+        self.waiting_lines += len(lines)
+
+    def _forget(self, batch: Batch) -> None:
+        for index, flying in enumerate(self._in_flight):
+            if flying is batch:
                 del self._in_flight[index]
-                break
+                return
+
+    def confirm_batch(self, batch: Batch) -> None:
+        """
+        The sink has made C{batch} durable: its lines and bytes leave the
+        count, each of its owners is told (once), and producers resume
+        below the low watermark.
+        """
+        self._forget(batch)
+        self.buffered -= batch.left
+        batch.left = 0
+        self._settled(batch)
+        self._maybe_resume()
 
     def confirm(self, cost: int) -> None:
         """
-        The sink has taken C{cost} bytes; resume producers below the low mark.
+        The sink has taken C{cost} bytes, the oldest in flight first (for
+        callers that count bytes); resume producers below the low mark.
         """
         self.buffered -= cost
         in_flight = self._in_flight
-        while in_flight and (cost > 0 or in_flight[0][1] == 0):
+        while in_flight and (cost > 0 or in_flight[0].left == 0):
             oldest = in_flight[0]
-            settled = min(cost, oldest[1])
-            oldest[1] -= settled
+            settled = min(cost, oldest.left)
+            oldest.left -= settled
             cost -= settled
-            if oldest[1] == 0:
-                self.buffered_lines -= oldest[0]
+            if oldest.left == 0:
                 in_flight.popleft()
+                self._settled(oldest)
+        self._maybe_resume()
+
+    def _settled(self, batch: Batch) -> None:
+        self.buffered_lines -= len(batch.lines)
+        owners = batch.owners
+        if not owners:
+            return
+        if len(owners) == 1:
+            owner, count = owners[0]
+            owner.lines_durable(count)
+            return
+        # One word per owner per batch: gather, then tell each once.
+        gathered: dict[IAckOwner, int] = {}
+        for owner, count in owners:
+            gathered[owner] = gathered.get(owner, 0) + count
+        for owner, count in gathered.items():
+            owner.lines_durable(count)
+
+    def _maybe_resume(self) -> None:
         if self.paused and self.buffered <= self.low_watermark:
             self.paused = False
             for producer in list(self._producers):
                 producer.resumeProducing()
+
+    def drop_all(self) -> int:
+        """
+        Forget every line queued or in flight: the server stops and gave
+        its sink up.  Owners are not told (nothing became durable).
+
+        @return: how many lines were dropped.
+        """
+        dropped = self.buffered_lines
+        self._batches.clear()
+        self._in_flight.clear()
+        self.buffered = 0
+        self.buffered_lines = 0
+        self.waiting_lines = 0
+        self._maybe_resume()
+        return dropped
 
     def when_ready(self, callback: Callable[[], None]) -> None:
         """

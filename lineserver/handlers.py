@@ -7,10 +7,13 @@ recreated its crashed Buffer process) while the connection goes on.
 
 from __future__ import annotations
 
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from typing_extensions import override
-from zope.interface import implementer
+from zope.interface import Interface, implementer
 
-from lineserver.flow import Pause, SinkQueue
+from lineserver.ack import AckCounter, ack_line
+from lineserver.flow import IAckOwner, Pause, SinkQueue
 from lineserver.interfaces import IConnection, ILineHandler, ILineHandlerFactory
 
 
@@ -72,6 +75,111 @@ class SinkHandler:
         self._queue.unregister(self._producer)  # type: ignore[arg-type]
 
 
+class IAcknowledging(Interface):
+    """
+    A handler that acknowledges lines (C{--ack}): a closing connection
+    waits for it, so that lines accepted before an C{ERR} or a close get
+    their C{ACK} first.
+    """
+
+    def acknowledged() -> Deferred[None] | None:
+        """
+        @return: None if every line handed to the sink is acknowledged,
+            else a Deferred that fires once they are (it may never fire:
+            the caller bounds the wait).
+        """
+
+
+@implementer(ILineHandler, IAckOwner, IAcknowledging)
+class AckSinkHandler:
+    """
+    L{SinkHandler} with acknowledgements: each batch is put with this
+    handler as its owner; when the sink confirms a batch, the connection
+    is sent one C{ACK <n>} (see L{lineserver.ack}), written like an echo
+    reply so that a client that does not read its ACKs is paused
+    (C{Pause.OUTPUT}).  While lines wait, the latest ACK is repeated
+    C{interval} seconds after the last one.
+    """
+
+    __slots__ = (
+        "_clock",
+        "_closed",
+        "_connection",
+        "_interval",
+        "_producer",
+        "_queue",
+        "_repeat",
+        "_waiters",
+        "counter",
+    )
+
+    def __init__(
+        self,
+        connection: IConnection,
+        queue: SinkQueue,
+        clock: IReactorTime,
+        interval: float,
+    ) -> None:
+        self._connection = connection
+        self._queue = queue
+        self._clock = clock
+        self._interval = interval
+        self._producer = connection.producer(Pause.SINK)
+        self._repeat: IDelayedCall | None = None
+        self._closed = False
+        self._waiters: list[Deferred[None]] = []
+        self.counter = AckCounter()
+        queue.register(self._producer)  # type: ignore[arg-type]
+
+    def lines_received(self, lines: list[bytes], raw: bytes) -> None:
+        self.counter.put(len(lines))
+        self._queue.put(lines, len(raw), self)
+        if self._repeat is None and not self._closed:
+            self._repeat = self._clock.callLater(self._interval, self._tick)
+
+    def lines_durable(self, count: int) -> None:
+        number = self.counter.durable(count)
+        if self._closed:
+            return
+        if number is not None:
+            self._connection.write(ack_line(number))
+            if self._repeat is not None and self._repeat.active():
+                self._repeat.reset(self._interval)
+        if not self.counter.waiting:
+            self._settled()
+
+    def _tick(self) -> None:
+        self._repeat = None
+        number = self.counter.repeat()
+        if number is None or self._closed:
+            return
+        self._connection.write(ack_line(number))
+        self._repeat = self._clock.callLater(self._interval, self._tick)
+
+    def _settled(self) -> None:
+        repeat, self._repeat = self._repeat, None
+        if repeat is not None and repeat.active():
+            repeat.cancel()
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def acknowledged(self) -> Deferred[None] | None:
+        if not self.counter.waiting or self._closed:
+            return None
+        waiter: Deferred[None] = Deferred()
+        self._waiters.append(waiter)
+        return waiter
+
+    def connection_lost(self) -> None:
+        self._closed = True
+        self._queue.unregister(self._producer)  # type: ignore[arg-type]
+        repeat, self._repeat = self._repeat, None
+        if repeat is not None and repeat.active():
+            repeat.cancel()
+        self._waiters = []
+
+
 class PerLineHandler:
     """
     A base for handlers that want one call per line, like C{lineReceived}.
@@ -123,3 +231,25 @@ class SinkHandlerFactory:
     @override
     def __repr__(self) -> str:
         return "sink"
+
+
+@implementer(ILineHandlerFactory)
+class AckSinkHandlerFactory:
+    """
+    Builds an L{AckSinkHandler} per connection (C{--ack}), all feeding one
+    queue; C{interval} is C{--ack-interval}.
+    """
+
+    def __init__(self, queue: SinkQueue, clock: IReactorTime, interval: float) -> None:
+        if interval <= 0:
+            raise ValueError(f"the ACK interval must be positive, got {interval}")
+        self.queue = queue
+        self.clock = clock
+        self.interval = interval
+
+    def __call__(self, connection: IConnection) -> ILineHandler:
+        return AckSinkHandler(connection, self.queue, self.clock, self.interval)
+
+    @override
+    def __repr__(self) -> str:
+        return "sink with acknowledgements"

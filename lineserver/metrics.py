@@ -11,7 +11,8 @@ C{prometheus_client.twisted.MetricsResource} would render it in a worker
 thread, reading counters and gauges (sets of connections) while the
 reactor changes them, and a line could be counted as received but not yet
 as queued.  Read in the reactor, one scrape is one consistent moment:
-lines received = delivered + queued + dropped holds in every scrape.
+lines received = delivered + queued + spooled + dropped holds in every
+scrape.
 """
 
 from __future__ import annotations
@@ -120,7 +121,19 @@ FAMILIES: tuple[Family, ...] = (
         "lines_delivered",
         "counter",
         "lines.delivered",
-        "Lines the sink confirmed written.",
+        "Lines the sink confirmed written, less those still in its spool.",
+    ),
+    _one(
+        "lines_confirmed",
+        "counter",
+        "lines.confirmed",
+        "Lines the sink confirmed (written, or in its spool).",
+    ),
+    _one(
+        "lines_spooled",
+        "gauge",
+        "lines.spooled",
+        "Lines the sink confirmed into its disk spool, not yet at its destination.",
     ),
     _one(
         "lines_queued",
@@ -132,8 +145,13 @@ FAMILIES: tuple[Family, ...] = (
         "lines_dropped",
         "counter",
         "Lines accepted and then lost, by reason: received = delivered + "
-        "queued + dropped.",
-        {"handler-failed": "lines.failed", "worker-lost": "lines.worker_lost"},
+        "queued + spooled + dropped.",
+        {
+            "handler-failed": "lines.failed",
+            "shutdown-timeout": "lines.dropped.shutdown_timeout",
+            "sink-failed": "lines.dropped.sink_failed",
+            "worker-lost": "lines.worker_lost",
+        },
         label="reason",
     ),
     Family(

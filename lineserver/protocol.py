@@ -43,7 +43,7 @@ from lineserver.connections import ConnectionRegistry, Refusal, Slot
 from lineserver.errors import ErrorCode, error_line
 from lineserver.flow import Pause, PauseGate
 from lineserver.framing import LF, LineFramer
-from lineserver.handlers import LineFailed
+from lineserver.handlers import IAcknowledging, LineFailed
 from lineserver.interfaces import IConnection, ILineHandler, ILineHandlerFactory
 from lineserver.session import (
     Abort,
@@ -164,6 +164,9 @@ class LineProtocol(LineReceiver):
         self._output_registered = False
         self._started = 0.0
         self.handler: ILineHandler | None = None
+        #: Steps of a close waiting for acknowledgements (C{--ack}).
+        self._after_acks: list[Callable[[], None]] | None = None
+        self._ack_wait: IDelayedCall | None = None
         self.gate = PauseGate(self._pause_transport, self._resume_transport)
 
     @override
@@ -215,7 +218,8 @@ class LineProtocol(LineReceiver):
         if counter is not None:
             self._stats.incr(counter)
         self.gate.hold(Pause.CLOSING)
-        self.sendLine(error_line(code, action.detail))
+        line = error_line(code, action.detail)
+        self._when_acknowledged(lambda: self.sendLine(line))
         if code == ErrorCode.LINE_TOO_LONG:
             self.lineLengthExceeded(b"")
 
@@ -265,6 +269,42 @@ class LineProtocol(LineReceiver):
         self.handler = self.factory.handler_factory(self)
 
     def _do_close(self, action: Close) -> None:
+        self._when_acknowledged(self._lose)
+
+    def _when_acknowledged(self, step: Callable[[], None]) -> None:
+        """
+        Run C{step} (the C{ERR} line, the close) once the lines handed to
+        an acknowledging handler (C{--ack}) are acknowledged, or after half
+        the close timeout, whichever comes first; the other half is left
+        for the client to read its last ACK and the C{ERR}.  Steps keep
+        their order.  Without C{--ack}, or with nothing to wait for, now.
+        """
+        pending = self._after_acks
+        if pending is not None:
+            pending.append(step)
+            return
+        handler = self.handler
+        waiter = handler.acknowledged() if IAcknowledging.providedBy(handler) else None
+        if waiter is None:
+            step()
+            return
+        self._after_acks = [step]
+        waiter.addCallback(lambda _: self._acknowledged())
+        self._ack_wait = self.factory.clock.callLater(
+            self.factory.settings.close_timeout / 2, self._acknowledged
+        )
+
+    def _acknowledged(self) -> None:
+        timer, self._ack_wait = self._ack_wait, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        steps, self._after_acks = self._after_acks, None
+        if steps is None or self.session.phase is Phase.CLOSED:
+            return
+        for step in steps:
+            step()
+
+    def _lose(self) -> None:
         # TLS sends its close_notify only once no producer is registered,
         # and then waits for the peer's: read (and drop) until it comes.
         if self._output_registered:
@@ -405,6 +445,10 @@ class LineProtocol(LineReceiver):
             if timer.active():
                 timer.cancel()
         self._timers.clear()
+        self._after_acks = None
+        if self._ack_wait is not None and self._ack_wait.active():
+            self._ack_wait.cancel()
+        self._ack_wait = None
         if handshaking:
             self._handshake_failed(reason)
         if pending:

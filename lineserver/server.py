@@ -39,7 +39,11 @@ from typing_extensions import override
 from lineserver.connections import ConnectionRegistry, Overflow
 from lineserver.fdlimits import DEFAULT_RESERVE
 from lineserver.flow import Pause, SinkQueue
-from lineserver.handlers import EchoHandlerFactory, SinkHandlerFactory
+from lineserver.handlers import (
+    AckSinkHandlerFactory,
+    EchoHandlerFactory,
+    SinkHandlerFactory,
+)
 from lineserver.interfaces import ILineHandlerFactory, ISinkFactory
 from lineserver.listener import ListenerService, PortBinder
 from lineserver.metrics import (
@@ -107,6 +111,10 @@ class ServerConfig:
     fd_reserve: int = DEFAULT_RESERVE
     backlog: int = 1024
     metrics: str | None = None
+    #: C{--ack}: acknowledge each connection's durable lines (sink mode).
+    ack: bool = False
+    #: C{--ack-interval}: seconds between repeats of a waiting ACK.
+    ack_interval: float = 2.0
 
 
 class Phase(Enum):
@@ -191,8 +199,13 @@ class LineServer(Supervisor):
         #: Allow list, tokens and TLS contexts; reading their files here
         #: makes a bad one fail the start, not a connection.
         self.security = Security(config.security)
+        handlers = build(self.queue)
+        if config.ack:
+            if build is not SinkHandlerFactory:
+                raise ValueError("ack=True needs the sink handler")
+            handlers = AckSinkHandlerFactory(self.queue, reactor, config.ack_interval)
         self.factory = LineFactory(
-            build(self.queue),
+            handlers,
             self.registry,
             reactor,
             config.settings,
@@ -472,8 +485,10 @@ class LineServer(Supervisor):
         timeout = self.config.shutdown_timeout
         deadline = self.reactor.seconds() + timeout
         log.info(
-            "stopping: {n} connection(s), {q} bytes queued; timeout {t}s",
+            "stopping: {n} connection(s), {lines} line(s) ({q} bytes) queued; "
+            "timeout {t}s",
             n=len(self.registry),
+            lines=self.queue.buffered_lines,
             q=self.queue.buffered,
             t=timeout,
         )
@@ -486,6 +501,7 @@ class LineServer(Supervisor):
         await self._drain_input(deadline)
         await self._flush_sink(deadline)
         await self._close_connections(deadline)
+        self._log_ledger()
         self.phase = Phase.STOPPED
         log.info(
             "stopped: {delivered} line(s) delivered",
@@ -529,6 +545,7 @@ class LineServer(Supervisor):
                     "no sink to flush to (it was being restarted)",
                     queued_lines(self.queue),
                 )
+                self._drop_unwritten(None, "sink_failed")
             return
         waited = max(0.0, deadline - self.reactor.seconds())
         stopping = self.stop_child(SINK)
@@ -542,6 +559,7 @@ class LineServer(Supervisor):
                 f"within {waited:.1f}s",
                 lines,
             )
+            self._drop_unwritten(service, "shutdown_timeout")
             return
         except Exception:
             log.failure(
@@ -554,6 +572,7 @@ class LineServer(Supervisor):
             self._report_unwritten(
                 f"sink {service.sink_factory.description} failed ({why})", lines
             )
+            self._drop_unwritten(service, "sink_failed")
 
     def _report_unwritten(self, why: str, lines: int) -> None:
         log.error(
@@ -561,6 +580,43 @@ class LineServer(Supervisor):
             why=why,
             lines=lines,
             size=self.queue.buffered,
+        )
+
+    def _drop_unwritten(self, service: SinkService | None, reason: str) -> None:
+        """
+        Lines the stop leaves behind leave the queue as dropped for
+        C{reason}, so the ledger (logged at the end of the stop) balances.
+        """
+        if service is not None:
+            service.drop_unwritten(reason)
+        else:
+            self.stats.incr(f"lines.dropped.{reason}", self.queue.drop_all())
+
+    def _log_ledger(self) -> None:
+        """
+        The loss ledger in lines, as the stop leaves it:
+        received = delivered + queued + spooled + dropped.
+        """
+        stats = self.stats.snapshot()
+        dropped = {
+            name.removeprefix("lines.dropped."): count
+            for name, count in sorted(stats.items())
+            if name.startswith("lines.dropped.") and count
+        }
+        failed = stats.get("lines.failed", 0)
+        if failed:
+            dropped["handler_failed"] = failed
+        log.info(
+            "ledger: {received} line(s) received = {delivered} delivered + "
+            "{queued} queued + {spooled} spooled + {dropped} dropped{why}",
+            received=stats.get("lines.received", 0),
+            delivered=stats.get("lines.delivered", 0),
+            queued=stats.get("queue.lines", 0),
+            spooled=stats.get("lines.spooled", 0),
+            dropped=sum(dropped.values()),
+            why=" (" + ", ".join(f"{k}: {v}" for k, v in dropped.items()) + ")"
+            if dropped
+            else "",
         )
 
     def _close_connections(self, deadline: float) -> Deferred[None]:

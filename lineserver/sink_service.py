@@ -32,10 +32,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from typing_extensions import override
 
-from lineserver.flow import SinkQueue
+from lineserver.flow import Batch, SinkQueue
 from lineserver.interfaces import ISink, ISinkFactory, ISupervisor
 from lineserver.outage import is_outage
-from lineserver.sinks import IPipelinedSink, IReopenable
+from lineserver.sinks import IPipelinedSink, IReopenable, ISpooled
 from lineserver.stats import Stats
 
 log = Logger(namespace="lineserver.sink")
@@ -61,14 +61,9 @@ def describe_failure(reason: Failure) -> str:
 def queued_lines(queue: SinkQueue) -> int:
     """
     @return: how many lines C{queue} holds (not counting a batch in
-        flight), leaving it exactly as it was.
+        flight).
     """
-    taken: list[tuple[list[bytes], int]] = []
-    while len(queue):
-        taken.append(queue.take(0))
-    for lines, cost in reversed(taken):
-        queue.give_back(lines, cost)
-    return sum(len(lines) for lines, _ in taken)
+    return queue.waiting_lines
 
 
 @dataclass(eq=False)
@@ -76,14 +71,18 @@ class _Batch:
     """
     A batch handed to the sink and not yet confirmed.
 
-    @ivar settled: given back to the queue (its outcome no longer counts).
+    @ivar settled: given back to the queue, or given up (its outcome no
+        longer counts).
     """
 
-    lines: list[bytes]
-    cost: int
+    taken: Batch
     settled: bool = False
     #: When it was handed to the sink (L{SinkService.timer}).
     started: float = 0.0
+
+    @property
+    def lines(self) -> list[bytes]:
+        return self.taken.lines
 
 
 def max_in_flight(sink: ISink | None) -> int:
@@ -138,14 +137,30 @@ class SinkService(Service):
         #: Log an outage (L{is_outage}) at debug level only: set by a
         #: supervisor that reports outages itself, at most every few seconds.
         self.quiet_outages = False
+        self._spooled = 0
+        # The ledger's view of this incarnation's sink (the newest service
+        # registers last): delivered = confirmed - still spooled.
+        self.stats.add_gauge("lines.spooled", lambda: self.spooled_lines)
+        self.stats.add_gauge(
+            "lines.delivered",
+            lambda: self.stats.get("lines.confirmed") - self.spooled_lines,
+        )
+
+    @property
+    def spooled_lines(self) -> int:
+        """
+        Lines the sink confirmed that are still in its spool (L{ISpooled}),
+        not yet at its destination; 0 for a sink without a spool.  Once the
+        sink is closed, the last value read.
+        """
+        sink = self.sink
+        if sink is not None and ISpooled.providedBy(sink):
+            self._spooled = int(sink.spooled_lines)
+        return self._spooled
 
     @property
     def _writing(self) -> bool:
         return bool(self._flight)
-
-    @property
-    def _in_flight(self) -> int:
-        return sum(len(batch.lines) for batch in self._flight)
 
     @override
     def startService(self) -> None:
@@ -195,15 +210,15 @@ class SinkService(Service):
         try:
             window = max_in_flight(self.sink)
             while self._open and len(self._flight) < window and not self._failed:
-                lines, cost = self.queue.take(self.max_batch_bytes)
-                if not lines:
+                taken = self.queue.take(self.max_batch_bytes)
+                if not taken.lines:
                     self.queue.when_ready(self._pump)
                     self._notify_idle()
                     return
-                batch = _Batch(lines, cost, started=self.timer())
+                batch = _Batch(taken, started=self.timer())
                 self._flight.append(batch)
                 assert self.sink is not None
-                written = maybeDeferred(self.sink.write, lines)
+                written = maybeDeferred(self.sink.write, taken.lines)
                 written.addCallbacks(
                     self._written,
                     self._write_failed,
@@ -214,11 +229,16 @@ class SinkService(Service):
             self._pumping = False
 
     def _written(self, _: object, batch: _Batch) -> None:
+        """
+        The one place where a batch's write completes: it leaves the queue
+        (its owners are acknowledged) and is counted as confirmed.
+        """
         if batch.settled:
+            self._ended_settled(batch)
             return
         self._flight.remove(batch)
-        self.queue.confirm(batch.cost)
-        self.stats.incr("lines.delivered", len(batch.lines))
+        self.stats.incr("lines.confirmed", len(batch.lines))
+        self.queue.confirm_batch(batch.taken)
         if self.on_written is not None:
             self.on_written(self.timer() - batch.started, len(batch.lines))
         if self._abandoned:
@@ -227,8 +247,18 @@ class SinkService(Service):
             return
         self._pump()
 
+    def _ended_settled(self, batch: _Batch) -> None:
+        """
+        A batch given back or given up has ended its write.
+        """
+        if batch in self._flight:
+            self._flight.remove(batch)
+            if self._abandoned and not self._writing:
+                self._close()
+
     def _write_failed(self, reason: Failure, batch: _Batch) -> None:
         if batch.settled:
+            self._ended_settled(batch)
             return
         # This batch and those sent after it go back, the last first, so
         # that the queue's front keeps their order.  Those sent before it
@@ -237,7 +267,7 @@ class SinkService(Service):
         index = self._flight.index(batch)
         for given in reversed(list(self._flight)[index:]):
             given.settled = True
-            self.queue.give_back(given.lines, given.cost)
+            self.queue.give_back_batch(given.taken)
             self._flight.pop()
         self._crash(reason, opening=False)
         if self._abandoned:
@@ -326,7 +356,23 @@ class SinkService(Service):
         @return: lines and bytes accepted for this sink and not confirmed
             written: those queued and the batch in flight.
         """
-        return queued_lines(self.queue) + self._in_flight, self.queue.buffered
+        return self.queue.buffered_lines, self.queue.buffered
+
+    def drop_unwritten(self, reason: str) -> int:
+        """
+        Give up every line queued or in flight (the server stops without
+        them), counting them as C{lines.dropped.<reason>} so that the
+        ledger still balances.  A batch in flight that the sink confirms
+        later stays counted as dropped.
+
+        @return: how many lines were dropped.
+        """
+        for batch in self._flight:
+            batch.settled = True
+        dropped = self.queue.drop_all()
+        if dropped:
+            self.stats.incr(f"lines.dropped.{reason}", dropped)
+        return dropped
 
     @override
     def stopService(self) -> Deferred[None]:

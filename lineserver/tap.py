@@ -344,16 +344,28 @@ class Options(usage.Options):
             "4G",
             "Most bytes of --spool files; at it, clients are paused.",
         ],
+        [
+            "ack-interval",
+            None,
+            "2",
+            "With --ack: seconds after which a connection whose lines wait is "
+            "sent its latest ACK again.",
+        ],
     ]
 
     optFlags: list[list[Any]] = [
         ["starttls", None, "Offer STARTTLS on plain ports (needs --tls-cert)."],
         ["require-tls", None, "Refuse every line sent before TLS is on."],
         [
+            "ack",
+            None,
+            "Send each connection ACK <n> once its first n lines are durable "
+            "by the sink's promise (sink mode; see docs/protocol.md).",
+        ],
+        [
             "quiet-connections",
             None,
-            "Do not log a line per closed connection (refusals are still "
-            "logged).",
+            "Do not log a line per closed connection (refusals are still logged).",
         ],
     ]
 
@@ -519,6 +531,12 @@ class Options(usage.Options):
             raise usage.UsageError(
                 "--control: not available with --workers above 1 yet"
             )
+        if self["ack"] and self["mode"] != "sink":
+            raise usage.UsageError(
+                f"--ack: only with --mode sink; --mode {self['mode']} has no "
+                "sink to acknowledge lines for"
+            )
+        self["ack-interval"] = _convert("ack-interval", self, _seconds, minimum=0.001)
 
     def _check_security(self) -> None:
         """
@@ -655,6 +673,8 @@ def config_from_options(options: Options) -> ServerConfig:
         security=security_from_options(options),
         fd_reserve=options["fd-reserve"],
         metrics=options["metrics"],
+        ack=bool(options["ack"]),
+        ack_interval=options["ack-interval"],
     )
 
 

@@ -9,7 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from lineserver.flow import Pause, PauseGate, SinkQueue
+from lineserver.flow import Batch, IAckOwner, Pause, PauseGate, SinkQueue
 
 
 class Switch:
@@ -215,3 +215,147 @@ class SinkQueueTests(SynchronousTestCase):
                 break
             got += lines
         self.assertEqual(got, sent)
+
+
+@implementer(IAckOwner)
+class Owner:
+    """
+    Records what the queue tells it, one entry per call.
+    """
+
+    def __init__(self) -> None:
+        self.told: list[int] = []
+
+    def lines_durable(self, count: int) -> None:
+        self.told.append(count)
+
+
+class OwnerTests(SynchronousTestCase):
+    """
+    A put may name whose lines they are; a confirmed batch tells each of
+    its owners once how many of its lines became durable.
+    """
+
+    def test_owner_is_told_once_per_batch(self) -> None:
+        one, two = Owner(), Owner()
+        queue = SinkQueue(1000, 100)
+        queue.put([b"a"], 2, one)
+        queue.put([b"b", b"c"], 4, two)
+        queue.put([b"d"], 2, one)
+        queue.put([b"e"], 2)  # no owner
+        batch = queue.take(1000)
+        self.assertEqual(batch, ([b"a", b"b", b"c", b"d", b"e"], 10))
+        self.assertEqual((one.told, two.told), ([], []))
+        queue.confirm_batch(batch)
+        self.assertEqual((one.told, two.told), ([2], [2]))
+        self.assertEqual((queue.buffered, queue.buffered_lines), (0, 0))
+
+    def test_count_given(self) -> None:
+        owner = Owner()
+        queue = SinkQueue(1000, 100)
+        queue.put([b"a", b"b"], 4, owner, count=1)
+        queue.confirm_batch(queue.take(100))
+        self.assertEqual(owner.told, [1])
+
+    def test_confirmed_out_of_order(self) -> None:
+        """
+        A later batch confirmed first tells its own owner, not the owner
+        of the oldest batch in flight.
+        """
+        first, second = Owner(), Owner()
+        queue = SinkQueue(1000, 100)
+        queue.put([b"a"], 2, first)
+        older = queue.take(1)
+        queue.put([b"b"], 2, second)
+        newer = queue.take(1)
+        queue.confirm_batch(newer)
+        self.assertEqual((first.told, second.told), ([], [1]))
+        self.assertEqual((queue.buffered, queue.buffered_lines), (2, 1))
+        queue.confirm_batch(older)
+        self.assertEqual((first.told, second.told), ([1], [1]))
+
+    def test_given_back_keeps_owners(self) -> None:
+        owner = Owner()
+        queue = SinkQueue(1000, 100)
+        queue.put([b"a"], 2, owner)
+        batch = queue.take(1)
+        queue.give_back_batch(batch)
+        self.assertEqual(queue.waiting_lines, 1)
+        queue.confirm_batch(queue.take(100))
+        self.assertEqual(owner.told, [1])
+        # The byte-count calls of older callers keep the owners too.
+        queue.put([b"b"], 2, owner)
+        lines, cost = queue.take(1)
+        queue.give_back(lines, cost)
+        queue.take(1)
+        queue.confirm(2)
+        self.assertEqual(owner.told, [1, 1])
+
+    def test_drop_all(self) -> None:
+        """
+        A stop that gives the sink up drops what is queued and in flight;
+        owners hear nothing (nothing became durable), and paused producers
+        resume.
+        """
+        owner, producer = Owner(), Producer()
+        queue = SinkQueue(4, 2)
+        queue.register(producer)
+        queue.put([b"a"], 2, owner)
+        queue.take(1)
+        queue.put([b"b", b"c"], 4, owner)
+        self.assertTrue(producer.paused)
+        self.assertEqual(queue.drop_all(), 3)
+        self.assertEqual(
+            (queue.buffered, queue.buffered_lines, queue.waiting_lines, len(queue)),
+            (0, 0, 0, 0),
+        )
+        self.assertFalse(producer.paused)
+        self.assertEqual(owner.told, [])
+
+    @given(
+        st.lists(
+            st.tuples(
+                st.sampled_from(["put", "take", "give_back", "confirm"]),
+                st.integers(min_value=0, max_value=3),
+                st.integers(min_value=1, max_value=4),
+            ),
+            max_size=60,
+        )
+    )
+    def test_owners_told_exactly_their_confirmed_lines(
+        self, ops: list[tuple[str, int, int]]
+    ) -> None:
+        """
+        Over any sequence of puts (by one of three owners, or none), takes,
+        give-backs and confirmations in any order: each owner is told at
+        most once per batch, the lines it is told of are exactly its lines
+        in confirmed batches, and the line counts always add up.
+        """
+        owners = [Owner(), Owner(), Owner()]
+        queue = SinkQueue(1 << 30, 1)
+        in_flight: list[Batch] = []
+        put = {id(o): 0 for o in owners}
+        confirmed = {id(o): 0 for o in owners}
+        for op, who, size in ops:
+            if op == "put":
+                owner = owners[who] if who < 3 else None
+                queue.put([b"x"] * size, size, owner)
+                if owner is not None:
+                    put[id(owner)] += size
+            elif op == "take" and len(queue):
+                in_flight.append(queue.take(size))
+            elif op == "give_back" and in_flight:
+                queue.give_back_batch(in_flight.pop())
+            elif op == "confirm" and in_flight:
+                batch = in_flight.pop(who % len(in_flight))
+                before = [len(o.told) for o in owners]
+                queue.confirm_batch(batch)
+                for index, told in enumerate(owners):
+                    self.assertLessEqual(len(told.told) - before[index], 1)
+                for whose, count in batch.owners or []:
+                    confirmed[id(whose)] += count
+            flying = sum(len(b.lines) for b in in_flight)
+            self.assertEqual(queue.buffered_lines, queue.waiting_lines + flying)
+        for owner in owners:
+            self.assertEqual(sum(owner.told), confirmed[id(owner)])
+            self.assertLessEqual(confirmed[id(owner)], put[id(owner)])

@@ -89,13 +89,14 @@ def total(samples: Samples, name: str) -> float:
 
 def ledger(samples: Samples) -> tuple[float, float]:
     """
-    @return: lines received, and lines delivered + queued + dropped: the
-        promise is that the two are equal in every scrape.
+    @return: lines received, and lines delivered + queued + spooled +
+        dropped: the promise is that the two are equal in every scrape.
     """
     received = value(samples, "lineserver_lines_received_total")
     accounted = (
         value(samples, "lineserver_lines_delivered_total")
         + value(samples, "lineserver_lines_queued")
+        + value(samples, "lineserver_lines_spooled")
         + total(samples, "lineserver_lines_dropped_total")
     )
     return received, accounted

@@ -66,7 +66,7 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 def ledger(samples: Samples) -> tuple[float, float]:
     """
-    @return: lines received, and delivered + queued + dropped.
+    @return: lines received, and delivered + queued + spooled + dropped.
     """
     dropped = sum(
         v for (n, _), v in samples.items() if n == "lineserver_lines_dropped_total"
@@ -74,6 +74,7 @@ def ledger(samples: Samples) -> tuple[float, float]:
     return value(samples, "lineserver_lines_received_total"), (
         value(samples, "lineserver_lines_delivered_total")
         + value(samples, "lineserver_lines_queued")
+        + value(samples, "lineserver_lines_spooled")
         + dropped
     )
 

@@ -15,7 +15,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from lineserver.flow import Pause, SinkQueue
+from lineserver.flow import IAckOwner, Pause, SinkQueue
 from lineserver.handlers import EchoHandler, SinkHandlerFactory
 from lineserver.interfaces import IConnection, ILineHandler, ISink, ISinkFactory
 from lineserver.protocol import ProtocolSettings
@@ -181,8 +181,13 @@ class SinkTests(ServerTestCase):
         peak = [0]
         put = queue.put
 
-        def tracking_put(lines: list[bytes], cost: int) -> None:
-            put(lines, cost)
+        def tracking_put(
+            lines: list[bytes],
+            cost: int,
+            owner: IAckOwner | None = None,
+            count: int | None = None,
+        ) -> None:
+            put(lines, cost, owner, count)
             peak[0] = max(peak[0], queue.buffered)
 
         queue.put = tracking_put  # type: ignore[method-assign]

@@ -267,12 +267,17 @@ class SpoolingSinkTests(SynchronousTestCase):
         self.assertEqual(sink.damaged_segments, 1)
         self.assertEqual(sink.dropped_bytes, torn.size - 1)
         self.successResultOf(sink.write([b"new"]))
-        self.assertEqual(sink.spooled_lines, 7)
+        # Only "new" is this process's: the six from before are not in its
+        # ledger, but they are in the spool, and they go first.
+        self.assertEqual(sink.spooled_lines, 1)
+        self.assertEqual(sink.recovered_waiting, 6)
+        self.assertEqual(sink.lines_in_spool, 7)
         self.assertEqual(
             self.inner.confirm_all(),
             [b"old 0", b"more 0", b"old 1", b"more 1", b"old 2", b"more 2", b"new"],
         )
         self.assertEqual(self.segments(), [])
+        self.assertEqual((sink.spooled_lines, sink.recovered_waiting), (0, 0))
 
     def test_full_spool_makes_writes_wait(self) -> None:
         """
@@ -368,8 +373,9 @@ class SpoolingSinkTests(SynchronousTestCase):
         self.assertNotEqual(self.segments(), [])
         self.inner.open_error = None
         again = self.opened()
-        self.assertEqual(again.spooled_lines, 1)
+        self.assertEqual((again.spooled_lines, again.recovered_waiting), (0, 1))
         self.assertEqual(self.inner.confirm_all(), [b"kept"])
+        self.assertEqual(again.lines_in_spool, 0)
 
 
 class OptionsTests(SynchronousTestCase):

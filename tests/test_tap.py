@@ -538,3 +538,31 @@ def read_exactly(fd: int, size: int, timeout: float) -> bytes:
             raise AssertionError(f"end of file after {data!r}")
         data += chunk
     return data
+
+
+class AckOptionTests(SynchronousTestCase):
+    """
+    C{--ack} and C{--ack-interval}.
+    """
+
+    def test_defaults(self) -> None:
+        config = config_from_options(parse())
+        self.assertEqual((config.ack, config.ack_interval), (False, 2.0))
+
+    def test_given(self) -> None:
+        config = config_from_options(parse("--ack", "--ack-interval", "0.5"))
+        self.assertEqual((config.ack, config.ack_interval), (True, 0.5))
+
+    def test_refused_with_echo(self) -> None:
+        """
+        Echo mode has no sink to acknowledge lines for: a usage error.
+        """
+        with self.assertRaises(usage.UsageError) as caught:
+            parse("--ack", "--mode", "echo")
+        self.assertIn("--ack: only with --mode sink", str(caught.exception))
+
+    def test_bad_interval(self) -> None:
+        for bad in ("0", "-1", "soon", "nan"):
+            with self.assertRaises(usage.UsageError, msg=bad) as caught:
+                parse("--ack", "--ack-interval", bad)
+            self.assertTrue(str(caught.exception).startswith("--ack-interval: "))

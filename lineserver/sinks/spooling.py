@@ -93,16 +93,28 @@ class SpoolingSink:
     """
     An L{ISink} that spools what its wrapped sink cannot take now.
 
-    @ivar spooled_lines: lines confirmed by this sink and not yet by the
-        wrapped one (L{ISpooled}); it counts lines found in the spool at
-        open too.
+    @ivar spooled_lines: lines this process confirmed by spooling them and
+        the wrapped sink has not confirmed yet (L{ISpooled}).  Lines found
+        in the spool at open are not among them: this process never
+        received them, so its ledger (received = delivered + queued +
+        spooled + dropped) must not count them.
     @ivar recovered_lines: lines found in the spool at open.
+    @ivar recovered_waiting: those of them not yet confirmed by the wrapped
+        sink (they are replayed first).
     @ivar replayed_lines: lines from the spool the wrapped sink confirmed.
     @ivar damaged_segments: segments whose damaged tail was cut at open.
     @ivar dropped_bytes: bytes cut off them.
     @ivar lost_lines: spooled lines found damaged when read back (the
         disk changed them after they were written); never expected.
     """
+
+    @property
+    def lines_in_spool(self) -> int:
+        """
+        Every line the spool holds for the wrapped sink, from before the
+        last open included.
+        """
+        return self.spooled_lines + self.recovered_waiting
 
     def __init__(
         self,
@@ -129,6 +141,7 @@ class SpoolingSink:
         self.spool_after = spool_after
         self.spooled_lines = 0
         self.recovered_lines = 0
+        self.recovered_waiting = 0
         self.replayed_lines = 0
         self.damaged_segments = 0
         self.dropped_bytes = 0
@@ -254,12 +267,12 @@ class SpoolingSink:
                 )
         await self._run(self._store.close)
         self._stop_pool()
-        if self.spooled_lines:
+        if self.lines_in_spool:
             log.info(
                 "spool {dir}: {lines} line(s) stay in the spool; they are sent "
                 "to {sink} first at the next start",
                 dir=self.directory,
-                lines=self.spooled_lines,
+                lines=self.lines_in_spool,
                 sink=self.inner_factory.description,
             )
 
@@ -299,7 +312,7 @@ class SpoolingSink:
         self.dropped_bytes = recovered.dropped_bytes
         self._records.extend(recovered.records)
         lines = sum(record.lines for record in recovered.records)
-        self.recovered_lines = self.spooled_lines = lines
+        self.recovered_lines = self.recovered_waiting = lines
         if lines:
             log.info(
                 "spool {dir}: {lines} line(s) in {records} record(s) from before "
@@ -550,7 +563,11 @@ class SpoolingSink:
         """
         done = [self._records.popleft() for _ in range(self._sent)]
         self._sent = 0
-        self.spooled_lines -= sum(record.lines for record in done)
+        settled = sum(record.lines for record in done)
+        # The spool is replayed in order: what was there at open goes first.
+        from_before = min(settled, self.recovered_waiting)
+        self.recovered_waiting -= from_before
+        self.spooled_lines -= settled - from_before
         ends: dict[int, int] = {}
         for record in done:
             ends[record.segment] = record.end
@@ -577,7 +594,7 @@ class SpoolingSink:
                 dir=self.directory,
                 sink=self.inner_factory.description,
                 seconds=self._clock.seconds() - self._down_since,
-                lines=self.spooled_lines,
+                lines=self.lines_in_spool,
             )
             self._down_since = None
         self._attempt = 0
@@ -656,7 +673,7 @@ class SpoolingSink:
                 sink=self.inner_factory.description,
                 what=what,
                 reason=why,
-                lines=self.spooled_lines,
+                lines=self.lines_in_spool,
                 size=self._disk_bytes,
                 max=self.max_bytes,
                 delay=delay,
