@@ -255,6 +255,11 @@ class SummedStats(Stats):
         sums = self.workers.totals()
         for name, value in own.items():
             sums[name] = sums.get(name, 0) + value
+        # A worker's delivered is a gauge (confirmed less still spooled),
+        # which would leave the sums with a dead worker; its parts do not.
+        sums["lines.delivered"] = sums.get("lines.confirmed", 0) - sums.get(
+            "lines.spooled", 0
+        )
         return sums
 
 
