@@ -32,6 +32,7 @@ from lineserver.server import DEFAULT_PORT, HANDLERS, LineServer, ServerConfig
 from lineserver.signals import HangupReload, LogReopen
 from lineserver.sinks import SinkURLError, sink_factory_from_url
 from lineserver.supervisor import ChildSpec
+from lineserver.systemd_sockets import missing_socket
 from lineserver.tls import (
     ReloadableServerTLS,
     TLSConfigError,
@@ -103,6 +104,9 @@ def check_endpoint(description: str, option: str = "--port") -> None:
     try:
         serverFromString(cast(Any, None), description)
     except Exception as error:
+        problem = missing_socket(description)
+        if problem is not None:
+            raise usage.UsageError(f"{option} {description}: {problem}") from None
         raise usage.UsageError(
             f"{option}: bad endpoint {description!r}: {error}"
         ) from None

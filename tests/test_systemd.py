@@ -42,6 +42,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from lineserver.listener import InheritedEndpoint
+from lineserver.systemd_sockets import missing_socket
 from tests.support import (
     TWISTD,
     Peer,
@@ -438,3 +439,116 @@ class InheritedEndpointTests(TestCase):
         self.assertEqual(self.inherited.getsockname()[1], self.port_number)
         # While nobody listens through Twisted, a client still connects.
         socket.create_connection(("127.0.0.1", self.port_number), timeout=5).close()
+
+
+class MissingSocketTests(SynchronousTestCase):
+    """
+    A C{systemd:} port with no such socket passed is a usage error that
+    says why, as a user running twistd meets it.
+    """
+
+    def usage_error(self, done: subprocess.CompletedProcess[str]) -> str:
+        output = done.stdout + done.stderr
+        self.assertEqual(done.returncode, 1, output)
+        self.assertNotIn("Traceback", output)
+        self.assertNotIn("out of range", output)
+        return [line for line in output.splitlines() if line.strip()][-1]
+
+    def test_twistd_without_systemd(self) -> None:
+        """
+        C{twistd -n lineserver --port systemd:domain=INET:index=0} run from
+        a shell: no socket was passed, and the message says so.
+        """
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
+        done = subprocess.run(
+            [
+                str(TWISTD),
+                "-n",
+                "--pidfile=",
+                "lineserver",
+                "--port",
+                "systemd:domain=INET:index=0",
+            ],
+            cwd=temp_dir(self),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        last = self.usage_error(done)
+        self.assertIn("--port systemd:domain=INET:index=0", last)
+        self.assertIn(
+            "no socket passed by systemd: LISTEN_FDS and LISTEN_PID are not set",
+            last,
+        )
+
+    def test_index_beyond_the_sockets_passed(self) -> None:
+        """
+        Under C{systemd-socket-activate} with one socket, C{index=1} is a
+        usage error saying one socket was passed; the process exits 1.
+        """
+        service = Activated(self, "--port", "systemd:domain=INET:index=1", replace=True)
+        # systemd-socket-activate starts the service on the first client.
+        with contextlib.suppress(OSError):
+            send_and_close(service.port, b"wake")
+        wait_until(lambda: service.proc.poll() is not None, "the exit", timeout=30)
+        # The service's output last: the activator's own lines come first.
+        done = subprocess.CompletedProcess(
+            [], service.proc.returncode, service.activate_log.read_text(), service.log()
+        )
+        last = self.usage_error(done)
+        self.assertIn(
+            "systemd passed 1 socket(s) (index 0 to 0); index=1 asks for the 2nd",
+            last,
+        )
+
+    def test_messages(self) -> None:
+        """
+        Each way of passing no such socket has its own message; a socket
+        that was passed, or a description that is not C{systemd:}, none.
+        """
+        pid = 4242
+        passed = {"LISTEN_PID": "4242", "LISTEN_FDS": "2", "LISTEN_FDNAMES": "a:b"}
+        cases: list[tuple[str, dict[str, str], str | None]] = [
+            ("tcp:4040", {}, None),
+            (
+                "systemd:domain=INET:index=0",
+                {},
+                "LISTEN_FDS and LISTEN_PID are not set",
+            ),
+            (
+                "haproxy:systemd:domain=INET:name=a",
+                {},
+                "LISTEN_FDS and LISTEN_PID are not set",
+            ),
+            (
+                "systemd:domain=INET:index=0",
+                {**passed, "LISTEN_PID": "1"},
+                "LISTEN_PID is 1, this process is 4242",
+            ),
+            (
+                "systemd:domain=INET:index=0",
+                {"LISTEN_PID": "4242", "LISTEN_FDS": "2"},
+                "LISTEN_FDNAMES=None",
+            ),
+            ("systemd:domain=INET:index=1", passed, None),
+            (
+                "systemd:domain=INET:index=2",
+                passed,
+                "systemd passed 2 socket(s) (index 0 to 1); index=2 asks for the 3rd",
+            ),
+            ("systemd:domain=INET:name=b", passed, None),
+            (
+                "systemd:domain=INET:name=c",
+                passed,
+                "systemd passed no socket named 'c' (FileDescriptorName=); "
+                "it passed 'a', 'b'",
+            ),
+        ]
+        for description, environ, expected in cases:
+            found = missing_socket(description, environ, pid)
+            if expected is None:
+                self.assertIsNone(found, description)
+            else:
+                self.assertIsNotNone(found, description)
+                self.assertIn(expected, str(found), (description, environ))
