@@ -33,11 +33,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
     IListeningPort,
     IProtocolFactory,
-    IStreamServerEndpoint,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
@@ -614,13 +612,6 @@ class ControlService(SupervisedPort):
     ) -> None:
         super().__init__(description, reactor, retry)
         self.target = target
-
-    @override
-    def _endpoint(self) -> IStreamServerEndpoint:
-        endpoint: IStreamServerEndpoint = serverFromString(
-            self.binder, self.description
-        )
-        return endpoint
 
     @override
     def _factory(self, stopped: Callable[[], None]) -> IProtocolFactory:

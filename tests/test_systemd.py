@@ -30,6 +30,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import Generator
 from functools import partial
@@ -51,6 +52,7 @@ from tests.support import (
     free_port,
     proxy_v1,
     reactor,
+    read_to_eof,
     temp_dir,
     wait_until,
 )
@@ -439,6 +441,94 @@ class InheritedEndpointTests(TestCase):
         self.assertEqual(self.inherited.getsockname()[1], self.port_number)
         # While nobody listens through Twisted, a client still connects.
         socket.create_connection(("127.0.0.1", self.port_number), timeout=5).close()
+
+
+#: Runs as the service under systemd-socket-activate: serves /metrics on
+#: the inherited socket (C{--metrics systemd:...}'s service), scrapes it,
+#: stops the service, starts it again and scrapes again; one line per run.
+RELISTEN_METRICS = r"""
+import sys
+from prometheus_client import CollectorRegistry, Counter
+from twisted.internet import defer, task
+from twisted.web.client import Agent, readBody
+from lineserver.metrics import MetricsService
+
+@defer.inlineCallbacks
+def main(reactor):
+    url = f"http://127.0.0.1:{sys.argv[1]}/metrics".encode()
+    registry = CollectorRegistry()
+    Counter("probe", "Proves the page is ours.", registry=registry).inc()
+    service = MetricsService("systemd:domain=INET:index=0", registry, reactor)
+    service.privilegedStartService()
+    for run in (1, 2):
+        service.startService()
+        yield service.when_listening()
+        response = yield Agent(reactor).request(b"GET", url)
+        body = yield readBody(response)
+        print(f"run {run}: {response.code} {b'probe_total 1.0' in body}", flush=True)
+        yield service.stopService()
+
+task.react(main)
+"""
+
+
+class InheritedMetricsTests(SynchronousTestCase):
+    def test_metrics_listen_again_after_a_stop(self) -> None:
+        """
+        The metrics service on an inherited socket (C{--metrics
+        systemd:domain=INET:index=0}) serves, stops, and serves again on
+        the same socket: it is built as line ports are, through
+        L{lineserver.listener.server_endpoint}.  (Built with Twisted's
+        C{serverFromString}, as it was, this test times out: Twisted's
+        endpoint closes the inherited descriptor once it adopted it.)
+        """
+        work = Path(temp_dir(self))
+        port = free_port()
+        out, err = work / "out.log", work / "err.log"
+        with open(out, "wb") as stdout, open(err, "wb") as stderr:
+            proc = subprocess.Popen(
+                [
+                    activate(),
+                    # Twisted takes inherited sockets only when named.
+                    "--fdname=metrics",
+                    "--listen",
+                    f"127.0.0.1:{port}",
+                    sys.executable,
+                    "-c",
+                    RELISTEN_METRICS,
+                    str(port),
+                ],
+                cwd=work,
+                stdout=stdout,
+                stderr=stderr,
+            )
+
+        def stop() -> None:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+
+        self.addCleanup(stop)
+        wait_until(
+            lambda: "Listening on" in err.read_text(),
+            "systemd-socket-activate to listen",
+            timeout=15,
+        )
+        # The first client starts the service, and is served by it.
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+            client.sendall(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+            answer = read_to_eof(client, timeout=30)
+        self.assertTrue(answer.startswith(b"HTTP/1.0 200 "), answer[:200])
+        self.assertIn(b"probe_total 1.0", answer)
+        wait_until(
+            lambda: proc.poll() is not None,
+            f"two runs (so far: {out.read_text()!r}, {err.read_text()[-2000:]!r})",
+            timeout=60,
+        )
+        self.assertEqual(proc.returncode, 0, err.read_text()[-3000:])
+        self.assertEqual(
+            out.read_text().splitlines(), ["run 1: 200 True", "run 2: 200 True"]
+        )
 
 
 class MissingSocketTests(SynchronousTestCase):
