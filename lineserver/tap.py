@@ -22,7 +22,8 @@ from twisted.python.failure import Failure
 from typing_extensions import override
 
 from lineserver.connections import OVERFLOW_CHOICES
-from lineserver.control import ControlService, ServerControl, control_defaults
+from lineserver.control.service import ControlService, control_defaults
+from lineserver.control.target import ServerControl
 from lineserver.fdlimits import DEFAULT_RESERVE
 from lineserver.logs import reopen_logs
 from lineserver.ports import EVERY_INTERFACE, port_number, with_defaults
