@@ -155,6 +155,12 @@ digraph supervision {
 lineserver.listener (one per --port)"];
     metrics [label="metrics <endpoint>\\nMetricsService, permanent\\n\
 lineserver.metrics (--metrics)"];
+    sighup [label="sighup\\nHangupReload, permanent\\n\
+lineserver.signals (twistd; reload)"];
+    sigusr1 [label="sigusr1\\nLogReopen, permanent\\n\
+lineserver.signals (twistd; reopen logs)"];
+    control [label="control <endpoint>\\nControlService, permanent\\n\
+lineserver.control.service (--control)"];
     connections [label="connections\\nConnectionRegistry, temporary\\n\
 lineserver.connections", style="rounded,dashed"];
     queue [label="SinkQueue\\nowned by LineServer,\\noutlives the sink",
@@ -162,6 +168,9 @@ lineserver.connections", style="rounded,dashed"];
     server -> sink;
     server -> listener;
     server -> metrics;
+    server -> sighup;
+    server -> sigusr1;
+    server -> control;
     server -> connections [style=dashed];
     listener -> connections [style=dotted, label="accepted"];
     connections -> queue [style=dotted, label="lines"];

@@ -21,7 +21,7 @@ import socket
 import sys
 from collections.abc import Sequence
 
-from lineserver.control import JSON_PREFIX
+from lineserver.control.commands import JSON_PREFIX
 
 EXIT_OK = 0
 EXIT_ERROR_ANSWER = 1

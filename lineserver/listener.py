@@ -370,7 +370,7 @@ class SupervisedPort(Service):
             )
 
     def _endpoint(self) -> IStreamServerEndpoint:
-        return self.endpoint or _endpoint(self.binder, self.description)
+        return self.endpoint or server_endpoint(self.binder, self.description)
 
     @override
     def startService(self) -> None:
@@ -588,11 +588,25 @@ def accept_backlog(port: IListeningPort) -> None:
             return
 
 
-def _endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
+def server_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
+    """
+    The one way lineserver turns a server endpoint description into an
+    endpoint, for line ports, C{--metrics} and C{--control} alike.
+
+    It is Twisted's C{serverFromString}, but for two kinds: a socket
+    inherited from systemd (C{systemd:...}) becomes an L{InheritedEndpoint},
+    which can listen again after a stop (Twisted's own closes the
+    descriptor after the first listen); and C{haproxy:} wraps the endpoint
+    this function builds for the rest of the description (so
+    C{haproxy:systemd:...} is inherited too) in our header-aware PROXY
+    layer.
+
+    @param reactor: the reactor, or the L{PortBinder} in front of it.
+    """
     if is_proxy_description(description):
         # The endpoint under the PROXY layer, built here: it may be systemd's.
         inner = description.split(":", 1)[1]
-        return proxy_endpoint(reactor, _endpoint(reactor, inner))
+        return proxy_endpoint(reactor, server_endpoint(reactor, inner))
     endpoint: IStreamServerEndpoint = serverFromString(reactor, description)
     if isinstance(endpoint, AdoptedStreamServerEndpoint):
         return InheritedEndpoint(reactor, endpoint.fileno, endpoint.addressFamily)

@@ -29,10 +29,11 @@ from twisted.logger import (
     ILogObserver,
     Logger,
     formatEventAsClassicLogText,
-    globalLogPublisher,
     jsonFileLogObserver,
 )
 from twisted.python.logfile import BaseLogFile
+
+from lineserver.twisted_internals import file_observer_output, global_log_observers
 
 log = Logger(namespace="lineserver.logs")
 
@@ -110,14 +111,14 @@ def text_logger() -> ILogObserver:
 
 def _twistd_log_files() -> list[BaseLogFile]:
     """
-    The files twistd's own C{--logfile} writes to (a L{BaseLogFile} behind
-    a L{FileLogObserver} on the global publisher).  Twisted offers no way
-    to ask for them, so this reads two private attributes, and finds
-    nothing if they change.
+    The files twistd's own C{--logfile} writes to: a L{BaseLogFile} (which
+    has a public C{reopen()}) behind a C{FileLogObserver} on the global
+    publisher.  Twisted offers no public way to reach them; the two
+    private names this takes are in L{lineserver.twisted_internals}.
     """
     found = []
-    for observer in getattr(globalLogPublisher, "_observers", []):
-        out = getattr(observer, "_outFile", None)
+    for observer in global_log_observers():
+        out = file_observer_output(observer)
         if isinstance(out, BaseLogFile):
             found.append(out)
     return found

@@ -31,11 +31,9 @@ from prometheus_client.core import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import CollectorRegistry
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
     IListeningPort,
     IProtocolFactory,
-    IStreamServerEndpoint,
 )
 from twisted.logger import Logger
 from twisted.web import http
@@ -544,13 +542,6 @@ class MetricsService(SupervisedPort):
     ) -> None:
         super().__init__(description, reactor, retry)
         self.registry = registry
-
-    @override
-    def _endpoint(self) -> IStreamServerEndpoint:
-        endpoint: IStreamServerEndpoint = serverFromString(
-            self.binder, self.description
-        )
-        return endpoint
 
     @override
     def _factory(self, stopped: Callable[[], None]) -> IProtocolFactory:

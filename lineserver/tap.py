@@ -23,7 +23,8 @@ from twisted.python.failure import Failure
 from typing_extensions import override
 
 from lineserver.connections import OVERFLOW_CHOICES
-from lineserver.control import ControlService, ServerControl, control_defaults
+from lineserver.control.service import ControlService, control_defaults
+from lineserver.control.target import ServerControl
 from lineserver.fdlimits import DEFAULT_RESERVE
 from lineserver.interfaces import ISinkFactory
 from lineserver.logs import reopen_logs
@@ -36,6 +37,7 @@ from lineserver.sinks import SinkURLError, sink_factory_from_url
 from lineserver.sinks.spooling import SpoolingSinkFactory
 from lineserver.stats import Stats
 from lineserver.supervisor import ChildSpec
+from lineserver.systemd_sockets import missing_socket
 from lineserver.tls import (
     ReloadableServerTLS,
     TLSConfigError,
@@ -108,6 +110,9 @@ def check_endpoint(description: str, option: str = "--port") -> None:
     try:
         serverFromString(cast(Any, None), description)
     except Exception as error:
+        problem = missing_socket(description)
+        if problem is not None:
+            raise usage.UsageError(f"{option} {description}: {problem}") from None
         raise usage.UsageError(
             f"{option}: bad endpoint {description!r}: {error}"
         ) from None

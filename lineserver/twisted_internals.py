@@ -21,6 +21,7 @@ from typing import Any
 # a --port without changing what it says, and to take an ssl: description
 # apart so that it listens with our reloadable TLS context.
 from twisted.internet.endpoints import _parse
+from twisted.logger import FileLogObserver, globalLogPublisher
 
 # The PROXY protocol wrapper and its factory live in a private module; the
 # public twisted.protocols.haproxy exports only proxyEndpoint(), which
@@ -35,6 +36,8 @@ from twisted.protocols.haproxy._wrapper import (
 __all__ = [
     "HAProxyProtocolWrapper",
     "HAProxyWrappingFactory",
+    "file_observer_output",
+    "global_log_observers",
     "listening_socket",
     "parse_endpoint_description",
     "proxy_header_received",
@@ -86,3 +89,30 @@ def replace_listening_socket(port: Any, stand_in: Any) -> None:
     real socket when it started listening.
     """
     port.socket = stand_in
+
+
+def global_log_observers() -> list[Any]:
+    """
+    The observers on Twisted's global log publisher.
+
+    C{LogPublisher} keeps them in C{_observers} and has no public way to
+    list them.  We need them to find the file behind twistd's own
+    C{--logfile} (see L{file_observer_output}), which twistd opens and
+    keeps to itself; that file is what SIGUSR1 must reopen after logrotate
+    renamed it.  Empty if the attribute is gone (the test says so by name).
+    """
+    return list(getattr(globalLogPublisher, "_observers", []))
+
+
+def file_observer_output(observer: Any) -> Any | None:
+    """
+    The file a C{twisted.logger.FileLogObserver} writes to (its
+    C{_outFile}), or None for any other observer.
+
+    twistd's C{--logfile} is a C{FileLogObserver} over a
+    C{twisted.python.logfile.LogFile}, whose public C{reopen()} is what we
+    call; the observer has no public way to name its file.
+    """
+    if not isinstance(observer, FileLogObserver):
+        return None
+    return getattr(observer, "_outFile", None)

@@ -51,7 +51,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from typing_extensions import override
 
-from lineserver.listener import DEFAULT_LISTEN_RETRY, PortBinder, _endpoint
+from lineserver.listener import DEFAULT_LISTEN_RETRY, PortBinder, server_endpoint
 from lineserver.logs import reopen_logs
 from lineserver.metrics import RESTARTS_PREFIX
 from lineserver.ports import port_number, with_defaults
@@ -748,8 +748,8 @@ def _plain_endpoint(binder: PortBinder, description: str) -> Any:
     from lineserver.tls import is_ssl_description, split_ssl_description
 
     if is_ssl_description(description):
-        return _endpoint(binder, split_ssl_description(description).plain)
-    return _endpoint(binder, description)
+        return server_endpoint(binder, split_ssl_description(description).plain)
+    return server_endpoint(binder, description)
 
 
 def worker_parent(options: Any, reactor: Any) -> WorkerParent:

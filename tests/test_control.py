@@ -30,20 +30,12 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from lineserver.connections import LIMIT_REASON, ConnectionRegistry
-from lineserver.control import (
-    COMMANDS,
-    Answer,
-    Command,
-    CommandError,
-    ConnectionInfo,
-    ControlFactory,
-    IControlTarget,
-    ServerControl,
-    ServerInfo,
-    control_defaults,
-    dispatch,
-    parse,
-)
+from lineserver.control.answers import Answer, ConnectionInfo, ServerInfo
+from lineserver.control.commands import COMMANDS, Command, CommandError, parse
+from lineserver.control.dispatch import IControlTarget, dispatch
+from lineserver.control.protocol import ControlFactory
+from lineserver.control.service import control_defaults
+from lineserver.control.target import ServerControl
 from lineserver.ctl import is_error
 from lineserver.flow import PauseGate
 from lineserver.handlers import EchoHandlerFactory

@@ -82,6 +82,26 @@ class ControlTwistdTests(SynchronousTestCase):
         self.assertIn(f"pid: {server.pid}", self.ok("show info"))
         self.assertIsNone(server.proc.poll())
 
+    def test_socket_left_by_a_killed_server(self) -> None:
+        """
+        A server killed with SIGKILL leaves its socket file behind; the
+        next server with the same C{--control} takes the path over by
+        itself (Twisted's C{unix:} endpoint keeps C{PATH.lock}, naming the
+        owner's pid, unless C{lockfile=0}) and answers there.
+        """
+        first = self.start()
+        first.kill()
+        self.assertTrue(stat.S_ISSOCK(os.stat(self.socket).st_mode))
+        second = ServerProcess(temp_dir(self), "--control", f"unix:{self.socket}")
+        self.addCleanup(second.stop)
+        second.wait_listening()
+        wait_until(
+            lambda: "control socket on" in second.log(),
+            "the control socket taken over",
+            timeout=30,
+        )
+        self.assertIn(f"pid: {second.pid}", self.ok("show info"))
+
     def test_unreachable_socket(self) -> None:
         """
         No server at the path: exit status 2 and a message on stderr.

@@ -167,8 +167,8 @@ class DrawingTests(SynchronousTestCase):
         Each class the supervision tree drawing names is in the module it
         names.
         """
-        named = re.findall(r"\\n(\w+), \w+\\n(lineserver\.\w+)", SUPERVISION_DOT)
-        self.assertEqual(len(named), 5)
+        named = re.findall(r"\\n(\w+), \w+\\n(lineserver[.\w]+)", SUPERVISION_DOT)
+        self.assertEqual(len(named), 8)
         for name, module in named:
             self.assertTrue(
                 hasattr(importlib.import_module(module), name), f"{module}.{name}"

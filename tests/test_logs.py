@@ -248,6 +248,48 @@ class JSONLogTests(SynchronousTestCase):
             [e["peer"] for e in close_events(rotated)], [f"127.0.0.1:{first}"]
         )
 
+    def test_twistd_logfile_sigusr1_after_rename(self) -> None:
+        """
+        twistd's own C{--logfile} renamed (as logrotate does), SIGUSR1 makes
+        the server write to a new file of the same name, which says what it
+        reopened; the renamed file keeps what came before, and is not
+        renamed again by twistd's own SIGUSR1 rotation.
+        """
+        log = Path(self.dir, "twistd.log")
+        proc = self.run_server(
+            [
+                str(TWISTD),
+                "-n",
+                "--pidfile=",
+                f"--logfile={log}",
+                "lineserver",
+                "--port",
+                f"tcp:{self.port}:interface=127.0.0.1",
+            ],
+            {},
+        )
+
+        def listening() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"exited with {proc.returncode}")
+            return log.exists() and "listening on tcp:" in log.read_text()
+
+        wait_until(listening, "the server listening", timeout=20)
+        first = self.client(b"alpha\nbeta\n")
+        wait_until(lambda: f"127.0.0.1:{first}" in log.read_text(), "the first close")
+        rotated = Path(self.dir, "twistd.log.rotated")
+        log.rename(rotated)
+        os.kill(proc.pid, signal.SIGUSR1)
+        wait_until(log.exists, "a new log file", timeout=20)
+        wait_until(lambda: str(log) in log.read_text(), "the reopened line")
+        self.assertIn("reopened", log.read_text())
+        second = self.client(b"alpha\nbeta\n")
+        wait_until(lambda: f"127.0.0.1:{second}" in log.read_text(), "the second close")
+        self.assertNotIn(f"127.0.0.1:{second}", rotated.read_text())
+        self.assertIn(f"127.0.0.1:{first}", rotated.read_text())
+        self.assertFalse(Path(self.dir, "twistd.log.1").exists())
+        self.assertIsNone(proc.poll())
+
     def test_twist_log_format_json(self) -> None:
         """
         C{twist --log-format=json --log-file=FILE lineserver ...} runs our

@@ -30,6 +30,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import Generator
 from functools import partial
@@ -42,6 +43,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from lineserver.listener import InheritedEndpoint
+from lineserver.systemd_sockets import missing_socket
 from tests.support import (
     TWISTD,
     Peer,
@@ -50,6 +52,7 @@ from tests.support import (
     free_port,
     proxy_v1,
     reactor,
+    read_to_eof,
     temp_dir,
     wait_until,
 )
@@ -438,3 +441,204 @@ class InheritedEndpointTests(TestCase):
         self.assertEqual(self.inherited.getsockname()[1], self.port_number)
         # While nobody listens through Twisted, a client still connects.
         socket.create_connection(("127.0.0.1", self.port_number), timeout=5).close()
+
+
+#: Runs as the service under systemd-socket-activate: serves /metrics on
+#: the inherited socket (C{--metrics systemd:...}'s service), scrapes it,
+#: stops the service, starts it again and scrapes again; one line per run.
+RELISTEN_METRICS = r"""
+import sys
+from prometheus_client import CollectorRegistry, Counter
+from twisted.internet import defer, task
+from twisted.web.client import Agent, readBody
+from lineserver.metrics import MetricsService
+
+@defer.inlineCallbacks
+def main(reactor):
+    url = f"http://127.0.0.1:{sys.argv[1]}/metrics".encode()
+    registry = CollectorRegistry()
+    Counter("probe", "Proves the page is ours.", registry=registry).inc()
+    service = MetricsService("systemd:domain=INET:index=0", registry, reactor)
+    service.privilegedStartService()
+    for run in (1, 2):
+        service.startService()
+        yield service.when_listening()
+        response = yield Agent(reactor).request(b"GET", url)
+        body = yield readBody(response)
+        print(f"run {run}: {response.code} {b'probe_total 1.0' in body}", flush=True)
+        yield service.stopService()
+
+task.react(main)
+"""
+
+
+class InheritedMetricsTests(SynchronousTestCase):
+    def test_metrics_listen_again_after_a_stop(self) -> None:
+        """
+        The metrics service on an inherited socket (C{--metrics
+        systemd:domain=INET:index=0}) serves, stops, and serves again on
+        the same socket: it is built as line ports are, through
+        L{lineserver.listener.server_endpoint}.  (Built with Twisted's
+        C{serverFromString}, as it was, this test times out: Twisted's
+        endpoint closes the inherited descriptor once it adopted it.)
+        """
+        work = Path(temp_dir(self))
+        port = free_port()
+        out, err = work / "out.log", work / "err.log"
+        with open(out, "wb") as stdout, open(err, "wb") as stderr:
+            proc = subprocess.Popen(
+                [
+                    activate(),
+                    # Twisted takes inherited sockets only when named.
+                    "--fdname=metrics",
+                    "--listen",
+                    f"127.0.0.1:{port}",
+                    sys.executable,
+                    "-c",
+                    RELISTEN_METRICS,
+                    str(port),
+                ],
+                cwd=work,
+                stdout=stdout,
+                stderr=stderr,
+            )
+
+        def stop() -> None:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+
+        self.addCleanup(stop)
+        wait_until(
+            lambda: "Listening on" in err.read_text(),
+            "systemd-socket-activate to listen",
+            timeout=15,
+        )
+        # The first client starts the service, and is served by it.
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+            client.sendall(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+            answer = read_to_eof(client, timeout=30)
+        self.assertTrue(answer.startswith(b"HTTP/1.0 200 "), answer[:200])
+        self.assertIn(b"probe_total 1.0", answer)
+        wait_until(
+            lambda: proc.poll() is not None,
+            f"two runs (so far: {out.read_text()!r}, {err.read_text()[-2000:]!r})",
+            timeout=60,
+        )
+        self.assertEqual(proc.returncode, 0, err.read_text()[-3000:])
+        self.assertEqual(
+            out.read_text().splitlines(), ["run 1: 200 True", "run 2: 200 True"]
+        )
+
+
+class MissingSocketTests(SynchronousTestCase):
+    """
+    A C{systemd:} port with no such socket passed is a usage error that
+    says why, as a user running twistd meets it.
+    """
+
+    def usage_error(self, done: subprocess.CompletedProcess[str]) -> str:
+        output = done.stdout + done.stderr
+        self.assertEqual(done.returncode, 1, output)
+        self.assertNotIn("Traceback", output)
+        self.assertNotIn("out of range", output)
+        return [line for line in output.splitlines() if line.strip()][-1]
+
+    def test_twistd_without_systemd(self) -> None:
+        """
+        C{twistd -n lineserver --port systemd:domain=INET:index=0} run from
+        a shell: no socket was passed, and the message says so.
+        """
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
+        done = subprocess.run(
+            [
+                str(TWISTD),
+                "-n",
+                "--pidfile=",
+                "lineserver",
+                "--port",
+                "systemd:domain=INET:index=0",
+            ],
+            cwd=temp_dir(self),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        last = self.usage_error(done)
+        self.assertIn("--port systemd:domain=INET:index=0", last)
+        self.assertIn(
+            "no socket passed by systemd: LISTEN_FDS and LISTEN_PID are not set",
+            last,
+        )
+
+    def test_index_beyond_the_sockets_passed(self) -> None:
+        """
+        Under C{systemd-socket-activate} with one socket, C{index=1} is a
+        usage error saying one socket was passed; the process exits 1.
+        """
+        service = Activated(self, "--port", "systemd:domain=INET:index=1", replace=True)
+        # systemd-socket-activate starts the service on the first client.
+        with contextlib.suppress(OSError):
+            send_and_close(service.port, b"wake")
+        wait_until(lambda: service.proc.poll() is not None, "the exit", timeout=30)
+        # The service's output last: the activator's own lines come first.
+        done = subprocess.CompletedProcess(
+            [], service.proc.returncode, service.activate_log.read_text(), service.log()
+        )
+        last = self.usage_error(done)
+        self.assertIn(
+            "systemd passed 1 socket(s) (index 0 to 0); index=1 asks for the 2nd",
+            last,
+        )
+
+    def test_messages(self) -> None:
+        """
+        Each way of passing no such socket has its own message; a socket
+        that was passed, or a description that is not C{systemd:}, none.
+        """
+        pid = 4242
+        passed = {"LISTEN_PID": "4242", "LISTEN_FDS": "2", "LISTEN_FDNAMES": "a:b"}
+        cases: list[tuple[str, dict[str, str], str | None]] = [
+            ("tcp:4040", {}, None),
+            (
+                "systemd:domain=INET:index=0",
+                {},
+                "LISTEN_FDS and LISTEN_PID are not set",
+            ),
+            (
+                "haproxy:systemd:domain=INET:name=a",
+                {},
+                "LISTEN_FDS and LISTEN_PID are not set",
+            ),
+            (
+                "systemd:domain=INET:index=0",
+                {**passed, "LISTEN_PID": "1"},
+                "LISTEN_PID is 1, this process is 4242",
+            ),
+            (
+                "systemd:domain=INET:index=0",
+                {"LISTEN_PID": "4242", "LISTEN_FDS": "2"},
+                "LISTEN_FDNAMES=None",
+            ),
+            ("systemd:domain=INET:index=1", passed, None),
+            (
+                "systemd:domain=INET:index=2",
+                passed,
+                "systemd passed 2 socket(s) (index 0 to 1); index=2 asks for the 3rd",
+            ),
+            ("systemd:domain=INET:name=b", passed, None),
+            (
+                "systemd:domain=INET:name=c",
+                passed,
+                "systemd passed no socket named 'c' (FileDescriptorName=); "
+                "it passed 'a', 'b'",
+            ),
+        ]
+        for description, environ, expected in cases:
+            found = missing_socket(description, environ, pid)
+            if expected is None:
+                self.assertIsNone(found, description)
+            else:
+                self.assertIsNotNone(found, description)
+                self.assertIn(expected, str(found), (description, environ))

@@ -18,12 +18,13 @@ import importlib
 import os
 import socket
 from collections.abc import Generator
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
+from twisted.logger import ILogObserver
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -230,3 +231,56 @@ class ListeningSocketTests(TestCase):
             return connected
 
         return self.check_port(port, connect_unix)
+
+
+class LogObserverTests(SynchronousTestCase):
+    """
+    twistd's C{--logfile} is found through the global publisher's
+    observers and the file behind a C{FileLogObserver}, so that SIGUSR1
+    can reopen it (L{lineserver.logs.reopen_logs}).
+    """
+
+    def test_global_log_observers(self) -> None:
+        """
+        An observer added to the global publisher is among
+        C{globalLogPublisher._observers}, and gone once removed.
+        """
+        from twisted.logger import globalLogPublisher
+
+        from lineserver.twisted_internals import global_log_observers
+
+        message = (
+            "LogPublisher._observers no longer lists the global observers; "
+            "SIGUSR1 cannot find twistd's --logfile to reopen it"
+        )
+        self.assertTrue(hasattr(globalLogPublisher, "_observers"), message)
+        seen: list[object] = []
+        observer = cast(ILogObserver, seen.append)
+        globalLogPublisher.addObserver(observer)
+        try:
+            self.assertIn(observer, global_log_observers(), message)
+        finally:
+            globalLogPublisher.removeObserver(observer)
+        self.assertNotIn(observer, global_log_observers(), message)
+
+    def test_file_observer_output(self) -> None:
+        """
+        C{textFileLogObserver(LogFile)}, as twistd builds its C{--logfile}
+        observer, keeps the L{LogFile} in C{_outFile}; other observers
+        have no file.
+        """
+        from twisted.logger import textFileLogObserver
+        from twisted.python.logfile import LogFile
+
+        from lineserver.twisted_internals import file_observer_output
+
+        log_file = LogFile.fromFullPath(os.path.join(temp_dir(self), "twistd.log"))
+        self.addCleanup(log_file.close)
+        observer = textFileLogObserver(log_file)
+        self.assertIs(
+            file_observer_output(observer),
+            log_file,
+            "FileLogObserver._outFile is no longer the file it writes to; "
+            "SIGUSR1 cannot reopen twistd's --logfile",
+        )
+        self.assertIsNone(file_observer_output(lambda event: None))
