@@ -28,9 +28,11 @@ from twisted.internet.interfaces import (
     IAddress,
     IOpenSSLClientConnectionCreator,
     IPushProducer,
+    ISSLTransport,
 )
 from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineOnlyReceiver
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -211,6 +213,16 @@ class SendWindow:
         The unacknowledged lines, in order.
         """
         return list(self._pending)
+
+
+def is_tls(transport: object) -> bool:
+    """
+    Is this transport TLS (at connect, or after C{startTLS})?  Its close
+    is then TLS's own half-close: close_notify, then read to the end.
+    """
+    return isinstance(transport, TLSMemoryBIOProtocol) or ISSLTransport.providedBy(
+        transport
+    )
 
 
 class LineSenderProtocol(LineOnlyReceiver):

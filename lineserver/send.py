@@ -29,7 +29,6 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, clientFromString, wrapClientTLS
 from twisted.internet.interfaces import (
     IDelayedCall,
-    ISSLTransport,
     IStreamClientEndpoint,
 )
 from twisted.internet.ssl import (
@@ -39,11 +38,16 @@ from twisted.internet.ssl import (
     platformTrust,
 )
 from twisted.internet.threads import deferToThread
-from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from lineserver.client import LineSenderProtocol, Reply, Sender, SenderFactory
+from lineserver.client import (
+    LineSenderProtocol,
+    Reply,
+    Sender,
+    SenderFactory,
+    is_tls,
+)
 
 #: Endpoint types that make the target a Twisted endpoint string rather
 #: than HOST:PORT.
@@ -156,12 +160,6 @@ def split_host_port(target: str) -> tuple[str, int]:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return host, int(port)
-
-
-def is_tls(transport: object) -> bool:
-    return isinstance(transport, TLSMemoryBIOProtocol) or ISSLTransport.providedBy(
-        transport
-    )
 
 
 def is_endpoint_string(target: str) -> bool:
