@@ -23,15 +23,17 @@ from lineserver.interfaces import ISink
 from lineserver.sinks import IPipelinedSink, SinkURLError, sink_factory_from_url
 from lineserver.sinks.relay import RelaySink
 from tests.ack_peer import AckPeer, peer_cleanup
+from tests.certs import CLIENT_CN, make_pki
 from tests.support import (
     ServerProcess,
     eventually,
+    free_port,
     later,
     reactor,
     temp_dir,
     wait_until,
 )
-from tests.test_send import SEND, lines_file
+from tests.test_send import SEND, lines_file, send_process
 
 
 class RelayURLTests(SynchronousTestCase):
@@ -257,3 +259,53 @@ class RelayChainTests(ChainCase):
         # arrived, after the restart.
         self.assertEqual(arrived[-1000:], lines[-1000:])
         self.assertLess(lost, len(lines) // 2)
+
+
+class RelayTLSTests(SynchronousTestCase):
+    def test_tls_with_client_certificate(self) -> None:
+        """
+        C{--sink tls:...} to a downstream C{ssl:} port that requires a
+        client certificate: the relay verifies the downstream against
+        C{trustRoots} and presents its own certificate.
+        """
+        directory = Path(temp_dir(self))
+        pki = make_pki(directory / "pki")
+        roots = directory / "roots"
+        roots.mkdir()
+        (roots / "ca.pem").write_bytes(pki.ca_cert.read_bytes())
+        out = directory / "downstream.log"
+        port = free_port()
+        (directory / "down").mkdir()
+        downstream = ServerProcess(
+            str(directory / "down"),
+            "--sink",
+            f"file:{out}",
+            "--tls-client-ca",
+            str(pki.ca_cert),
+            port=port,
+            listen=(
+                f"ssl:{port}:privateKey={pki.server_key}:"
+                f"certKey={pki.server_cert}:interface=127.0.0.1"
+            ),
+        )
+        self.addCleanup(downstream.kill)
+        downstream.wait_listening()
+        (directory / "up").mkdir()
+        upstream = ServerProcess(
+            str(directory / "up"),
+            "--sink",
+            f"tls:localhost:{port}:trustRoots={roots}:certificate={pki.client_cert}"
+            f":privateKey={pki.client_key}?ack=no",
+        )
+        self.addCleanup(upstream.kill)
+        upstream.wait_listening()
+        source, lines = lines_file(str(directory), 20_000)
+        result = send_process(f"127.0.0.1:{upstream.port}", str(source))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        wait_until(
+            lambda: out.exists() and out.read_bytes().count(b"\n") >= len(lines),
+            "every line downstream",
+            60,
+        )
+        self.assertEqual(out.read_bytes().splitlines(), lines)
+        self.assertIn(f"CN={CLIENT_CN}", downstream.log())
