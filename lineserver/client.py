@@ -27,8 +27,11 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import (
     IAddress,
     IOpenSSLClientConnectionCreator,
+    IProtocol,
+    IProtocolFactory,
     IPushProducer,
     ISSLTransport,
+    IStreamClientEndpoint,
 )
 from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineOnlyReceiver
@@ -293,6 +296,9 @@ class SenderFactory(Factory):
     Builds L{LineSenderProtocol}s that all report to one owner.
     """
 
+    # Not a "Starting factory" log line for every reconnect attempt.
+    noisy = False
+
     def __init__(self, owner: SenderOwner) -> None:
         self.owner = owner
 
@@ -464,3 +470,25 @@ class Sender(SenderOwner):
 
     def stopProducing(self) -> None:
         self.paused = True
+
+
+@implementer(IStreamClientEndpoint)
+class ReportingEndpoint:
+    """
+    An endpoint that tells C{on_failure} why a connection attempt failed
+    (C{ClientService} retries silently), so that its owner can say it.
+    """
+
+    def __init__(
+        self, endpoint: IStreamClientEndpoint, on_failure: Callable[[Failure], None]
+    ) -> None:
+        self.endpoint = endpoint
+        self.on_failure = on_failure
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:  # noqa: N803
+        def failed(reason: Failure) -> Failure:
+            self.on_failure(reason)
+            return reason
+
+        connecting: Deferred[IProtocol] = self.endpoint.connect(protocolFactory)
+        return connecting.addErrback(failed)

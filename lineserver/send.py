@@ -44,6 +44,7 @@ from twisted.python.failure import Failure
 from lineserver.client import (
     LineSenderProtocol,
     Reply,
+    ReportingEndpoint,
     Sender,
     SenderFactory,
     is_tls,
@@ -292,7 +293,7 @@ class SendRun:
         self.sender.on_room = self._pump
         self.sender.on_error = self._error
         self.service = ClientService(
-            endpoint,
+            ReportingEndpoint(endpoint, self._connect_failed),
             _Factory(self),
             retryPolicy=backoffPolicy(
                 initialDelay=0.1, maxDelay=options["max-retry-delay"]
@@ -305,6 +306,7 @@ class SendRun:
         self._pumping = False
         self._finishing = False
         self._give_up: IDelayedCall | None = None
+        self.last_failure: str | None = None
         self._drain: IDelayedCall | None = None
 
     def start(self) -> Deferred[int]:
@@ -358,11 +360,19 @@ class SendRun:
     def _no_progress(self) -> None:
         window = self.sender.window
         what = "acknowledged" if self.ack else "written"
+        why = (
+            f" (last connection attempt: {self.last_failure})"
+            if self.last_failure and self.sender.protocol is None
+            else ""
+        )
         self._finish(
             1,
             f"no progress for {self.options['give-up']:g} seconds; giving up "
-            f"with {window.acknowledged} of {window.taken} lines {what}",
+            f"with {window.acknowledged} of {window.taken} lines {what}{why}",
         )
+
+    def _connect_failed(self, reason: Failure) -> None:
+        self.last_failure = reason.getErrorMessage()
 
     def _error(self, reply: Reply) -> None:
         text = f"ERR {reply.code}" + (f" {reply.detail}" if reply.detail else "")

@@ -8,7 +8,11 @@ or go away and come back on the same port (a restart).
 
 It records what a real server would have made durable: C{acknowledged}
 is the concatenation, over connections, of the lines it acknowledged;
-C{received} is every line read, duplicates included.
+C{received} is every line read, duplicates included.  A dropped connection
+is aborted, which throws away the ACKs still in its write buffer, as a
+reset does: the client never saw them and sends those lines again, so
+after a drop C{acknowledged} may hold a line twice (at least once, as
+with a real server); L{first_arrivals} is then the stream as it arrived.
 """
 
 from __future__ import annotations
@@ -146,3 +150,16 @@ class AckPeer:
 
 def peer_cleanup(peer: AckPeer) -> Any:
     return Deferred.fromCoroutine(peer.stop())
+
+
+def first_arrivals(lines: list[bytes]) -> list[bytes]:
+    """
+    @return: C{lines} without repeats, each at its first place.
+    """
+    seen: set[bytes] = set()
+    first: list[bytes] = []
+    for line in lines:
+        if line not in seen:
+            seen.add(line)
+            first.append(line)
+    return first

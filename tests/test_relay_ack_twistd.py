@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 
+from tests.ack_peer import first_arrivals
 from tests.test_relay import ChainCase
 from tests.test_send import lines_file, send_process
 
@@ -61,13 +62,7 @@ class RelayAckChainTests(ChainCase):
         self.assertEqual(missing, [])
         self.assertEqual(set(counts), set(lines))
         # First arrivals keep the order sent.
-        seen: set[bytes] = set()
-        first: list[bytes] = []
-        for line in arrived:
-            if line not in seen:
-                seen.add(line)
-                first.append(line)
-        self.assertEqual(first, lines)
+        self.assertEqual(first_arrivals(arrived), lines)
 
     def test_sender_survives_downstream_outage(self) -> None:
         """

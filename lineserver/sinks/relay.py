@@ -42,6 +42,7 @@ from lineserver.client import (
     LineSenderProtocol,
     ProtocolViolation,
     Reply,
+    ReportingEndpoint,
     Sender,
     SenderFactory,
     is_tls,
@@ -54,6 +55,9 @@ log = Logger(namespace="lineserver.sink.relay")
 #: Batches awaiting their ACK at once (with ack=yes): the round trip to the
 #: downstream is paid once for several batches.
 ACK_IN_FLIGHT = 8
+
+#: Seconds between two log lines about a downstream that stays unreachable.
+FAILURE_LOG_EVERY = 30.0
 
 #: How long C{close} waits for the downstream to close after our
 #: half-close, before dropping the connection.
@@ -140,6 +144,9 @@ class RelaySink:
         )
         self._max_retry_delay = max_retry_delay
         self.service: ClientService | None = None
+        self.sender.on_progress = self._connected_or_progress
+        self._failures = 0
+        self._failure_logged = 0.0
 
     def open(self) -> Deferred[None]:
         """
@@ -147,13 +154,33 @@ class RelaySink:
         downstream is an outage, not a failure to open.
         """
         self.service = ClientService(
-            self.endpoint,
+            ReportingEndpoint(self.endpoint, self._connect_failed),
             SenderFactory(self.sender),
             retryPolicy=backoffPolicy(initialDelay=0.1, maxDelay=self._max_retry_delay),
             clock=self.reactor,
         )
         self.service.startService()
         return succeed(None)
+
+    def _connect_failed(self, reason: Failure) -> None:
+        # Logged at the first failure, then at most every FAILURE_LOG_EVERY
+        # seconds, so that a long outage is visible without flooding.
+        self._failures += 1
+        now = self.reactor.seconds()
+        if self._failures > 1 and now - self._failure_logged < FAILURE_LOG_EVERY:
+            return
+        self._failure_logged = now
+        log.warn(
+            "relay {relay}: cannot connect ({reason}); {attempts} attempt(s) so far, "
+            "retrying; {count} line(s) waiting",
+            relay=self.description,
+            reason=reason.getErrorMessage(),
+            attempts=self._failures,
+            count=self.sender.window.unacknowledged,
+        )
+
+    def _connected_or_progress(self) -> None:
+        self._failures = 0
 
     def write(self, lines: list[bytes]) -> Deferred[None]:
         return self.sender.when_done(self.sender.send(lines))
