@@ -21,9 +21,13 @@ from hypothesis.stateful import (
 )
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.error import ConnectionLost
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from lineserver.client import (
+    LineSenderProtocol,
     ProtocolViolation,
     Reply,
     ReplyKind,
@@ -277,3 +281,89 @@ class SenderLoopbackTests(TestCase):
         await self._service(sender, peer)
         await done
         await eventually(lambda: peer.received == [b"a", b"b"], "the lines")
+
+
+class SenderMachine(RuleBasedStateMachine):
+    """
+    The engine and its protocol glue, over StringTransports: the model
+    server reads what the glue wrote and answers C{ACK <n>} through
+    C{dataReceived}.  A batch's Deferred fires exactly when the server's
+    acknowledged count passes its last line, never before.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sender = Sender(ack=True)
+        self.factory = SenderFactory(self.sender)
+        self.protocol: LineSenderProtocol | None = None
+        self.transport: StringTransport | None = None
+        self.stream: list[bytes] = []
+        self.read = 0  # lines of this connection the server read
+        self.acked = 0  # lines of this connection the server acknowledged
+        self.base = 0  # lines acknowledged before this connection
+        self.batches: list[tuple[int, list[bool]]] = []
+
+    def _on_wire(self) -> list[bytes]:
+        assert self.transport is not None
+        data: bytes = self.transport.value()
+        return data.split(b"\n")[:-1]
+
+    @rule(count=st.integers(1, 4))
+    def send(self, count: int) -> None:
+        lines = [b"%d" % (len(self.stream) + i) for i in range(count)]
+        self.stream += lines
+        fired: list[bool] = []
+        self.sender.when_done(self.sender.send(lines)).addCallback(
+            lambda _: fired.append(True)
+        )
+        self.batches.append((len(self.stream), fired))
+
+    @precondition(lambda self: self.protocol is None)
+    @rule()
+    def connect(self) -> None:
+        self.protocol = self.factory.buildProtocol(None)
+        self.transport = StringTransport()
+        self.protocol.makeConnection(self.transport)
+        self.read = self.acked = 0
+        self.base = self.sender.window.acknowledged
+
+    @precondition(lambda self: self.protocol is not None)
+    @rule(count=st.integers(0, 6))
+    def server_reads(self, count: int) -> None:
+        self.read = min(len(self._on_wire()), self.read + count)
+
+    @precondition(lambda self: self.protocol is not None)
+    @rule()
+    def server_acks(self) -> None:
+        assert self.protocol is not None
+        durable = self.stream[: self.base + self.acked]
+        assert self._on_wire()[: self.acked] == durable[self.base :]
+        self.acked = self.read
+        self.protocol.dataReceived(b"ACK %d\n" % self.acked)
+
+    @precondition(lambda self: self.protocol is not None)
+    @rule()
+    def disconnect(self) -> None:
+        assert self.protocol is not None
+        self.protocol.connectionLost(Failure(ConnectionLost()))
+        self.protocol = self.transport = None
+
+    @invariant()
+    def fired_exactly_when_acknowledged(self) -> None:
+        done = self.sender.window.acknowledged
+        for last, fired in self.batches:
+            assert bool(fired) == (last <= done), (last, done, fired)
+
+    @invariant()
+    def wire_resends_in_order(self) -> None:
+        if self.protocol is not None:
+            wire = self._on_wire()
+            assert wire == self.stream[self.base : self.base + len(wire)]
+
+
+class SenderPropertyTests(SynchronousTestCase):
+    def test_any_interleaving(self) -> None:
+        run_state_machine_as_test(
+            SenderMachine,
+            settings=settings(max_examples=200, stateful_step_count=40, deadline=None),
+        )
