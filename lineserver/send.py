@@ -52,7 +52,7 @@ from lineserver.client import (
 
 #: Endpoint types that make the target a Twisted endpoint string rather
 #: than HOST:PORT.
-_ENDPOINT_TYPES = frozenset({"tcp", "tcp6", "tls", "ssl", "unix", "systemd"})
+_ENDPOINT_TYPES = frozenset({"tcp", "tcp6", "tls", "unix"})
 
 #: Bytes read from the input at a time.
 CHUNK = 256 * 1024
@@ -195,6 +195,11 @@ def endpoint_for(reactor: Any, options: Options) -> tuple[IStreamClientEndpoint,
         C{--starttls} (or None).
     """
     target = options["target"]
+    if target.lower().startswith("ssl:"):
+        raise usage.UsageError(
+            "ssl: client endpoints do not check the server's certificate; "
+            "use --tls HOST:PORT or tls:HOST:PORT"
+        )
     if is_endpoint_string(target):
         if options["tls"] or options["starttls"]:
             raise usage.UsageError(

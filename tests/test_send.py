@@ -21,7 +21,7 @@ from twisted.internet.threads import deferToThread
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from lineserver.send import Options, run, split_host_port
+from lineserver.send import Options, endpoint_for, run, split_host_port
 from tests.ack_peer import AckPeer, first_arrivals, peer_cleanup
 from tests.certs import make_pki
 from tests.support import (
@@ -77,6 +77,23 @@ class OptionsTests(SynchronousTestCase):
         ):
             with self.subTest(argv=argv):
                 self.assertRaises(usage.UsageError, Options().parseOptions, argv)
+
+    def test_endpoint_usage_errors(self) -> None:
+        """
+        An C{ssl:} endpoint (which would not check the server) and TLS
+        flags with an endpoint string (which says its own TLS) are refused.
+        """
+        for argv, why in (
+            (["ssl:h:1"], "do not check the server's certificate"),
+            (["--tls", "tcp:h:1"], "--tls/--starttls go with HOST:PORT"),
+        ):
+            with self.subTest(argv=argv):
+                options = Options()
+                options.parseOptions(argv)
+                error = self.assertRaises(
+                    usage.UsageError, endpoint_for, reactor, options
+                )
+                self.assertIn(why, str(error))
 
     def test_usage_exit_status(self) -> None:
         """
