@@ -30,6 +30,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from lineserver.tls import load_server_options, session_ticket_bytes
 from tests.certs import make_pki
 from tests.support import ServerProcess, free_port, temp_dir, wait_until
 
@@ -136,6 +137,7 @@ class SessionTicketTests(SynchronousTestCase):
         """
         server, out = self.server(conf=NO_TICKETS_CONF)
         self.assertEqual(self.tickets_waiting(server.port), 0)
+        self.assertIn("TLS 1.3: no session tickets are sent", server.log())
         lines, data = self.lines(60_000)  # 4.4 MB
         expected: list[bytes] = []
         for attempt in range(3):
@@ -158,6 +160,8 @@ class SessionTicketTests(SynchronousTestCase):
         """
         server, out = self.server(conf=None)
         self.assertGreater(self.tickets_waiting(server.port), 0)
+        # The server says so when it starts.
+        self.assertIn("TLS 1.3: this server sends session tickets", server.log())
         lines, data = self.lines(60_000)
         self.send_and_close(server.port, data)
         wait_until(self.logged(server, "closed #2 "), "the connection's end", 60)
@@ -167,3 +171,29 @@ class SessionTicketTests(SynchronousTestCase):
             f"\nTLS 1.3 with tickets, sendall+close of {len(data)} bytes: "
             f"{lost} of {len(lines)} lines lost"
         )
+
+
+class SessionTicketProbeTests(SynchronousTestCase):
+    """
+    L{session_ticket_bytes}, the in-memory handshake the server uses to
+    say at start whether it sends tickets.
+    """
+
+    def setUp(self) -> None:
+        self.pki = make_pki(Path(temp_dir(self)) / "pki")
+
+    def test_default_context_sends_tickets(self) -> None:
+        options = load_server_options(self.pki.server_cert, self.pki.server_key)
+        count = session_ticket_bytes(options.getContext())
+        assert count is not None
+        self.assertGreater(count, 0)
+
+    def test_mutual_tls_cannot_tell(self) -> None:
+        """
+        A server that requires a client certificate cannot be asked
+        without one: None, not a guess.
+        """
+        options = load_server_options(
+            self.pki.server_cert, self.pki.server_key, self.pki.ca_cert
+        )
+        self.assertIsNone(session_ticket_bytes(options.getContext()))
