@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
@@ -131,6 +133,38 @@ class RelaySinkTests(TestCase):
         await second
         self.assertEqual(peer.acknowledged, [b"1", b"2", b"3"])
         self.assertEqual(peer.received, [b"1", b"2", b"1", b"2", b"3"])
+        await sink.close()
+
+    async def test_warns_when_downstream_never_acknowledges(self) -> None:
+        """
+        With C{ack=yes} and a downstream that reads but never acknowledges
+        (one without C{--ack}), the relay says what is likely wrong.
+        """
+        peer = await self.peer()
+        peer.stalled = True
+        events: list[str] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            if event.get("log_namespace") == "lineserver.sink.relay":
+                events.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)  # type: ignore[arg-type]
+        self.addCleanup(globalLogPublisher.removeObserver, observe)  # type: ignore[arg-type]
+        sink = RelaySink(
+            reactor,
+            TCP4ClientEndpoint(reactor, "127.0.0.1", peer.port),
+            "tcp:test",
+            ack=True,
+            ack_warning=0.3,
+        )
+        await sink.open()
+        written = sink.write([b"a"])
+        await eventually(
+            lambda: any("no ACK for 0.3 s" in e for e in events), "the warning"
+        )
+        self.assertIn("does the downstream run with --ack?", "".join(events))
+        peer.resume()
+        await written
         await sink.close()
 
     async def test_without_ack(self) -> None:

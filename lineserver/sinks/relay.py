@@ -131,6 +131,7 @@ class RelaySink:
         ack: bool,
         auth_token: bytes | None = None,
         max_retry_delay: float = 5.0,
+        ack_warning: float = 30.0,
     ) -> None:
         self.reactor = reactor
         self.endpoint = endpoint
@@ -147,6 +148,9 @@ class RelaySink:
         self.sender.on_progress = self._connected_or_progress
         self._failures = 0
         self._failure_logged = 0.0
+        self._ack_warning = ack_warning
+        self._ack_check: IDelayedCall | None = None
+        self._acknowledged_at_check = 0
 
     def open(self) -> Deferred[None]:
         """
@@ -183,7 +187,35 @@ class RelaySink:
         self._failures = 0
 
     def write(self, lines: list[bytes]) -> Deferred[None]:
-        return self.sender.when_done(self.sender.send(lines))
+        done = self.sender.when_done(self.sender.send(lines))
+        if self.ack and self._ack_check is None:
+            self._acknowledged_at_check = self.sender.window.acknowledged
+            self._ack_check = self.reactor.callLater(
+                self._ack_warning, self._check_acks
+            )
+        return done
+
+    def _check_acks(self) -> None:
+        # A downstream without --ack never acknowledges: with ack=yes the
+        # relay would wait forever, so say what is likely wrong.
+        self._ack_check = None
+        window = self.sender.window
+        if not window.unacknowledged:
+            return
+        if (
+            window.acknowledged == self._acknowledged_at_check
+            and self.sender.protocol is not None
+        ):
+            log.warn(
+                "relay {relay}: connected, but no ACK for {seconds:g} s with "
+                "{count} line(s) waiting; does the downstream run with --ack? "
+                "(if not, use ?ack=no)",
+                relay=self.description,
+                seconds=self._ack_warning,
+                count=window.unacknowledged,
+            )
+        self._acknowledged_at_check = window.acknowledged
+        self._ack_check = self.reactor.callLater(self._ack_warning, self._check_acks)
 
     @property
     def unacknowledged(self) -> int:
@@ -197,6 +229,9 @@ class RelaySink:
         Shut the writing side and wait (at most L{CLOSE_TIMEOUT}) for the
         downstream to close, so it has read every byte; then stop.
         """
+        if self._ack_check is not None and self._ack_check.active():
+            self._ack_check.cancel()
+        self._ack_check = None
         service, self.service = self.service, None
         if service is None:
             return succeed(None)
