@@ -26,6 +26,7 @@ deadline.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
 )
 from twisted.internet.ssl import CertificateOptions, TLSVersion
+from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -280,6 +282,7 @@ class ReloadableServerTLS:
         self.client_ca_path = client_ca_path
         self.chain_path = chain_path
         self.credentials, self._options = self._load()
+        report_session_tickets(self._options.getContext())
 
     def _load(self) -> tuple[ServerCredentials, CertificateOptions]:
         credentials = load_credentials(
@@ -338,6 +341,87 @@ class ReloadableServerTLS:
         """
         context: SSL.Context = self._options.getContext()
         return context
+
+
+# -- TLS 1.3 session tickets ---------------------------------------------------
+
+_tickets_log = Logger(namespace="lineserver.tls")
+_tickets_reported = False
+
+
+def _move(source: SSL.Connection, target: SSL.Connection) -> int:
+    moved = 0
+    while True:
+        try:
+            data = source.bio_read(65536)
+        except SSL.WantReadError:
+            return moved
+        target.bio_write(data)
+        moved += len(data)
+
+
+def session_ticket_bytes(context: SSL.Context) -> int | None:
+    """
+    How many bytes a server with C{context} sends once a TLS 1.3 client has
+    finished its handshake: its session tickets, which a client that
+    sends and closes without reading leaves unread (docs/sending.md).
+
+    OpenSSL's C{SSL_CTX_set_num_tickets} is out of reach from pyOpenSSL,
+    and there is no getter either, so this asks by doing a handshake in
+    memory with a throwaway client.
+
+    @return: the bytes (0 once C{NumTickets = 0} is configured through
+        C{OPENSSL_CONF}), or None if the handshake cannot be done without
+        a client certificate (mutual TLS).
+    """
+    server = SSL.Connection(context, None)
+    server.set_accept_state()
+    client_context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    client_context.set_min_proto_version(SSL.TLS1_3_VERSION)
+    client = SSL.Connection(client_context, None)
+    client.set_connect_state()
+    client_done = False
+    after = 0
+    try:
+        for _ in range(8):
+            try:
+                client.do_handshake()
+                client_done = True
+            except SSL.WantReadError:
+                pass
+            _move(client, server)
+            with contextlib.suppress(SSL.WantReadError):
+                server.do_handshake()
+            moved = _move(server, client)
+            if client_done:
+                after += moved
+    except SSL.Error:
+        return None
+    return after if client_done else None
+
+
+def report_session_tickets(context: SSL.Context) -> None:
+    """
+    Log once per process whether this server sends TLS 1.3 session
+    tickets, and what that costs clients that close without reading.
+    """
+    global _tickets_reported
+    if _tickets_reported:
+        return
+    count = session_ticket_bytes(context)
+    if count is None:
+        return
+    _tickets_reported = True
+    if count:
+        _tickets_log.warn(
+            "TLS 1.3: this server sends session tickets ({count} bytes) after "
+            "each handshake; a client that sends and then closes without "
+            "reading them loses lines (set NumTickets = 0 through OPENSSL_CONF: "
+            "docs/sending.md)",
+            count=count,
+        )
+    else:
+        _tickets_log.info("TLS 1.3: no session tickets are sent")
 
 
 # -- who is on the other end --------------------------------------------------

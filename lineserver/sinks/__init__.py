@@ -166,9 +166,16 @@ def check_options(url: SinkURL, scheme: SinkScheme) -> None:
 def _builtin_schemes() -> dict[str, SinkScheme]:
     from lineserver.sinks.file import file_scheme
     from lineserver.sinks.null import null_scheme
+    from lineserver.sinks.relay import relay_scheme
     from lineserver.sinks.stdout import stdout_scheme
 
-    return {"file": file_scheme, "stdout": stdout_scheme, "null": null_scheme}
+    return {
+        "file": file_scheme,
+        "stdout": stdout_scheme,
+        "null": null_scheme,
+        "tcp": relay_scheme,
+        "tls": relay_scheme,
+    }
 
 
 def available_schemes() -> dict[str, SinkScheme]:
