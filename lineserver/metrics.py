@@ -101,6 +101,9 @@ class Family:
     sources: Mapping[str, str]
     label: str | None = None
     prefix: str | None = None
+    #: Exported only when one of its sources is there (spool figures,
+    #: with C{--spool} only).
+    optional: bool = False
 
 
 def _one(name: str, kind: Literal["counter", "gauge"], source: str, doc: str) -> Family:
@@ -151,6 +154,37 @@ FAMILIES: tuple[Family, ...] = (
             "worker-lost": "lines.worker_lost",
         },
         label="reason",
+    ),
+    Family(
+        "spool_recovered_lines",
+        "counter",
+        "Lines found in the disk spool at start, left by a previous process "
+        "(outside this process's ledger: it never received them).",
+        {"": "spool.recovered_lines"},
+        optional=True,
+    ),
+    Family(
+        "spool_recovered_lines_waiting",
+        "gauge",
+        "Lines found in the spool at start that the sink does not have yet "
+        "(replayed before anything new).",
+        {"": "spool.recovered_waiting"},
+        optional=True,
+    ),
+    Family(
+        "spool_lines",
+        "gauge",
+        "Lines in the disk spool for the sink: lines_spooled plus "
+        "spool_recovered_lines_waiting.",
+        {"": "spool.lines"},
+        optional=True,
+    ),
+    Family(
+        "spool_bytes",
+        "gauge",
+        "Bytes of the disk spool's segment files (what --spool-max caps).",
+        {"": "spool.bytes"},
+        optional=True,
     ),
     Family(
         "lines_rejected",
@@ -330,25 +364,89 @@ class StatsCollector:
     def collect(self) -> Iterator[Metric]:
         values = self.stats.snapshot()
         for family in self.families:
-            yield _family(family, values)
+            if _exported(family, values):
+                yield _family(family, {"": values})
 
 
-def _family(family: Family, values: Mapping[str, int]) -> Metric:
-    name = PREFIX + family.name
-    samples = {label: values.get(source, 0) for label, source in family.sources.items()}
-    if family.prefix is not None:
-        for source, value in values.items():
-            if source.startswith(family.prefix):
-                samples[source[len(family.prefix) :]] = value
-    labels = [family.label] if family.label is not None else None
+def _exported(family: Family, values: Mapping[str, int]) -> bool:
+    return not family.optional or any(s in values for s in family.sources.values())
+
+
+def _family(
+    family: Family,
+    values: Mapping[str, Mapping[str, int]],
+    name_prefix: str = PREFIX,
+    outer: str | None = None,
+) -> Metric:
+    """
+    @param values: the Stats values of each source, by the value of the
+        C{outer} label (C{""} and no C{outer} for one process).
+    """
+    name = name_prefix + family.name
+    labels = [label for label in (outer, family.label) if label is not None]
     metric: CounterMetricFamily | GaugeMetricFamily
     if family.kind == "counter":
-        metric = CounterMetricFamily(name, family.doc, labels=labels)
+        metric = CounterMetricFamily(name, family.doc, labels=labels or None)
     else:
-        metric = GaugeMetricFamily(name, family.doc, labels=labels)
-    for label, value in sorted(samples.items()):
-        metric.add_metric([label] if labels else [], value)
+        metric = GaugeMetricFamily(name, family.doc, labels=labels or None)
+    for key, these in values.items():
+        samples = {
+            label: these.get(source, 0) for label, source in family.sources.items()
+        }
+        if family.prefix is not None:
+            for source, value in these.items():
+                if source.startswith(family.prefix):
+                    samples[source[len(family.prefix) :]] = value
+        head = [key] if outer is not None else []
+        for label, value in sorted(samples.items()):
+            metric.add_metric(head + ([label] if family.label else []), value)
     return metric
+
+
+#: The families exported once per worker by a C{--workers} parent: the
+#: ledger and the spool, so that each worker's ledger can be checked.
+WORKER_FAMILIES: tuple[Family, ...] = tuple(
+    family
+    for family in FAMILIES
+    if family.name.startswith(("lines_", "spool_"))
+    and family.name not in ("lines_rejected",)
+)
+#: The name prefix of the per-worker families.
+WORKER_PREFIX = PREFIX + "worker_"
+
+
+class PerWorkerCollector:
+    """
+    The ledger of each running worker, as C{lineserver_worker_*} families
+    with a C{worker} label (its index), beside the parent's sums.
+
+    Separate names, not the sums' names with a label: a sum over the
+    label of one family must mean something, and the sums (which keep
+    the counters of workers that exited) would count every live worker
+    twice if they shared a name with its series.
+    """
+
+    def __init__(
+        self,
+        per_worker: Callable[[], Mapping[int, Mapping[str, int]]],
+        families: Iterable[Family] = WORKER_FAMILIES,
+    ) -> None:
+        """
+        @param per_worker: each running worker's last reported Stats, by
+            index (L{lineserver.workers.WorkerStats.per_worker}).
+        """
+        self.per_worker = per_worker
+        self.families = tuple(families)
+
+    def describe(self) -> list[Metric]:
+        return list(self.collect())
+
+    def collect(self) -> Iterator[Metric]:
+        workers = {str(k): v for k, v in sorted(self.per_worker().items())}
+        for family in self.families:
+            present = {k: v for k, v in workers.items() if _exported(family, v)}
+            if present or not family.optional:
+                yield _family(family, present, WORKER_PREFIX, outer="worker")
 
 
 class LatencyHistogram:
@@ -418,6 +516,7 @@ def metrics_registry(
     stats: Stats,
     process: bool = True,
     sink_writes: LatencyHistogram | None = None,
+    per_worker: Callable[[], Mapping[int, Mapping[str, int]]] | None = None,
 ) -> CollectorRegistry:
     """
     @return: a registry of this server's own (never the process-global
@@ -425,10 +524,14 @@ def metrics_registry(
         the L{StatsCollector}, the sink write latency histogram if
         C{sink_writes} and, if C{process}, the standard C{process_*}
         metrics (open and maximum descriptors, memory, CPU) that tell how
-        close the server is to its limits.
+        close the server is to its limits; with C{per_worker} (a
+        C{--workers} parent), each worker's ledger too
+        (L{PerWorkerCollector}).
     """
     registry = CollectorRegistry()
     registry.register(StatsCollector(stats))
+    if per_worker is not None:
+        registry.register(PerWorkerCollector(per_worker))
     if sink_writes is not None:
         registry.register(
             HistogramCollector(

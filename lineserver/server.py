@@ -18,7 +18,7 @@ restarts nothing while it stops).  A stopped server can be started again.
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -614,9 +614,12 @@ class LineServer(Supervisor):
             queued=stats.get("queue.lines", 0),
             spooled=stats.get("lines.spooled", 0),
             dropped=sum(dropped.values()),
-            why=" (" + ", ".join(f"{k}: {v}" for k, v in dropped.items()) + ")"
-            if dropped
-            else "",
+            why=(
+                " (" + ", ".join(f"{k}: {v}" for k, v in dropped.items()) + ")"
+                if dropped
+                else ""
+            )
+            + _spool_ledger(stats),
         )
 
     def _close_connections(self, deadline: float) -> Deferred[None]:
@@ -631,3 +634,18 @@ class LineServer(Supervisor):
 
         empty.addTimeout(remaining, self.reactor, onTimeoutCancel=abort_rest)
         return empty
+
+
+def _spool_ledger(stats: Mapping[str, int]) -> str:
+    """
+    With a disk spool, the end of the C{ledger:} line: lines a previous
+    process left in the spool are outside this process's ledger (it never
+    received them), so they are told apart.
+    """
+    if "spool.lines" not in stats:
+        return ""
+    return (
+        f"; spool: {stats.get('spool.recovered_lines', 0)} line(s) recovered "
+        f"at start ({stats.get('spool.recovered_waiting', 0)} still waiting), "
+        f"{stats['spool.lines']} line(s) in it"
+    )

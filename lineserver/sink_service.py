@@ -24,6 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from twisted.application.service import Service
@@ -39,6 +40,16 @@ from lineserver.sinks import IPipelinedSink, IReopenable, ISpooled
 from lineserver.stats import Stats
 
 log = Logger(namespace="lineserver.sink")
+
+#: Stats gauges of a sink with a disk spool, by the sink attribute each
+#: reads (L{lineserver.sinks.spooling.SpoolingSink}): what the spool holds
+#: besides this process's ledger (lines a previous process left there).
+SPOOL_GAUGES = {
+    "spool.recovered_lines": "recovered_lines",
+    "spool.recovered_waiting": "recovered_waiting",
+    "spool.lines": "lines_in_spool",
+    "spool.bytes": "disk_bytes",
+}
 
 
 class SinkFailed(Exception):
@@ -138,6 +149,7 @@ class SinkService(Service):
         #: supervisor that reports outages itself, at most every few seconds.
         self.quiet_outages = False
         self._spooled = 0
+        self._spool_figures: dict[str, int] = {}
         # The ledger's view of this incarnation's sink (the newest service
         # registers last): delivered = confirmed - still spooled.
         self.stats.add_gauge("lines.spooled", lambda: self.spooled_lines)
@@ -145,6 +157,26 @@ class SinkService(Service):
             "lines.delivered",
             lambda: self.stats.get("lines.confirmed") - self.spooled_lines,
         )
+
+    def _spool_gauges(self) -> None:
+        """
+        A sink with a disk spool (L{ISpooled}): its figures outside the
+        ledger (L{SPOOL_GAUGES}) become gauges, from its first open on.
+        """
+        sink = self.sink
+        if sink is None or not ISpooled.providedBy(sink):
+            return
+        for name, attribute in SPOOL_GAUGES.items():
+            self.stats.add_gauge(name, partial(self._spool_figure, attribute))
+
+    def _spool_figure(self, attribute: str) -> int:
+        """
+        The sink's C{attribute}; once it is closed, the last value read.
+        """
+        sink = self.sink
+        if sink is not None and ISpooled.providedBy(sink):
+            self._spool_figures[attribute] = int(getattr(sink, attribute, 0))
+        return self._spool_figures.get(attribute, 0)
 
     @property
     def spooled_lines(self) -> int:
@@ -193,6 +225,7 @@ class SinkService(Service):
             self._close()
             return
         log.info("sink {sink} open", sink=self.sink_factory.description)
+        self._spool_gauges()
         self._open = True
         waiters, self._open_waiters = self._open_waiters, []
         for waiter in waiters:

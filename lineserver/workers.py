@@ -558,7 +558,7 @@ class WorkerParent(Supervisor):
             from lineserver.metrics import MetricsService, metrics_registry
 
             description = with_defaults(metrics, backlog)
-            registry = metrics_registry(self.summed)
+            registry = metrics_registry(self.summed, per_worker=self.stats.per_worker)
             self.add_child(
                 ChildSpec(
                     f"metrics {description}",

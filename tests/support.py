@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import re
 import resource
 import select
 import shutil
@@ -16,7 +17,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
@@ -682,3 +684,172 @@ def accept_queue(port: int) -> int:
                     # queue's length as the receive queue.
                     waiting += int(fields[4].partition(":")[2], 16)
     return waiting
+
+
+# -- the loss ledger, read as an operator reads it -------------------------
+
+#: The last line of every stop's log (docs/operations.md, "Logs").
+LEDGER_LINE = re.compile(
+    r"ledger: (?P<received>\d+) line\(s\) received = (?P<delivered>\d+) delivered"
+    r" \+ (?P<queued>\d+) queued \+ (?P<spooled>\d+) spooled \+ (?P<dropped>\d+)"
+    r" dropped(?: \((?P<reasons>[^)]*)\))?"
+    r"(?:; spool: (?P<recovered>\d+) line\(s\) recovered at start"
+    r" \((?P<waiting>\d+) still waiting\), (?P<in_spool>\d+) line\(s\) in it)?"
+)
+
+#: A scrape: each sample's value by (name, labels).
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+@dataclass(frozen=True)
+class Ledger:
+    """
+    The loss ledger in lines: received = delivered + queued + spooled +
+    dropped (by reason, spelt as C{lineserver_lines_dropped_total}'s
+    C{reason} label: C{handler-failed}, C{shutdown-timeout}, ...).
+
+    @ivar recovered: lines found in the spool at start (a previous
+        process's), outside this ledger; None where not reported.
+    @ivar waiting: those of them not yet at the sink.
+    @ivar in_spool: every line the spool holds now.
+    """
+
+    received: int
+    delivered: int
+    queued: int
+    spooled: int
+    dropped: Mapping[str, int] = field(default_factory=dict)
+    recovered: int | None = None
+    waiting: int | None = None
+    in_spool: int | None = None
+
+    @property
+    def dropped_total(self) -> int:
+        return sum(self.dropped.values())
+
+    @property
+    def balanced(self) -> bool:
+        return self.received == (
+            self.delivered + self.queued + self.spooled + self.dropped_total
+        )
+
+
+def ledger_from_log(text: str) -> Ledger:
+    """
+    @return: the ledger of the last C{ledger:} line in a server's log.
+    @raise AssertionError: with the log's end, if there is none.
+    """
+    found = list(LEDGER_LINE.finditer(text))
+    if not found:
+        raise AssertionError(f"no ledger line in the log:\n{text[-3000:]}")
+    last = found[-1]
+    dropped: dict[str, int] = {}
+    for part in (last["reasons"] or "").split(", "):
+        if part:
+            reason, count = part.rsplit(": ", 1)
+            dropped[reason.replace("_", "-")] = int(count)
+    total = int(last["dropped"])
+    assert sum(dropped.values()) == total, last[0]
+
+    def optional(name: str) -> int | None:
+        return None if last[name] is None else int(last[name])
+
+    return Ledger(
+        received=int(last["received"]),
+        delivered=int(last["delivered"]),
+        queued=int(last["queued"]),
+        spooled=int(last["spooled"]),
+        dropped=dropped,
+        recovered=optional("recovered"),
+        waiting=optional("waiting"),
+        in_spool=optional("in_spool"),
+    )
+
+
+def scrape_metrics(port: int, timeout: float = 10.0) -> Samples:
+    """
+    GET C{/metrics} on a loopback port, parsed as Prometheus would.
+
+    @raise OSError: if nothing answers there.
+    """
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = f"http://127.0.0.1:{port}/metrics"
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        text = response.read().decode()
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def ledger_from_scrape(samples: Samples, worker: str | None = None) -> Ledger:
+    """
+    @param worker: read that worker's own series (C{lineserver_worker_*}
+        with C{worker=...}, in a C{--workers} parent's scrape) instead of
+        the process's (or the parent's sums).
+    @return: the ledger in a scrape.
+    """
+    prefix = "lineserver_" if worker is None else "lineserver_worker_"
+    labels: dict[str, str] = {} if worker is None else {"worker": worker}
+
+    def read(name: str, **more: str) -> int:
+        value = samples.get((prefix + name, frozenset({**labels, **more}.items())))
+        return 0 if value is None else int(value)
+
+    dropped: dict[str, int] = {}
+    for (name, sample_labels), value in samples.items():
+        found = dict(sample_labels)
+        mine = all(found.get(k) == v for k, v in labels.items())
+        if name == prefix + "lines_dropped_total" and mine and value:
+            dropped[found["reason"]] = int(value)
+    has_spool = (prefix + "spool_lines", frozenset(labels.items())) in samples
+    return Ledger(
+        received=read("lines_received_total"),
+        delivered=read("lines_delivered_total"),
+        queued=read("lines_queued"),
+        spooled=read("lines_spooled"),
+        dropped=dropped,
+        recovered=read("spool_recovered_lines_total") if has_spool else None,
+        waiting=read("spool_recovered_lines_waiting") if has_spool else None,
+        in_spool=read("spool_lines") if has_spool else None,
+    )
+
+
+def check_ledger(
+    case: SynchronousTestCase,
+    ledger: Ledger,
+    *,
+    received: int | None = None,
+    delivered: int | None = None,
+    queued: int | None = 0,
+    spooled: int | None = 0,
+    dropped: Mapping[str, int] | None = None,
+    recovered: int | None = None,
+    waiting: int | None = None,
+) -> Ledger:
+    """
+    Assert that C{ledger} balances, and has the figures given: by default
+    nothing queued, spooled or dropped (what a clean stop promises); pass
+    None to leave a figure unchecked, C{dropped} by reason for what a
+    scenario loses by design.
+
+    @return: C{ledger}, for more checks.
+    """
+    case.assertTrue(ledger.balanced, f"the ledger does not balance: {ledger}")
+    expected = {
+        "received": received,
+        "delivered": delivered,
+        "queued": queued,
+        "spooled": spooled,
+        "recovered": recovered,
+        "waiting": waiting,
+    }
+    for name, value in expected.items():
+        if value is not None:
+            case.assertEqual(getattr(ledger, name), value, f"{name} in {ledger}")
+    case.assertEqual(dict(ledger.dropped), dict(dropped or {}), f"dropped in {ledger}")
+    return ledger

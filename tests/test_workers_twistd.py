@@ -19,6 +19,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -27,7 +28,12 @@ from tests.support import (
     TWISTD,
     Peer,
     ServerProcess,
+    check_ledger,
     free_port,
+    ledger_from_log,
+    ledger_from_scrape,
+    run_threads,
+    scrape_metrics,
     temp_dir,
     wait_until,
 )
@@ -264,6 +270,92 @@ class WorkersTests(SynchronousTestCase):
         restarts = dict(re.findall(rb'restarts_total\{child="([^"]+)"\} (\S+)', text))
         self.assertEqual(float(restarts[b"worker 0"]), 1)
         self.assertEqual(float(restarts[b"worker 1"]), 0)
+
+    def test_per_worker_ledgers_add_up_to_the_sums(self) -> None:
+        """
+        Scraped while clients send to two workers, the parent's
+        C{lineserver_worker_*{worker=...}} series balance each worker's
+        ledger and add up to the sums, at every scrape; after the load,
+        both workers took lines and delivered all of them, and the stop
+        logs each worker's balanced ledger.
+        """
+        metrics = free_port()
+        server = self.server("--sink", "file:lines.log", "--metrics", f"tcp:{metrics}")
+        clients, connections, lines_each = 4, 20, 1000
+        sent = clients * connections * lines_each
+        done: list[int] = []
+
+        def client(n: int) -> None:
+            for c in range(connections):
+                data = b"".join(b"c%d.%d %d\n" % (n, c, i) for i in range(lines_each))
+                with socket.create_connection(("127.0.0.1", server.port), 10) as s:
+                    s.sendall(data)
+            done.append(n)
+
+        scrapes: list[int] = []
+
+        def scraper() -> None:
+            # At least five scrapes, and on until the clients are done.
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                self.assert_per_worker_ledgers(scrape_metrics(metrics))
+                scrapes.append(1)
+                if len(done) == clients and len(scrapes) >= 5:
+                    break
+                time.sleep(0.05)
+
+        run_threads([*(lambda n=n: client(n) for n in range(clients)), scraper], 150)
+        self.assertGreaterEqual(len(scrapes), 5)
+        wait_until(
+            lambda: ledger_from_scrape(scrape_metrics(metrics)).delivered == sent,
+            f"{sent} lines delivered in the sums",
+            timeout=60,
+        )
+        samples = scrape_metrics(metrics)
+        workers = self.assert_per_worker_ledgers(samples)
+        self.assertEqual(sorted(workers), ["0", "1"])
+        for ledger in workers.values():
+            self.assertGreater(ledger.received, 0, workers)
+        check_ledger(self, ledger_from_scrape(samples), received=sent, delivered=sent)
+        self.assertEqual(server.stop(), SIGTERM)
+        for index in ("0", "1"):
+            logged = [
+                line
+                for line in server.log().splitlines()
+                if f"worker {index} [" in line and "ledger:" in line
+            ]
+            self.assertEqual(len(logged), 1, server.log()[-3000:])
+            check_ledger(
+                self,
+                ledger_from_log(logged[0]),
+                received=workers[index].received,
+                delivered=workers[index].received,
+            )
+
+    def assert_per_worker_ledgers(self, samples: dict[Any, float]) -> dict[str, Any]:
+        """
+        Each worker's ledger in one scrape balances, and their figures add
+        up to the parent's sums (no worker has exited: nothing retired).
+
+        @return: each worker's ledger, by index.
+        """
+        indexes = {
+            dict(labels)["worker"]
+            for name, labels in samples
+            if name == "lineserver_worker_lines_received_total"
+        }
+        workers = {i: ledger_from_scrape(samples, worker=i) for i in indexes}
+        for ledger in workers.values():
+            check_ledger(self, ledger, queued=None)
+        sums = ledger_from_scrape(samples)
+        check_ledger(self, sums, queued=None)
+        for term in ("received", "delivered", "queued", "spooled", "dropped_total"):
+            self.assertEqual(
+                sum(getattr(w, term) for w in workers.values()),
+                getattr(sums, term),
+                f"{term}: {workers} against {sums}",
+            )
+        return workers
 
     def test_busy_port_is_retried_before_any_worker_starts(self) -> None:
         port = free_port()

@@ -116,6 +116,14 @@ class SpoolingSink:
         """
         return self.spooled_lines + self.recovered_waiting
 
+    @property
+    def disk_bytes(self) -> int:
+        """
+        Bytes of the spool's segment files on disk (what C{--spool-max}
+        caps).
+        """
+        return self._disk_bytes
+
     def __init__(
         self,
         inner: ISinkFactory,
