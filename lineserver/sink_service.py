@@ -148,8 +148,9 @@ class SinkService(Service):
         #: Log an outage (L{is_outage}) at debug level only: set by a
         #: supervisor that reports outages itself, at most every few seconds.
         self.quiet_outages = False
-        self._spooled = 0
-        self._spool_figures: dict[str, int] = {}
+        #: The sink last closed: its figures are still read after the stop
+        #: (the ledger is logged once the sink is closed).
+        self._closed_sink: ISink | None = None
         # The ledger's view of this incarnation's sink (the newest service
         # registers last): delivered = confirmed - still spooled.
         self.stats.add_gauge("lines.spooled", lambda: self.spooled_lines)
@@ -171,24 +172,30 @@ class SinkService(Service):
 
     def _spool_figure(self, attribute: str) -> int:
         """
-        The sink's C{attribute}; once it is closed, the last value read.
+        The spooling sink's C{attribute}, as it is now (or as its close
+        left it).
         """
-        sink = self.sink
+        sink = self._figures_from
         if sink is not None and ISpooled.providedBy(sink):
-            self._spool_figures[attribute] = int(getattr(sink, attribute, 0))
-        return self._spool_figures.get(attribute, 0)
+            return int(getattr(sink, attribute, 0))
+        return 0
+
+    @property
+    def _figures_from(self) -> ISink | None:
+        return self.sink if self.sink is not None else self._closed_sink
 
     @property
     def spooled_lines(self) -> int:
         """
         Lines the sink confirmed that are still in its spool (L{ISpooled}),
         not yet at its destination; 0 for a sink without a spool.  Once the
-        sink is closed, the last value read.
+        sink is closed, as its close left it (a value read before could be
+        stale: the spool goes on changing until it is closed).
         """
-        sink = self.sink
+        sink = self._figures_from
         if sink is not None and ISpooled.providedBy(sink):
-            self._spooled = int(sink.spooled_lines)
-        return self._spooled
+            return int(sink.spooled_lines)
+        return 0
 
     @property
     def _writing(self) -> bool:
@@ -444,6 +451,8 @@ class SinkService(Service):
     def _close(self) -> Deferred[Any]:
         self._open = False
         sink, self.sink = self.sink, None
+        if sink is not None:
+            self._closed_sink = sink
         if sink is None:
             return succeed(None)
         closed = maybeDeferred(sink.close)

@@ -18,7 +18,16 @@ from pathlib import Path
 from twisted.trial.unittest import TestCase
 
 from lineserver.spool import MAGIC, SUFFIX, decode
-from tests.support import ServerProcess, temp_dir, wait_until
+from tests.support import (
+    ServerProcess,
+    check_ledger,
+    free_port,
+    ledger_from_log,
+    ledger_from_scrape,
+    scrape_metrics,
+    temp_dir,
+    wait_until,
+)
 
 
 def spooled(directory: Path) -> list[bytes]:
@@ -159,6 +168,10 @@ class OutageTests(OutageCase):
         self.assertEqual(self.delivered(), early + many)
         self.assert_alive(server)
         server.stop()
+        total = len(early) + len(many)
+        check_ledger(
+            self, ledger_from_log(server.log()), received=total, delivered=total
+        )
 
 
 class SpoolTests(OutageCase):
@@ -181,11 +194,31 @@ class SpoolTests(OutageCase):
         meanwhile after the spooled ones), and the spool empties.
         """
         self.break_sink()
-        server = self.spooling()
+        metrics = free_port()
+        server = self.spooling("--metrics", f"tcp:{metrics}")
         lines = numbered(b"spooled", 100_000)
         Sender(server.port, lines).finish(timeout=60)
         wait_until(lambda: len(spooled(self.spool)) == len(lines), "the spool")
         self.assertEqual(spooled(self.spool), lines)
+        # An operator's scrape during the outage: every line is spooled.
+        wait_until(
+            lambda: ledger_from_scrape(scrape_metrics(metrics)).spooled == len(lines),
+            "the spooled lines in a scrape",
+        )
+        during = check_ledger(
+            self,
+            ledger_from_scrape(scrape_metrics(metrics)),
+            received=len(lines),
+            delivered=0,
+            spooled=len(lines),
+            recovered=0,
+            waiting=0,
+        )
+        self.assertEqual(during.in_spool, len(lines))
+        size = sum(p.stat().st_size for p in self.spool.iterdir())
+        self.assertEqual(
+            scrape_metrics(metrics)[("lineserver_spool_bytes", frozenset())], size
+        )
         self.assertEqual(self.delivered(), [])
         self.assertIn("is down", server.log())
         self.mend_sink()
@@ -197,6 +230,16 @@ class SpoolTests(OutageCase):
         self.assertIn("drained", server.log())
         self.assert_alive(server)
         server.stop()
+        total = len(lines) + len(later)
+        after = check_ledger(
+            self,
+            ledger_from_log(server.log()),
+            received=total,
+            delivered=total,
+            recovered=0,
+            waiting=0,
+        )
+        self.assertEqual(after.in_spool, 0)
 
     def test_sigkill_then_restart_replays_the_spool(self) -> None:
         """
@@ -220,6 +263,17 @@ class SpoolTests(OutageCase):
         self.assertIn("from before the last stop", again.log())
         wait_until(lambda: not list(self.spool.iterdir()), "an empty spool")
         again.stop()
+        # The restarted process received only the new lines; the ones it
+        # recovered from the spool are told apart, and all went out.
+        restarted = check_ledger(
+            self,
+            ledger_from_log(again.log()),
+            received=len(after),
+            delivered=len(after),
+            recovered=len(lines),
+            waiting=0,
+        )
+        self.assertEqual(restarted.in_spool, 0)
 
     def test_torn_tail_is_dropped_and_logged(self) -> None:
         """
@@ -252,6 +306,14 @@ class SpoolTests(OutageCase):
         self.assertIn("a torn record", log)
         self.assertIn("byte(s) dropped", log)
         again.stop()
+        check_ledger(
+            self,
+            ledger_from_log(again.log()),
+            received=0,
+            delivered=0,
+            recovered=len(whole),
+            waiting=0,
+        )
 
     def test_full_spool_pauses_clients(self) -> None:
         """
@@ -274,6 +336,13 @@ class SpoolTests(OutageCase):
         self.assertEqual(self.delivered(), lines)
         wait_until(lambda: not list(self.spool.iterdir()), "an empty spool")
         server.stop()
+        check_ledger(
+            self,
+            ledger_from_log(server.log()),
+            received=len(lines),
+            delivered=len(lines),
+            recovered=0,
+        )
 
     def test_sigterm_spills_into_the_spool(self) -> None:
         """
@@ -288,11 +357,26 @@ class SpoolTests(OutageCase):
         wait_until(lambda: len(spooled(self.spool)) == len(lines), "the spool")
         server.stop()
         self.assertIn("5000 line(s) stay in the spool", server.log())
+        spilled = check_ledger(
+            self,
+            ledger_from_log(server.log()),
+            received=len(lines),
+            delivered=0,
+            spooled=len(lines),
+        )
+        self.assertEqual(spilled.in_spool, len(lines))
         self.mend_sink()
         again = self.spooling()
         self.wait_delivered(len(lines))
         self.assertEqual(self.delivered(), lines)
         again.stop()
+        check_ledger(
+            self,
+            ledger_from_log(again.log()),
+            received=0,
+            recovered=len(lines),
+            waiting=0,
+        )
 
     def test_sigterm_with_a_full_spool_spills_past_the_cap(self) -> None:
         """
@@ -315,9 +399,24 @@ class SpoolTests(OutageCase):
         kept = spooled(self.spool)
         self.assertGreater(sum(len(line) + 1 for line in kept), 256 << 10)
         self.assertEqual(kept, lines[: len(kept)])
+        # Every line the server read is spooled: nothing dropped.
+        check_ledger(
+            self,
+            ledger_from_log(server.log()),
+            received=len(kept),
+            delivered=0,
+            spooled=len(kept),
+        )
         self.mend_sink()
         again = self.spooling()
         self.wait_delivered(len(kept))
         wait_until(lambda: not list(self.spool.iterdir()), "an empty spool")
         self.assertEqual(self.delivered(), kept)
         again.stop()
+        check_ledger(
+            self,
+            ledger_from_log(again.log()),
+            received=0,
+            recovered=len(kept),
+            waiting=0,
+        )
