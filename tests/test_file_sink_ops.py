@@ -20,7 +20,18 @@ from pathlib import Path
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from tests.support import ServerProcess, in_ci, temp_dir, unread_bytes, wait_until
+from tests.support import (
+    ServerProcess,
+    check_ledger,
+    free_port,
+    in_ci,
+    ledger_from_log,
+    ledger_from_scrape,
+    scrape_metrics,
+    temp_dir,
+    unread_bytes,
+    wait_until,
+)
 
 #: How twistd ends on SIGTERM after a clean stop: it raises the signal again.
 STOPPED = -signal.SIGTERM
@@ -253,6 +264,10 @@ class LogrotateTests(SynchronousTestCase):
         finally:
             sent = {sender.client: sender.finish() for sender in senders}
         self.assertEqual(self.server.stop(), STOPPED, self.server.log()[-2000:])
+        total = sum(sent.values())
+        check_ledger(
+            self, ledger_from_log(self.server.log()), received=total, delivered=total
+        )
         files = rotated_files(self.log)
         self.assertEqual(len(files), 4, files)
         return files, sent
@@ -329,6 +344,7 @@ class DiskFullTests(SynchronousTestCase):
         filler = fill(small, leave=8192)
         log = Path(small, "lines.log")
         workdir = temp_dir(self)
+        metrics = free_port()
         server = ServerProcess(
             workdir,
             "--sink",
@@ -339,6 +355,8 @@ class DiskFullTests(SynchronousTestCase):
             "16K",
             "--max-restarts",
             "1",
+            "--metrics",
+            f"tcp:{metrics}",
         )
         self.addCleanup(server.kill)
         server.wait_listening()
@@ -369,6 +387,12 @@ class DiskFullTests(SynchronousTestCase):
             self.assertRegex(
                 server.log(), r"cannot write: .* \(ENOSPC\); \d+ line\(s\) wait"
             )
+            # A scrape while the disk is full: lines wait queued, none lost.
+            full = check_ledger(
+                self, ledger_from_scrape(scrape_metrics(metrics)), queued=None
+            )
+            self.assertGreater(full.queued, 0, full)
+            self.assertLess(full.delivered, total, full)
 
             os.remove(filler)
             wait_until(
@@ -385,6 +409,9 @@ class DiskFullTests(SynchronousTestCase):
         )
         self.assertIn("writing again after", server.log())
         self.assertNotIn("Traceback", server.log())
+        check_ledger(
+            self, ledger_from_log(server.log()), received=total, delivered=total
+        )
 
     def test_sighup_reopen_failure_keeps_writing(self) -> None:
         """
@@ -413,6 +440,7 @@ class DiskFullTests(SynchronousTestCase):
         sender = Sender(server.port, client=2, total=100)
         self.assertEqual(sender.finish(), 100)
         self.assertEqual(server.stop(), STOPPED)
+        check_ledger(self, ledger_from_log(server.log()), received=200, delivered=200)
         self.assertEqual(
             sequences((moved / "lines.log").read_bytes().splitlines()),
             {1: list(range(100)), 2: list(range(100))},
