@@ -17,7 +17,14 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.support import TWISTD, ServerProcess, temp_dir, wait_until
+from tests.support import (
+    TWISTD,
+    ServerProcess,
+    check_ledger,
+    ledger_from_log,
+    temp_dir,
+    wait_until,
+)
 from tests.test_file_sink_ops import STOPPED, Sender, line, sequences
 
 
@@ -158,6 +165,7 @@ class FsyncModeTests(SynchronousTestCase):
         )
         ended = time.time()
         self.assertEqual(server.stop(), STOPPED)
+        check_ledger(self, ledger_from_log(server.log()), received=sent, delivered=sent)
         trace.wait()
         self.assertEqual(
             sequences(log.read_bytes().splitlines()), {1: list(range(sent))}
@@ -234,3 +242,4 @@ class FsyncUsageTests(SynchronousTestCase):
         )
         self.assertEqual(server.stop(), STOPPED)
         self.assertEqual(log.read_bytes(), b"".join(line(3, n) for n in range(100)))
+        check_ledger(self, ledger_from_log(server.log()), received=100, delivered=100)
