@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import ssl
 import subprocess
@@ -30,9 +31,13 @@ from tests.support import (
     TWISTD,
     Peer,
     ServerProcess,
+    check_ledger,
     free_port,
+    ledger_from_log,
+    ledger_from_scrape,
     listening_addresses,
     run_threads,
+    scrape_metrics,
     temp_dir,
     wait_until,
 )
@@ -106,6 +111,96 @@ def listening_sockets(pid: int) -> int:
                 if fields[3] == "0A" and fields[9] in inodes:
                     found += 1
     return found
+
+
+#: An application of one's own, as docs/embedding.md shows it, run by
+#: C{twistd -y}: a handler that refuses (raises on) lines starting "bad".
+FAILING_HANDLER_TAC = """
+from twisted.application.service import Application
+from twisted.internet import reactor
+
+from lineserver import LineServer, PerLineHandler, ServerConfig, sink_factory_from_url
+
+
+class RefusesBad(PerLineHandler):
+    def __init__(self, connection, queue):
+        self.queue = queue
+        self.producer = connection.producer("sink")
+        queue.register(self.producer)
+
+    def line_received(self, line):
+        if line.startswith(b"bad"):
+            raise ValueError("a bad line")
+        self.queue.put([line], len(line) + 1)
+
+    def connection_lost(self):
+        self.queue.unregister(self.producer)
+
+
+application = Application("refuses-bad")
+LineServer(
+    ServerConfig(ports=["tcp:{port}:interface=127.0.0.1"], metrics="tcp:{metrics}"),
+    reactor,
+    handler=lambda queue: lambda conn: RefusesBad(conn, queue),
+    sink=sink_factory_from_url("file:lines.log", reactor),
+).setServiceParent(application)
+"""
+
+
+class HandlerFailureTwistdTests(SynchronousTestCase):
+    def test_failed_lines_dropped_by_reason(self) -> None:
+        """
+        A handler that raises on some lines, in an application run by
+        C{twistd -y}: each such line is dropped with reason
+        C{handler-failed}, exactly as many as were refused, in a scrape
+        and in the stop's ledger line; every other line is delivered.
+        """
+        directory = temp_dir(self)
+        port, metrics = free_port(), free_port()
+        tac = Path(directory, "app.tac")
+        tac.write_text(FAILING_HANDLER_TAC.format(port=port, metrics=metrics))
+        log = Path(directory, "server.log")
+        proc = subprocess.Popen(
+            [str(TWISTD), "-n", "--pidfile=", f"--logfile={log}", "-y", str(tac)],
+            cwd=directory,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+        def kill() -> None:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+        self.addCleanup(kill)
+        wait_until(lambda: scrapes(metrics), "the metrics port", timeout=30)
+        lines = [b"bad %d" % i if i % 7 == 3 else b"good %d" % i for i in range(700)]
+        bad = sum(1 for line in lines if line.startswith(b"bad"))
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"".join(line + b"\n" for line in lines))
+        good = len(lines) - bad
+        wait_until(
+            lambda: ledger_from_scrape(scrape_metrics(metrics)).delivered == good,
+            "the good lines delivered",
+        )
+        check_ledger(
+            self,
+            ledger_from_scrape(scrape_metrics(metrics)),
+            received=len(lines),
+            delivered=good,
+            dropped={"handler-failed": bad},
+        )
+        os.kill(proc.pid, signal.SIGTERM)
+        self.assertEqual(proc.wait(30), -signal.SIGTERM, log.read_text()[-2000:])
+        check_ledger(
+            self,
+            ledger_from_log(log.read_text()),
+            received=len(lines),
+            delivered=good,
+            dropped={"handler-failed": bad},
+        )
+        written = Path(directory, "lines.log").read_bytes().splitlines()
+        self.assertEqual(written, [line for line in lines if line.startswith(b"good")])
 
 
 class MetricsTwistdTests(SynchronousTestCase):
