@@ -38,6 +38,8 @@ class RelayAckChainTests(ChainCase):
         # The sender's exit means the downstream acknowledged every line
         # to the upstream: they are in the file already.
         self.assertEqual(self.arrived(), lines)
+        _, down = self.stop_and_check_ledgers(received=len(lines))
+        self.assertEqual(down.received, len(lines))
 
     def test_downstream_killed_with_ack(self) -> None:
         """
@@ -63,6 +65,9 @@ class RelayAckChainTests(ChainCase):
         self.assertEqual(set(counts), set(lines))
         # First arrivals keep the order sent.
         self.assertEqual(first_arrivals(arrived), lines)
+        # Every line the upstream received it delivered: the downstream
+        # acknowledged it (nothing dropped, nothing left queued).
+        self.stop_and_check_ledgers(received=len(lines))
 
     def test_sender_survives_downstream_outage(self) -> None:
         """
@@ -80,3 +85,5 @@ class RelayAckChainTests(ChainCase):
         err = sender.stderr.read()
         self.assertEqual(sender.wait(180), 0, err)
         self.assertEqual(set(self.arrived()), set(lines))
+        _, down = self.stop_and_check_ledgers(received=len(lines))
+        self.assertGreaterEqual(down.received, len(lines))
