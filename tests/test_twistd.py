@@ -37,6 +37,8 @@ from lineserver.tap import EXIT_ESCALATED
 from tests import sink_plugins
 from tests.support import (
     ServerProcess,
+    check_ledger,
+    ledger_from_log,
     read_to_eof,
     reset,
     run_threads,
@@ -160,6 +162,9 @@ class ConcurrentClientsTests(TwistdTestCase):
         self.assertLessEqual(len(got), RESET_AFTER)
         expected = (CLIENTS - 1) * LINES_PER_CLIENT + len(got)
         self.assertEqual(len(lines), expected)
+        check_ledger(
+            self, ledger_from_log(server.log()), received=expected, delivered=expected
+        )
 
 
 class ListenRetryTests(TwistdTestCase):
@@ -278,6 +283,13 @@ class ShutdownUnderLoadTests(TwistdTestCase):
         self.assertLessEqual(len(lines), sent[0])
         self.assertEqual(lines, [b"flood %08d" % n for n in range(len(lines))])
         self.assertLess(took, 7)
+        # Every line read before the stop is written: none dropped.
+        check_ledger(
+            self,
+            ledger_from_log(server.log()),
+            received=len(lines),
+            delivered=len(lines),
+        )
 
 
 class SinkSupervisionTests(TwistdTestCase):
@@ -334,6 +346,14 @@ class SinkSupervisionTests(TwistdTestCase):
         self.assertIn("restart intensity exceeded", log)
         self.assertIn("lineserver gives up", log)
         self.assertIn("exiting with status 70", log)
+        # The line the sink never took is dropped, and said so.
+        check_ledger(
+            self,
+            ledger_from_log(log),
+            received=1,
+            delivered=0,
+            dropped={"sink-failed": 1},
+        )
 
     def test_sink_recovers_and_delivers_queued_lines(self) -> None:
         """
@@ -365,3 +385,4 @@ class SinkSupervisionTests(TwistdTestCase):
             [b"early %03d" % n for n in range(100)]
             + [b"late %03d" % n for n in range(100)],
         )
+        check_ledger(self, ledger_from_log(server.log()), received=200, delivered=200)
