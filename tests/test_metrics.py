@@ -50,9 +50,16 @@ from lineserver.metrics import (
     metrics_registry,
 )
 from lineserver.server import LineServer, ServerConfig
-from lineserver.sink_service import SinkService, queued_lines
+from lineserver.sink_service import SPOOL_GAUGES, SinkService, queued_lines
 from lineserver.stats import Stats
-from tests.support import MemorySinkFactory, connect, eventually, free_port, reactor
+from tests.support import (
+    MemorySinkFactory,
+    connect,
+    eventually,
+    free_port,
+    ledger_from_scrape,
+    reactor,
+)
 
 OPERATIONS = Path(__file__).parent.parent / "docs" / "operations.md"
 LOCAL = "tcp:0:interface=127.0.0.1"
@@ -247,6 +254,97 @@ class CollectorTests(SynchronousTestCase):
         families, _ = parse(generate_latest(registry).decode())
         self.assertIn("lineserver_lines_received", families)
         self.assertIn("process_open_fds", families)
+
+
+class SpoolFamiliesTests(SynchronousTestCase):
+    def test_only_with_a_spool(self) -> None:
+        """
+        The spool's families are exported once the sink service has
+        registered its spool gauges (with --spool), each with its value,
+        and are documented; without a spool there are none.
+        """
+        families, _ = parse(exposition(Stats()))
+        self.assertFalse([name for name in families if "spool_" in name])
+        stats = Stats()
+        for index, name in enumerate(sorted(SPOOL_GAUGES)):
+            stats.add_gauge(name, constant(10 + index))
+        families, samples = parse(exposition(stats))
+        self.assertEqual(
+            {n: value(samples, n) for n in samples_named(samples, "lineserver_spool_")},
+            {
+                "lineserver_spool_bytes": 10,
+                "lineserver_spool_lines": 11,
+                "lineserver_spool_recovered_lines_total": 12,
+                "lineserver_spool_recovered_lines_waiting": 13,
+            },
+        )
+        text = OPERATIONS.read_text()
+        for name in families:
+            self.assertIn(f"`{name}", text)
+
+
+def samples_named(samples: Samples, word: str) -> list[str]:
+    return sorted(name for name, labels in samples if word in name and not labels)
+
+
+#: One worker's ledger figures: received = delivered + queued + spooled +
+#: failed, as a worker reports them.
+worker_reports = st.builds(
+    lambda delivered, queued, spooled, failed, pid: {
+        "lines.received": delivered + queued + spooled + failed,
+        "lines.confirmed": delivered + spooled,
+        "lines.delivered": delivered,
+        "queue.lines": queued,
+        "lines.spooled": spooled,
+        "lines.failed": failed,
+        "pid": pid,
+    },
+    *[st.integers(0, 10**9)] * 4,
+    st.integers(2, 2**22),
+)
+
+
+class PerWorkerCollectorTests(SynchronousTestCase):
+    @given(st.dictionaries(st.integers(0, 63), worker_reports, max_size=8))
+    def test_each_workers_ledger(self, workers: dict[int, dict[str, int]]) -> None:
+        """
+        Each running worker's figures are exported as
+        C{lineserver_worker_*} with its index as the C{worker} label, and
+        read back (as an operator would) its ledger balances with the same
+        figures; the sums' families are not touched.
+        """
+        registry = metrics_registry(Stats(), process=False, per_worker=lambda: workers)
+        families, samples = parse(generate_latest(registry).decode())
+        for name, family in families.items():
+            if name.startswith("lineserver_worker_"):
+                for sample in family.samples:
+                    self.assertIn(sample.labels["worker"], map(str, workers))
+        for index, report in workers.items():
+            got = ledger_from_scrape(samples, worker=str(index))
+            self.assertTrue(got.balanced, got)
+            self.assertEqual(
+                (got.received, got.delivered, got.queued, got.spooled),
+                (
+                    report["lines.received"],
+                    report["lines.delivered"],
+                    report["queue.lines"],
+                    report["lines.spooled"],
+                ),
+            )
+            failed = report["lines.failed"]
+            self.assertEqual(
+                dict(got.dropped), {"handler-failed": failed} if failed else {}
+            )
+        self.assertEqual(value(samples, "lineserver_lines_received_total"), 0)
+
+    def test_no_workers_yet(self) -> None:
+        """
+        Before any worker has reported, the families are there, empty.
+        """
+        registry = metrics_registry(Stats(), process=False, per_worker=dict)
+        families, samples = parse(generate_latest(registry).decode())
+        self.assertIn("lineserver_worker_lines_received", families)
+        self.assertFalse([key for key in samples if "worker" in key[0]])
 
 
 class LatencyHistogramTests(SynchronousTestCase):
