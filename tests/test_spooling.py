@@ -361,6 +361,36 @@ class SpoolingSinkTests(SynchronousTestCase):
         self.assertEqual(sink.spooled_lines, 1)
         self.flushLoggedErrors(SinkBug)
 
+    def test_restart_in_process_keeps_its_lines_spooled(self) -> None:
+        """
+        A sink restarted in the same process (given the one it replaces)
+        counts what that one spooled as spooled, not as recovered: those
+        lines are in this process's ledger.  Only what was recovered from
+        a previous process, and not replayed, stays recovered.
+        """
+        self.inner.open_error = ConnectionRefusedError()
+        before = self.opened()
+        self.successResultOf(before.write([b"from before"]))
+        self.successResultOf(before.close())
+        # A new process: the line is recovered; it spools two of its own.
+        first = self.opened()
+        self.assertEqual((first.recovered_lines, first.spooled_lines), (1, 0))
+        self.successResultOf(first.write([b"mine 1", b"mine 2"]))
+        self.successResultOf(first.close())
+        # The supervisor restarts the sink in that process.
+        again = self.opened(previous=first)
+        self.assertEqual(
+            (again.recovered_lines, again.recovered_waiting, again.spooled_lines),
+            (1, 1, 2),
+        )
+        self.assertEqual(again.lines_in_spool, 3)
+        self.inner.open_error = None
+        self.clock.advance(1.0)
+        self.assertEqual(
+            self.inner.confirm_all(), [b"from before", b"mine 1", b"mine 2"]
+        )
+        self.assertEqual((again.recovered_waiting, again.spooled_lines), (0, 0))
+
     def test_close_keeps_the_spool_for_the_next_start(self) -> None:
         """
         Closing with lines spooled leaves them on disk; the next wrapper on

@@ -134,6 +134,7 @@ class SpoolingSink:
         in_thread: InThread | None = None,
         backoff: Callable[[int], float] | None = None,
         segment_bytes: int | None = None,
+        previous: SpoolingSink | None = None,
     ) -> None:
         """
         @param clock: timers; also the reactor the spool's thread reports
@@ -141,6 +142,9 @@ class SpoolingSink:
         @param in_thread: runs a blocking call and returns a Deferred of
             its result (tests run it synchronously); by default a private
             thread, one call at a time.
+        @param previous: the spooling sink this one replaces in the same
+            process (the supervisor restarted the sink): what it spooled
+            is still this process's, and spooled, not recovered.
         """
         self.inner_factory = inner
         self.directory = directory
@@ -154,6 +158,7 @@ class SpoolingSink:
         self.damaged_segments = 0
         self.dropped_bytes = 0
         self.lost_lines = 0
+        self._previous = previous
         self._clock = clock
         self._pool: ThreadPool | None = None
         self._shutdown_trigger: Any = None
@@ -320,7 +325,16 @@ class SpoolingSink:
         self.dropped_bytes = recovered.dropped_bytes
         self._records.extend(recovered.records)
         lines = sum(record.lines for record in recovered.records)
-        self.recovered_lines = self.recovered_waiting = lines
+        previous, self._previous = self._previous, None
+        if previous is None:
+            self.recovered_lines = self.recovered_waiting = lines
+        else:
+            # Restarted in this process: only what the previous incarnation
+            # had recovered and not replayed is from before (it is first in
+            # the spool); the rest this process received, and spooled.
+            self.recovered_lines = previous.recovered_lines
+            self.recovered_waiting = min(lines, previous.recovered_waiting)
+            self.spooled_lines = lines - self.recovered_waiting
         if lines:
             log.info(
                 "spool {dir}: {lines} line(s) in {records} record(s) from before "
@@ -713,12 +727,20 @@ class SpoolingSinkFactory:
         self.spool_after = spool_after
         self.description = inner.description
         self._reactor = reactor
+        self._last: SpoolingSink | None = None
 
     def __call__(self) -> SpoolingSink:
-        return SpoolingSink(
+        """
+        A new spooling sink; after the first, one that knows its
+        predecessor's figures, so that a restart keeps the ledger's
+        spooled lines apart from recovered ones.
+        """
+        sink = self._last = SpoolingSink(
             self.inner,
             self.directory,
             self._reactor,
             max_bytes=self.max_bytes,
             spool_after=self.spool_after,
+            previous=self._last,
         )
+        return sink
