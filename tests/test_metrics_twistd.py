@@ -188,6 +188,99 @@ class HandlerFailureTwistdTests(SynchronousTestCase):
         self.assertEqual(written, [line for line in lines if line.startswith(b"good")])
 
 
+#: An application run by C{twistd -y} whose sink never confirms a write
+#: (a database that hangs): a stop gives it up at the shutdown timeout.
+HANGING_SINK_TAC = """
+from twisted.application.service import Application
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, succeed
+
+from lineserver import LineServer, ServerConfig
+
+
+class Hangs:
+    def open(self):
+        return succeed(None)
+
+    def write(self, lines):
+        return Deferred()
+
+    def close(self):
+        return succeed(None)
+
+
+class HangsFactory:
+    description = "hangs:"
+
+    def __call__(self):
+        return Hangs()
+
+
+application = Application("hangs")
+LineServer(
+    ServerConfig(
+        ports=["tcp:{port}:interface=127.0.0.1"],
+        metrics="tcp:{metrics}",
+        shutdown_timeout=1,
+    ),
+    reactor,
+    sink=HangsFactory(),
+).setServiceParent(application)
+"""
+
+
+class ShutdownTimeoutTwistdTests(SynchronousTestCase):
+    def test_lines_given_up_are_dropped_by_number(self) -> None:
+        """
+        A sink that never confirms: a scrape shows every line queued; the
+        stop gives the sink up at the shutdown timeout and its ledger line
+        drops exactly those lines, with reason C{shutdown_timeout}.
+        """
+        directory = temp_dir(self)
+        port, metrics = free_port(), free_port()
+        tac = Path(directory, "app.tac")
+        tac.write_text(HANGING_SINK_TAC.format(port=port, metrics=metrics))
+        log = Path(directory, "server.log")
+        proc = subprocess.Popen(
+            [str(TWISTD), "-n", "--pidfile=", f"--logfile={log}", "-y", str(tac)],
+            cwd=directory,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+        def kill() -> None:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+        self.addCleanup(kill)
+        wait_until(lambda: scrapes(metrics), "the metrics port", timeout=30)
+        total = 250
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"".join(b"held %d\n" % n for n in range(total)))
+        wait_until(
+            lambda: ledger_from_scrape(scrape_metrics(metrics)).received == total,
+            "every line received",
+        )
+        check_ledger(
+            self,
+            ledger_from_scrape(scrape_metrics(metrics)),
+            received=total,
+            delivered=0,
+            queued=total,
+        )
+        os.kill(proc.pid, signal.SIGTERM)
+        self.assertEqual(proc.wait(30), -signal.SIGTERM, log.read_text()[-2000:])
+        self.assertIn(f"{total} line(s)", log.read_text())
+        check_ledger(
+            self,
+            ledger_from_log(log.read_text()),
+            received=total,
+            delivered=0,
+            dropped={"shutdown-timeout": total},
+        )
+
+
 class MetricsTwistdTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.dir = temp_dir(self)
