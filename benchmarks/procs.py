@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -25,10 +26,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
+
+T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -206,6 +209,8 @@ class ServerProcess:
     @ivar cpus: the CPUs it runs on (None: any).
     @ivar tls: it listens on an C{ssl:} port.
     @ivar start_rss_kib: its resident memory once it accepted a connection.
+    @ivar nofile: raise its C{RLIMIT_NOFILE} to this many descriptors
+        (None: inherit the limit).
     """
 
     server: str
@@ -215,6 +220,7 @@ class ServerProcess:
     log_path: Path
     cpus: set[int] | None = None
     tls: bool = False
+    nofile: int | None = None
     start_rss_kib: int = field(default=0, init=False)
     _log: IO[bytes] | None = field(default=None, init=False, repr=False)
     _process: subprocess.Popen[bytes] | None = field(
@@ -237,7 +243,7 @@ class ServerProcess:
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            preexec_fn=pinning(self.cpus),
+            preexec_fn=pinning(self.cpus, self.nofile),
         )
         deadline = time.monotonic() + timeout
         while True:
@@ -301,18 +307,44 @@ class BenchError(Exception):
     """
 
 
-def pinning(cpus: set[int] | None) -> Callable[[], None] | None:
+def pinning(
+    cpus: set[int] | None, nofile: int | None = None
+) -> Callable[[], None] | None:
     """
     @return: a C{preexec_fn} that keeps a child (and the threads it will
-        start) on C{cpus}, or None to let the kernel place it.
+        start) on C{cpus}, or None to let the kernel place it; and raises
+        its C{RLIMIT_NOFILE} towards C{nofile} (L{raise_nofile}).
     """
-    if cpus is None:
+    if cpus is None and nofile is None:
         return None
 
     def pin() -> None:
-        os.sched_setaffinity(0, cpus)
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)
+        if nofile is not None:
+            raise_nofile(nofile)
 
     return pin
+
+
+def raise_nofile(wanted: int) -> int:
+    """
+    Raise this process's soft C{RLIMIT_NOFILE} towards C{wanted}: up to
+    the hard limit, and the hard limit too where allowed (root).
+
+    @return: the soft limit now.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= wanted:
+        return soft
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
+            return wanted
+        except (ValueError, OSError):
+            wanted = hard
+    resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    return wanted
 
 
 def twistd_path() -> str:
@@ -406,9 +438,7 @@ def running_servers(
         yield running
 
 
-def alternating(
-    servers: list[ServerProcess], rounds: int
-) -> Iterator[tuple[int, list[ServerProcess]]]:
+def alternating(servers: list[T], rounds: int) -> Iterator[tuple[int, list[T]]]:
     """
     @return: each round's number, from 1, with the servers in the order
         they run in it: as started in odd rounds, reversed in even ones, so

@@ -43,6 +43,20 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from benchmarks.fleet import (
+    FLEET_SCENARIOS,
+    FleetMeasurement,
+    build_fleet_rows,
+    format_fleet_table,
+    run_fleet_phase,
+)
+from benchmarks.latency import (
+    LATENCY_SCENARIOS,
+    LatencyMeasurement,
+    build_latency_rows,
+    format_latency_table,
+    run_latency_phase,
+)
 from benchmarks.loadgen import LINE_LENGTH, write_payload
 from benchmarks.longlines import (
     LONG_SCENARIOS,
@@ -106,6 +120,9 @@ SCENARIOS = (
     Scenario("tls-echo-1", "echo", 1, 600_000, tls=True),
     Scenario("tls-echo-16", "echo", 16, 1_000_000, tls=True),
 )
+
+#: Rounds of the many-slow-clients scenarios (a fresh server each), at most.
+FLEET_ROUNDS = 3
 
 #: --quick sends this share of each scenario's lines, in fewer rounds.
 QUICK_SCALE = 0.25
@@ -515,7 +532,12 @@ def format_servers(reports: list[ServerReport]) -> str:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    names = [s.name for s in SCENARIOS] + [s.name for s in LONG_SCENARIOS]
+    names = (
+        [s.name for s in SCENARIOS]
+        + [s.name for s in LONG_SCENARIOS]
+        + [s.name for s in FLEET_SCENARIOS]
+        + [s.name for s in LATENCY_SCENARIOS]
+    )
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.run",
         description="lineserver against a stock Twisted LineReceiver baseline.",
@@ -640,6 +662,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             seconds=QUICK_LONG_SECONDS if args.quick else LONG_SECONDS,
             budget=int(LONG_BUDGET * args.scale),
         )
+        fleet_scenarios = [s for s in FLEET_SCENARIOS if s.name in args.scenarios]
+        fleet_measurements: list[FleetMeasurement] = []
+        latency_scenarios = [s for s in LATENCY_SCENARIOS if s.name in args.scenarios]
+        latency_measurements: list[LatencyMeasurement] = []
         long_measurements: list[LongMeasurement] = []
         long_reports: list[LongServerReport] = []
         payload = workdir / "payload.bin"
@@ -657,11 +683,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             if long_settings.scenarios:
                 print("long lines:", flush=True)
                 long_measurements, long_reports = run_long_phase(long_settings)
+            if fleet_scenarios:
+                print("many slow clients:", flush=True)
+                fleet_measurements = run_fleet_phase(
+                    harness,
+                    fleet_scenarios,
+                    workdir,
+                    min(args.rounds, FLEET_ROUNDS),
+                )
+            if latency_scenarios:
+                print("latency:", flush=True)
+                latency_measurements = run_latency_phase(
+                    harness, latency_scenarios, args.rounds
+                )
         except BenchError as e:
             print(f"benchmark failed: {e}", file=sys.stderr)
             return 2
     rows = build_rows(settings, measurements, args.min_ratio)
     long_rows = build_long_rows(long_settings, long_measurements, long_reports)
+    fleet_rows = build_fleet_rows(fleet_scenarios, fleet_measurements)
+    latency_rows = build_latency_rows(latency_scenarios, latency_measurements)
     load_end = os.getloadavg()
     print()
     if args.candidate != LINESERVER:
@@ -680,6 +721,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(format_long_table(long_rows))
         print()
         print(format_long_servers(long_reports))
+    if fleet_rows:
+        print()
+        print(format_fleet_table(fleet_rows))
+    if latency_rows:
+        print()
+        print(format_latency_table(latency_rows))
     busy = [m for m in measurements if m.loadgen_cpu_seconds > 0.9 * m.seconds]
     if busy:
         print(
@@ -720,6 +767,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             "scenarios": long_rows,
             "servers": [asdict(r) for r in long_reports],
             "measurements": [asdict(m) for m in long_measurements],
+        },
+        "many_slow_clients": {
+            "scenarios": fleet_rows,
+            "measurements": [asdict(m) for m in fleet_measurements],
+        },
+        "latency": {
+            "scenarios": latency_rows,
+            "measurements": [asdict(m) for m in latency_measurements],
         },
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
