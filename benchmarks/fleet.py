@@ -329,7 +329,13 @@ class FleetScenario:
     interval: float = 1.0
 
 
-FLEET_SCENARIOS = (FleetScenario("slow-1k", 1000), FleetScenario("slow-10k", 10_000))
+FLEET_SCENARIOS = (
+    FleetScenario("slow-1k", 1000),
+    FleetScenario("slow-10k", 10_000),
+    # For the report's CPU per line against clients (make bench-report).
+    FleetScenario("slow-100", 100),
+    FleetScenario("slow-3k", 3000),
+)
 
 #: lineserver's guards in the fleet scenarios, all on: deadlines for a
 #: silent connection and for an unfinished line, connection limits (well
@@ -383,14 +389,14 @@ def fleet_server(
     alone), with room for the fleet's descriptors and, for lineserver,
     every guard on (L{GUARDS}).
     """
-    kind = harness.candidate if label == LINESERVER else BASELINE
+    kind = harness.candidate if label == LINESERVER else harness.baseline
     port = free_port()
     command = server_command(kind, "sink", port, sink)
     # Both listen with lineserver's default backlog: Twisted's own (50)
     # made the baseline's fleet take seconds to connect.
     endpoint = command.index("--port") + 1
     command[endpoint] += f":backlog={BACKLOG}"
-    if kind == LINESERVER:
+    if kind != BASELINE:
         command += GUARDS
     return ServerProcess(
         label,

@@ -20,7 +20,7 @@ load (a reply never holds back the next line), so a server that stalls
 shows up in the tail rather than in a lower rate.  It prints one JSON
 object with the percentiles (p50, p90, p99, p99.9, max) in microseconds:
 
-    python -m benchmarks.latency --port 4040 --connections 50 --rate 20000
+    python -m benchmarks.latency --port 4040 --connections 50 --rate 5000
 """
 
 from __future__ import annotations
@@ -229,7 +229,7 @@ class LatencyScenario:
     server_options: tuple[str, ...] = ()
 
 
-LATENCY_SCENARIOS = (LatencyScenario("latency-echo", 50, 20_000),)
+LATENCY_SCENARIOS = (LatencyScenario("latency-echo", 50, 5_000),)
 
 
 @dataclass
@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         timeout=60.0,
     )
     parser.add_argument("--connections", type=int, default=50)
-    parser.add_argument("--rate", type=float, default=20_000, help="lines/s in all")
+    parser.add_argument("--rate", type=float, default=5_000, help="lines/s in all")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--replies", choices=["echo", "ack"], default="echo")

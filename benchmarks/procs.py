@@ -73,6 +73,9 @@ class Harness:
     @ivar logs: the directory for the servers' logs.
     @ivar server_cpus: the CPUs the servers run on (None: any).
     @ivar client_cpus: the CPUs the client processes run on (None: any).
+    @ivar baseline: the kind of server in the L{BASELINE} column:
+        L{BASELINE}, or C{checkout:DIR} for lineserver from another
+        checkout (a before/after comparison in one run, L{checkout_kind}).
     """
 
     servers: list[str]
@@ -82,6 +85,16 @@ class Harness:
     logs: Path
     server_cpus: set[int] | None = None
     client_cpus: set[int] | None = None
+    baseline: str = "baseline"
+
+
+def checkout_kind(directory: Path) -> str:
+    """
+    @return: the server kind that runs lineserver from the checkout at
+        C{directory} (its C{lineserver} package and C{twisted/plugins}),
+        with this checkout's interpreter and Twisted.
+    """
+    return f"checkout:{directory.resolve()}"
 
 
 @dataclass(frozen=True)
@@ -142,7 +155,9 @@ def columns(harness: Harness, tls: TLSFiles | None = None) -> list[Column]:
     C{tls} is given, and then also lineserver on a plain port (L{PLAIN}).
     """
     chosen = [
-        Column(label, harness.candidate if label == LINESERVER else BASELINE, tls)
+        Column(
+            label, harness.candidate if label == LINESERVER else harness.baseline, tls
+        )
         for label in harness.servers
     ]
     if tls is not None and LINESERVER in harness.servers:
@@ -388,7 +403,11 @@ def server_command(
     if max_line is not None:
         size = f"{max_line // MIB}M" if max_line % MIB == 0 else str(max_line)
         options += ["--max-line-length", size]
-    return [twistd_path(), "-n", "--pidfile=", "lineserver", *options]
+    command = [twistd_path(), "-n", "--pidfile=", "lineserver", *options]
+    if kind.startswith("checkout:"):
+        # Its lineserver and plugin come first on the path.
+        command = ["env", f"PYTHONPATH={kind.removeprefix('checkout:')}", *command]
+    return command
 
 
 @contextmanager

@@ -81,6 +81,7 @@ from benchmarks.procs import (
     ServerReport,
     TLSFiles,
     alternating,
+    checkout_kind,
     columns,
     make_tls_files,
     progress,
@@ -119,7 +120,13 @@ SCENARIOS = (
     Scenario("tls-sink-16", "sink", 16, 1_000_000, tls=True),
     Scenario("tls-echo-1", "echo", 1, 600_000, tls=True),
     Scenario("tls-echo-16", "echo", 16, 1_000_000, tls=True),
+    # For the report's lines/s against connections (make bench-report).
+    Scenario("sink-4", "sink", 4, 1_200_000),
+    Scenario("sink-64", "sink", 64, 1_200_000),
 )
+
+#: Scenarios only run when named (by make bench-report), not by default.
+REPORT_ONLY = frozenset({"sink-4", "sink-64", "slow-100", "slow-3k"})
 
 #: Rounds of the many-slow-clients scenarios (a fresh server each), at most.
 FLEET_ROUNDS = 3
@@ -574,6 +581,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=1000,
         help="echo: lines in flight per connection (0: all at once)",
     )
+    parser.add_argument(
+        "--before",
+        type=Path,
+        metavar="DIR",
+        help="put lineserver from the checkout DIR (e.g. a git worktree of the "
+        "previous commit) in the baseline column: a before/after run",
+    )
     parser.add_argument("--min-ratio", type=float, default=3.0)
     parser.add_argument(
         "--strict",
@@ -591,7 +605,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.scenarios is None:
         skip = {s.name for s in LONG_SCENARIOS} - set(QUICK_LONG_SCENARIOS)
-        args.scenarios = ",".join(n for n in names if not (args.quick and n in skip))
+        args.scenarios = ",".join(
+            n for n in names if not (args.quick and n in skip) and n not in REPORT_ONLY
+        )
     chosen = [n.strip() for n in args.scenarios.split(",") if n.strip()]
     unknown = set(chosen) - set(names)
     if unknown or not chosen:
@@ -649,6 +665,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             logs=RESULTS / "logs",
             server_cpus={0} if args.pin else None,
             client_cpus={1} if args.pin else None,
+            baseline=BASELINE if args.before is None else checkout_kind(args.before),
         )
         settings = Settings(
             harness=harness,
@@ -707,6 +724,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     if args.candidate != LINESERVER:
         print("A/A check: the lineserver column is the baseline server again")
+    if args.before is not None:
+        print(f"before/after: the baseline column is lineserver from {args.before}")
     if rows:
         print(format_rows(rows, args.min_ratio))
         tls_rows = [row for row in rows if row["tls"]]
@@ -757,6 +776,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "line_length": LINE_LENGTH,
             "min_ratio": args.min_ratio,
             "pin": args.pin,
+            "before": None if args.before is None else str(args.before),
         },
         "scenarios": rows,
         "servers": [asdict(r) for r in reports],
