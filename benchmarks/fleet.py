@@ -391,13 +391,17 @@ def fleet_server(
     """
     kind = harness.candidate if label == LINESERVER else harness.baseline
     port = free_port()
-    command = server_command(kind, "sink", port, sink)
+    command = server_command(
+        kind,
+        "sink",
+        port,
+        sink,
+        options_for_lineserver=GUARDS if kind != BASELINE else (),
+    )
     # Both listen with lineserver's default backlog: Twisted's own (50)
     # made the baseline's fleet take seconds to connect.
     endpoint = command.index("--port") + 1
     command[endpoint] += f":backlog={BACKLOG}"
-    if kind != BASELINE:
-        command += GUARDS
     return ServerProcess(
         label,
         "sink",

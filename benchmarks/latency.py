@@ -41,6 +41,7 @@ from benchmarks.procs import (
     alternating,
     client_main,
     client_parser,
+    columns,
     progress,
     run_client,
     running_servers,
@@ -216,8 +217,11 @@ class LatencyScenario:
     C{rate} lines per second over C{connections} connections.
 
     @ivar replies: C{echo}; C{ack} for a C{--ack} sink (once it exists:
-        add a scenario with C{mode="sink"}, C{replies="ack"} and
-        C{server_options=("--ack",)}).
+        add C{LatencyScenario("latency-ack", 50, 5_000, mode="sink",
+        replies="ack", server_options=("--ack",))}).
+    @ivar server_options: more options for lineserver only.  The stock
+        server has no C{--ack}: an C{ack} scenario runs lineserver alone,
+        beside the baseline's C{latency-echo} figures.
     """
 
     name: str
@@ -257,10 +261,18 @@ def run_latency_phase(
     measurements = []
     shown = replace(harness, rounds=rounds)
     for scenario in scenarios:
-        if scenario.server_options:
-            raise NotImplementedError("server options for latency scenarios")
+        servers = [
+            column
+            for column in columns(harness)
+            if scenario.replies != "ack" or column.kind != BASELINE
+        ]
         with running_servers(
-            harness, scenario.mode, scenario.name, lambda *_: None
+            harness,
+            scenario.mode,
+            scenario.name,
+            lambda *_: None,
+            servers=servers,
+            options_for_lineserver=scenario.server_options,
         ) as running:
             for round_number, order in alternating(running, rounds):
                 for server in order:

@@ -383,6 +383,7 @@ def server_command(
     sink: Path | None = None,
     max_line: int | None = None,
     tls: TLSFiles | None = None,
+    options_for_lineserver: Sequence[str] = (),
 ) -> list[str]:
     """
     The command line of a server of C{kind} (L{BASELINE} or L{LINESERVER}).
@@ -391,6 +392,8 @@ def server_command(
     @param sink: the sink file, in sink mode.
     @param max_line: the line limit in bytes, if not the server's default.
     @param tls: listen on an C{ssl:} port with these files, not C{tcp:}.
+    @param options_for_lineserver: more options, given to lineserver only
+        (C{--ack}, guards).
     """
     endpoint = f"tcp:{port}:interface={HOST}" if tls is None else tls.endpoint(port)
     options = ["--port", endpoint, "--mode", mode]
@@ -403,7 +406,14 @@ def server_command(
     if max_line is not None:
         size = f"{max_line // MIB}M" if max_line % MIB == 0 else str(max_line)
         options += ["--max-line-length", size]
-    command = [twistd_path(), "-n", "--pidfile=", "lineserver", *options]
+    command = [
+        twistd_path(),
+        "-n",
+        "--pidfile=",
+        "lineserver",
+        *options,
+        *options_for_lineserver,
+    ]
     if kind.startswith("checkout:"):
         # Its lineserver and plugin come first on the path.
         command = ["env", f"PYTHONPATH={kind.removeprefix('checkout:')}", *command]
@@ -419,6 +429,7 @@ def running_servers(
     sinks: Mapping[str, Path] | None = None,
     max_line: int | None = None,
     servers: Sequence[Column] | None = None,
+    options_for_lineserver: Sequence[str] = (),
 ) -> Iterator[list[ServerProcess]]:
     """
     Start one server per column of C{harness} on a free port, each ready
@@ -429,6 +440,7 @@ def running_servers(
     @param sinks: each column's sink file, in sink mode.
     @param max_line: see L{server_command}.
     @param servers: the servers to start, if not L{columns}C{(harness)}.
+    @param options_for_lineserver: see L{server_command}.
     """
     with ExitStack() as stack:
         running: list[ServerProcess] = []
@@ -440,7 +452,15 @@ def running_servers(
                 label,
                 mode,
                 port,
-                server_command(column.kind, mode, port, sink, max_line, column.tls),
+                server_command(
+                    column.kind,
+                    mode,
+                    port,
+                    sink,
+                    max_line,
+                    column.tls,
+                    options_for_lineserver,
+                ),
                 harness.logs / f"{label}-{name}.log",
                 harness.server_cpus,
                 column.tls is not None,
