@@ -54,6 +54,10 @@ SOAK_RATE = 5000
 SOAK_CONNECTIONS = 100
 
 
+#: Lines a client sends in one go at most.
+MAX_BURST = 200
+
+
 class SoakError(Exception):
     """
     The soak client could not keep connecting.
@@ -90,7 +94,10 @@ def run_client_loop(
     turn = 0
     try:
         while (now := time.monotonic()) < start + seconds:
-            due = int((now - start) * rate) - sent - dropped
+            # At most a tick's worth at once: a client that fell behind
+            # (reconnecting to a server that keeps dropping it) must still
+            # stop on time.
+            due = min(int((now - start) * rate) - sent - dropped, MAX_BURST)
             for _ in range(due):
                 i = turn
                 turn = (turn + 1) % connections
