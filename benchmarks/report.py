@@ -405,8 +405,9 @@ def write_page(
             f"{row['rate']:,.0f} lines/s for {row['seconds']:g} s (after 1 s not",
             "counted); latency is from the `send` of a line to the `recv` that",
             "returned its echo, on the client's clock (`benchmarks/latency.py`),",
-            "median of each percentile over the rounds. On a 2-core machine shared",
-            "with the client the tail is mostly scheduling.",
+            "median of each percentile over the rounds (each round's figures are",
+            "in the run's progress lines and JSON). The tail moves a lot from",
+            "round to round on a 2-core machine shared with the client.",
         ]
     lines += [
         "",
