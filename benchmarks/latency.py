@@ -255,8 +255,8 @@ def run_latency_phase(
     harness: Harness, scenarios: list[LatencyScenario], rounds: int
 ) -> list[LatencyMeasurement]:
     """
-    Both servers of each scenario's mode, started once, measured in
-    alternating rounds.
+    Both servers of each scenario's mode, started once, warmed up with a
+    2-second run each, measured in alternating rounds.
     """
     measurements = []
     shown = replace(harness, rounds=rounds)
@@ -274,6 +274,25 @@ def run_latency_phase(
             servers=servers,
             options_for_lineserver=scenario.server_options,
         ) as running:
+            # A warm-up, not counted: a fresh lineserver's first seconds
+            # had tails of tens of milliseconds that later rounds did not.
+            for server in running:
+                run_client(
+                    harness,
+                    server,
+                    scenario.name,
+                    "benchmarks.latency",
+                    [
+                        "--connections",
+                        str(scenario.connections),
+                        "--rate",
+                        str(scenario.rate),
+                        "--seconds",
+                        "2",
+                        "--replies",
+                        scenario.replies,
+                    ],
+                )
             for round_number, order in alternating(running, rounds):
                 for server in order:
                     result, _ = run_client(
