@@ -12,8 +12,8 @@ round is the luckiest one, and a ratio of two lucky rounds flatters
 whichever was luckier.  Each measurement is one L{benchmarks.loadgen}
 process, so the load generator has the other core to itself.
 
-    python -m benchmarks.run               # the full run, about 4.5 minutes
-    python -m benchmarks.run --quick       # about 50 seconds
+    python -m benchmarks.run               # the full run, about 9 minutes
+    python -m benchmarks.run --quick       # about 5 minutes (fleets not scaled)
     python -m benchmarks.run --servers baseline --scenarios sink-1,echo-1
     python -m benchmarks.run --scenarios long-1M,long-8M
 
