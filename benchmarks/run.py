@@ -552,7 +552,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a quarter of the lines and 3 rounds, long lines up to 8 MiB (about 50 s)",
+        help="a quarter of the bulk lines and 3 rounds, long lines up to 8 MiB "
+        "(about 5 minutes with the fleets)",
     )
     parser.add_argument("--rounds", type=int, help="rounds per scenario (default 5)")
     parser.add_argument(
