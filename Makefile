@@ -28,7 +28,7 @@ SYSTEM_TOOLS += systemd-socket-activate=systemd systemd-analyze=systemd
 # Graphviz draws the docs site's diagrams (make docs).
 SYSTEM_TOOLS += dot=graphviz
 
-.PHONY: run test lint typecheck docs trial trial-oldest pytest bench bench-quick clean system-tools
+.PHONY: run test lint typecheck docs trial trial-oldest pytest bench bench-quick bench-report clean system-tools
 
 $(RUNTIME_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -101,6 +101,17 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) -m benchmarks.run --quick
+
+# docs/performance.md and its plots (about 25 minutes with a 10-minute soak;
+# the soak mounts a tmpfs, so run as root).  The bench extra adds matplotlib.
+BENCH_STAMP := $(VENV)/.bench-stamp
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["bench"]))' > $(VENV)/bench-requirements.txt
+	$(PY) -m pip install --quiet -r $(VENV)/bench-requirements.txt
+	touch $@
+
+bench-report: $(BENCH_STAMP)
+	$(PY) -m benchmarks.report
 
 clean:
 	rm -rf $(VENV) $(OLDEST) .trial_temp _trial_temp_oldest .hypothesis build *.egg-info

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -25,10 +26,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
+
+T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -70,6 +73,9 @@ class Harness:
     @ivar logs: the directory for the servers' logs.
     @ivar server_cpus: the CPUs the servers run on (None: any).
     @ivar client_cpus: the CPUs the client processes run on (None: any).
+    @ivar baseline: the kind of server in the L{BASELINE} column:
+        L{BASELINE}, or C{checkout:DIR} for lineserver from another
+        checkout (a before/after comparison in one run, L{checkout_kind}).
     """
 
     servers: list[str]
@@ -79,6 +85,16 @@ class Harness:
     logs: Path
     server_cpus: set[int] | None = None
     client_cpus: set[int] | None = None
+    baseline: str = "baseline"
+
+
+def checkout_kind(directory: Path) -> str:
+    """
+    @return: the server kind that runs lineserver from the checkout at
+        C{directory} (its C{lineserver} package and C{twisted/plugins}),
+        with this checkout's interpreter and Twisted.
+    """
+    return f"checkout:{directory.resolve()}"
 
 
 @dataclass(frozen=True)
@@ -139,7 +155,9 @@ def columns(harness: Harness, tls: TLSFiles | None = None) -> list[Column]:
     C{tls} is given, and then also lineserver on a plain port (L{PLAIN}).
     """
     chosen = [
-        Column(label, harness.candidate if label == LINESERVER else BASELINE, tls)
+        Column(
+            label, harness.candidate if label == LINESERVER else harness.baseline, tls
+        )
         for label in harness.servers
     ]
     if tls is not None and LINESERVER in harness.servers:
@@ -206,6 +224,8 @@ class ServerProcess:
     @ivar cpus: the CPUs it runs on (None: any).
     @ivar tls: it listens on an C{ssl:} port.
     @ivar start_rss_kib: its resident memory once it accepted a connection.
+    @ivar nofile: raise its C{RLIMIT_NOFILE} to this many descriptors
+        (None: inherit the limit).
     """
 
     server: str
@@ -215,6 +235,7 @@ class ServerProcess:
     log_path: Path
     cpus: set[int] | None = None
     tls: bool = False
+    nofile: int | None = None
     start_rss_kib: int = field(default=0, init=False)
     _log: IO[bytes] | None = field(default=None, init=False, repr=False)
     _process: subprocess.Popen[bytes] | None = field(
@@ -237,7 +258,7 @@ class ServerProcess:
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            preexec_fn=pinning(self.cpus),
+            preexec_fn=pinning(self.cpus, self.nofile),
         )
         deadline = time.monotonic() + timeout
         while True:
@@ -301,18 +322,44 @@ class BenchError(Exception):
     """
 
 
-def pinning(cpus: set[int] | None) -> Callable[[], None] | None:
+def pinning(
+    cpus: set[int] | None, nofile: int | None = None
+) -> Callable[[], None] | None:
     """
     @return: a C{preexec_fn} that keeps a child (and the threads it will
-        start) on C{cpus}, or None to let the kernel place it.
+        start) on C{cpus}, or None to let the kernel place it; and raises
+        its C{RLIMIT_NOFILE} towards C{nofile} (L{raise_nofile}).
     """
-    if cpus is None:
+    if cpus is None and nofile is None:
         return None
 
     def pin() -> None:
-        os.sched_setaffinity(0, cpus)
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)
+        if nofile is not None:
+            raise_nofile(nofile)
 
     return pin
+
+
+def raise_nofile(wanted: int) -> int:
+    """
+    Raise this process's soft C{RLIMIT_NOFILE} towards C{wanted}: up to
+    the hard limit, and the hard limit too where allowed (root).
+
+    @return: the soft limit now.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= wanted:
+        return soft
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
+            return wanted
+        except (ValueError, OSError):
+            wanted = hard
+    resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    return wanted
 
 
 def twistd_path() -> str:
@@ -336,6 +383,7 @@ def server_command(
     sink: Path | None = None,
     max_line: int | None = None,
     tls: TLSFiles | None = None,
+    options_for_lineserver: Sequence[str] = (),
 ) -> list[str]:
     """
     The command line of a server of C{kind} (L{BASELINE} or L{LINESERVER}).
@@ -344,6 +392,8 @@ def server_command(
     @param sink: the sink file, in sink mode.
     @param max_line: the line limit in bytes, if not the server's default.
     @param tls: listen on an C{ssl:} port with these files, not C{tcp:}.
+    @param options_for_lineserver: more options, given to lineserver only
+        (C{--ack}, guards).
     """
     endpoint = f"tcp:{port}:interface={HOST}" if tls is None else tls.endpoint(port)
     options = ["--port", endpoint, "--mode", mode]
@@ -356,7 +406,18 @@ def server_command(
     if max_line is not None:
         size = f"{max_line // MIB}M" if max_line % MIB == 0 else str(max_line)
         options += ["--max-line-length", size]
-    return [twistd_path(), "-n", "--pidfile=", "lineserver", *options]
+    command = [
+        twistd_path(),
+        "-n",
+        "--pidfile=",
+        "lineserver",
+        *options,
+        *options_for_lineserver,
+    ]
+    if kind.startswith("checkout:"):
+        # Its lineserver and plugin come first on the path.
+        command = ["env", f"PYTHONPATH={kind.removeprefix('checkout:')}", *command]
+    return command
 
 
 @contextmanager
@@ -368,6 +429,7 @@ def running_servers(
     sinks: Mapping[str, Path] | None = None,
     max_line: int | None = None,
     servers: Sequence[Column] | None = None,
+    options_for_lineserver: Sequence[str] = (),
 ) -> Iterator[list[ServerProcess]]:
     """
     Start one server per column of C{harness} on a free port, each ready
@@ -378,6 +440,7 @@ def running_servers(
     @param sinks: each column's sink file, in sink mode.
     @param max_line: see L{server_command}.
     @param servers: the servers to start, if not L{columns}C{(harness)}.
+    @param options_for_lineserver: see L{server_command}.
     """
     with ExitStack() as stack:
         running: list[ServerProcess] = []
@@ -389,7 +452,15 @@ def running_servers(
                 label,
                 mode,
                 port,
-                server_command(column.kind, mode, port, sink, max_line, column.tls),
+                server_command(
+                    column.kind,
+                    mode,
+                    port,
+                    sink,
+                    max_line,
+                    column.tls,
+                    options_for_lineserver,
+                ),
                 harness.logs / f"{label}-{name}.log",
                 harness.server_cpus,
                 column.tls is not None,
@@ -406,9 +477,7 @@ def running_servers(
         yield running
 
 
-def alternating(
-    servers: list[ServerProcess], rounds: int
-) -> Iterator[tuple[int, list[ServerProcess]]]:
+def alternating(servers: list[T], rounds: int) -> Iterator[tuple[int, list[T]]]:
     """
     @return: each round's number, from 1, with the servers in the order
         they run in it: as started in odd rounds, reversed in even ones, so

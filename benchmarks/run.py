@@ -12,8 +12,8 @@ round is the luckiest one, and a ratio of two lucky rounds flatters
 whichever was luckier.  Each measurement is one L{benchmarks.loadgen}
 process, so the load generator has the other core to itself.
 
-    python -m benchmarks.run               # the full run, about 4.5 minutes
-    python -m benchmarks.run --quick       # about 50 seconds
+    python -m benchmarks.run               # the full run, about 9 minutes
+    python -m benchmarks.run --quick       # about 5 minutes (fleets not scaled)
     python -m benchmarks.run --servers baseline --scenarios sink-1,echo-1
     python -m benchmarks.run --scenarios long-1M,long-8M
     python -m benchmarks.run --scenarios delivery --quick
@@ -55,6 +55,20 @@ from benchmarks.delivery import (
     format_delivery_rows,
     run_delivery,
 )
+from benchmarks.fleet import (
+    FLEET_SCENARIOS,
+    FleetMeasurement,
+    build_fleet_rows,
+    format_fleet_table,
+    run_fleet_phase,
+)
+from benchmarks.latency import (
+    LATENCY_SCENARIOS,
+    LatencyMeasurement,
+    build_latency_rows,
+    format_latency_table,
+    run_latency_phase,
+)
 from benchmarks.loadgen import LINE_LENGTH, write_payload
 from benchmarks.longlines import (
     LONG_SCENARIOS,
@@ -79,6 +93,7 @@ from benchmarks.procs import (
     ServerReport,
     TLSFiles,
     alternating,
+    checkout_kind,
     columns,
     make_tls_files,
     progress,
@@ -121,7 +136,16 @@ SCENARIOS = (
     Scenario("tls-sink-16", "sink", 16, 1_000_000, tls=True),
     Scenario("tls-echo-1", "echo", 1, 600_000, tls=True),
     Scenario("tls-echo-16", "echo", 16, 1_000_000, tls=True),
+    # For the report's lines/s against connections (make bench-report).
+    Scenario("sink-4", "sink", 4, 1_200_000),
+    Scenario("sink-64", "sink", 64, 1_200_000),
 )
+
+#: Scenarios only run when named (by make bench-report), not by default.
+REPORT_ONLY = frozenset({"sink-4", "sink-64", "slow-100", "slow-3k"})
+
+#: Rounds of the many-slow-clients scenarios (a fresh server each), at most.
+FLEET_ROUNDS = 3
 
 #: --quick sends this share of each scenario's lines, in fewer rounds.
 QUICK_SCALE = 0.25
@@ -531,7 +555,12 @@ def format_servers(reports: list[ServerReport]) -> str:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    names = [s.name for s in SCENARIOS] + [s.name for s in LONG_SCENARIOS]
+    names = (
+        [s.name for s in SCENARIOS]
+        + [s.name for s in LONG_SCENARIOS]
+        + [s.name for s in FLEET_SCENARIOS]
+        + [s.name for s in LATENCY_SCENARIOS]
+    )
     names.append(SPOOL_SCENARIO)
     names.append(DELIVERY)
     parser = argparse.ArgumentParser(
@@ -541,7 +570,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a quarter of the lines and 3 rounds, long lines up to 8 MiB (about 50 s)",
+        help="a quarter of the bulk lines and 3 rounds, long lines up to 8 MiB "
+        "(about 5 minutes with the fleets)",
     )
     parser.add_argument("--rounds", type=int, help="rounds per scenario (default 5)")
     parser.add_argument(
@@ -570,6 +600,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=1000,
         help="echo: lines in flight per connection (0: all at once)",
     )
+    parser.add_argument(
+        "--before",
+        type=Path,
+        metavar="DIR",
+        help="put lineserver from the checkout DIR (e.g. a git worktree of the "
+        "previous commit) in the baseline column: a before/after run",
+    )
     parser.add_argument("--min-ratio", type=float, default=3.0)
     parser.add_argument(
         "--strict",
@@ -593,7 +630,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.scenarios is None:
         skip = {s.name for s in LONG_SCENARIOS} - set(QUICK_LONG_SCENARIOS)
-        args.scenarios = ",".join(n for n in names if not (args.quick and n in skip))
+        args.scenarios = ",".join(
+            n for n in names if not (args.quick and n in skip) and n not in REPORT_ONLY
+        )
     chosen = [n.strip() for n in args.scenarios.split(",") if n.strip()]
     unknown = set(chosen) - set(names)
     if unknown or not chosen:
@@ -651,6 +690,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             logs=RESULTS / "logs",
             server_cpus={0} if args.pin else None,
             client_cpus={1} if args.pin else None,
+            baseline=BASELINE if args.before is None else checkout_kind(args.before),
         )
         settings = Settings(
             harness=harness,
@@ -665,6 +705,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             budget=int(LONG_BUDGET * args.scale),
         )
         spool_figures: SpoolFigures | None = None
+        fleet_scenarios = [s for s in FLEET_SCENARIOS if s.name in args.scenarios]
+        fleet_measurements: list[FleetMeasurement] = []
+        latency_scenarios = [s for s in LATENCY_SCENARIOS if s.name in args.scenarios]
+        latency_measurements: list[LatencyMeasurement] = []
         long_measurements: list[LongMeasurement] = []
         long_reports: list[LongServerReport] = []
         delivery = DeliveryResult()
@@ -690,15 +734,32 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             if DELIVERY in args.scenarios:
                 delivery = run_delivery(harness, workdir, args.scale)
+            if fleet_scenarios:
+                print("many slow clients:", flush=True)
+                fleet_measurements = run_fleet_phase(
+                    harness,
+                    fleet_scenarios,
+                    workdir,
+                    min(args.rounds, FLEET_ROUNDS),
+                )
+            if latency_scenarios:
+                print("latency:", flush=True)
+                latency_measurements = run_latency_phase(
+                    harness, latency_scenarios, args.rounds
+                )
         except BenchError as e:
             print(f"benchmark failed: {e}", file=sys.stderr)
             return 2
     rows = build_rows(settings, measurements, args.min_ratio)
     long_rows = build_long_rows(long_settings, long_measurements, long_reports)
+    fleet_rows = build_fleet_rows(fleet_scenarios, fleet_measurements)
+    latency_rows = build_latency_rows(latency_scenarios, latency_measurements)
     load_end = os.getloadavg()
     print()
     if args.candidate != LINESERVER:
         print("A/A check: the lineserver column is the baseline server again")
+    if args.before is not None:
+        print(f"before/after: the baseline column is lineserver from {args.before}")
     if rows:
         print(format_rows(rows, args.min_ratio))
         tls_rows = [row for row in rows if row["tls"]]
@@ -720,6 +781,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if delivery_table:
         print()
         print(format_delivery_rows(delivery_table))
+    if fleet_rows:
+        print()
+        print(format_fleet_table(fleet_rows))
+    if latency_rows:
+        print()
+        print(format_latency_table(latency_rows))
     busy = [m for m in measurements if m.loadgen_cpu_seconds > 0.9 * m.seconds]
     if busy:
         print(
@@ -750,6 +817,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "line_length": LINE_LENGTH,
             "min_ratio": args.min_ratio,
             "pin": args.pin,
+            "before": None if args.before is None else str(args.before),
         },
         "scenarios": rows,
         "servers": [asdict(r) for r in reports],
@@ -766,6 +834,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             "scenarios": long_rows,
             "servers": [asdict(r) for r in long_reports],
             "measurements": [asdict(m) for m in long_measurements],
+        },
+        "many_slow_clients": {
+            "scenarios": fleet_rows,
+            "measurements": [asdict(m) for m in fleet_measurements],
+        },
+        "latency": {
+            "scenarios": latency_rows,
+            "measurements": [asdict(m) for m in latency_measurements],
         },
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -36,22 +36,30 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from OpenSSL import SSL, crypto
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
     quoteStringArgument,
     serverFromString,
-    wrapServerTLS,
 )
 from twisted.internet.interfaces import (
+    IListeningPort,
     IOpenSSLContextFactory,
     IOpenSSLServerConnectionCreator,
+    IProtocolFactory,
     IReactorTime,
     ISSLTransport,
     IStreamServerEndpoint,
 )
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOProtocol
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.protocols.tls import (
+    BufferingTLSTransport,
+    TLSMemoryBIOFactory,
+    TLSMemoryBIOProtocol,
+)
 from twisted.python.failure import Failure
+from typing_extensions import override
 from zope.interface import implementer
 
 from lineserver.proxy import is_proxy_description, proxy_endpoint
@@ -508,6 +516,83 @@ def tls_failure_text(reason: Failure) -> str | None:
     return "; ".join(texts) or str(error) or type(error).__name__
 
 
+# -- fewer Python calls per TLS record ------------------------------------------
+
+#: Bytes asked of OpenSSL per C{recv} (it returns one record, at most 16 KiB).
+RECEIVE_SIZE = 2**15
+
+
+class CoalescingTLSProtocol(BufferingTLSTransport):
+    """
+    Twisted's TLS layer, handing the protocol one C{dataReceived} per read.
+
+    C{TLSMemoryBIOProtocol} hands the protocol each record as it is
+    decrypted (at most 16 KiB), so a 64 KiB socket read became four passes
+    through lineserver's whole per-read path; here the plaintext of every
+    record a read completed goes to the protocol in one C{dataReceived},
+    as over plain TCP.  The bytes and their order are unchanged.  (Writing
+    each write's records to the socket in one transport write as well was
+    tried and measured: no faster for echo over 16 connections, more CPU
+    per line; Twisted's own write path stays.)
+
+    Overrides C{_flushReceiveBIO}, a private method of Twisted 26.10's
+    C{TLSMemoryBIOProtocol}, keeping its error handling.
+    """
+
+    def _deliver(self, chunks: list[bytes]) -> None:
+        if chunks and not self._aborted:
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            ProtocolWrapper.dataReceived(self, data)
+
+    @override
+    def _flushReceiveBIO(self) -> None:
+        chunks: list[bytes] = []
+        while not self._lostTLSConnection:
+            try:
+                chunks.append(self._tlsConnection.recv(RECEIVE_SIZE))
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:
+                self._deliver(chunks)
+                chunks = []
+                self._shutdownTLS()
+                self._tlsShutdownFinished(None)
+            except SSL.Error:
+                self._deliver(chunks)
+                chunks = []
+                self._tlsShutdownFinished(Failure())
+        self._deliver(chunks)
+        self._flushSendBIO()
+
+
+class _CoalescingTLSFactory(TLSMemoryBIOFactory):
+    protocol = CoalescingTLSProtocol
+
+
+@implementer(IStreamServerEndpoint)
+class _CoalescingTLSEndpoint:
+    """
+    C{wrapServerTLS}, with L{CoalescingTLSProtocol} for each connection.
+    """
+
+    def __init__(
+        self,
+        endpoint: IStreamServerEndpoint,
+        creator: IOpenSSLServerConnectionCreator,
+        clock: IReactorTime,
+    ) -> None:
+        self._endpoint = endpoint
+        self._creator = creator
+        self._clock = clock
+
+    def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
+        wrapped = _CoalescingTLSFactory(
+            self._creator, False, factory, clock=self._clock
+        )
+        listening: Deferred[IListeningPort] = self._endpoint.listen(wrapped)
+        return listening
+
+
 # -- listening with our context -----------------------------------------------
 
 
@@ -545,8 +630,7 @@ def tls_server_endpoint(
         )
     else:
         plain = endpoint
-    wrapped: IStreamServerEndpoint = wrapServerTLS(tls, plain, clock=reactor)
-    return wrapped
+    return _CoalescingTLSEndpoint(plain, tls, reactor)
 
 
 @dataclass(frozen=True)
