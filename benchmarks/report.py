@@ -288,7 +288,7 @@ def write_page(
         "(`python -m benchmarks.report`), lineserver beside a stock Twisted",
         "`LineReceiver` server (`benchmarks/baseline_server.py`) measured in the",
         "same run on the same machine; absolute numbers move with the machine,",
-        "the comparison is what holds. [benchmarks/README.md](../benchmarks/README.md)",
+        "the comparison is what holds. `benchmarks/README.md` (in the repository)",
         "says what each scenario does.",
         "",
         f"- Run: {started}, size **{size}**"
@@ -379,8 +379,8 @@ def write_page(
         f"keepalive. The issue's targets: CPU per line at most {CPU_TARGET:g}x",
         f"stock, at most {MEMORY_TARGET_KIB:g} KiB per idle connection. Where",
         "lineserver's time and memory go per read and per connection, from a",
-        "profile: [benchmarks/README.md](../benchmarks/README.md#many-slow-clients"
-        "-where-the-cpu-and-the-memory-go).",
+        "profile: `benchmarks/README.md`, section \"Many slow clients: where",
+        "the CPU and the memory go\".",
         "",
         "## Echo latency",
         "",
