@@ -507,7 +507,8 @@ class PrivilegedWorkersTests(lifecycle.PrivilegedPortTests):
 
         self.addCleanup(kill)
         wait_until(lambda: f"parent bound 127.0.0.1:{port}" in log(), "bound", 30)
-        self.assertIn("set uid/gid", log())
+        # twistd drops privileges (and says so) just after the parent bound.
+        wait_until(lambda: "set uid/gid" in log(), "privileges dropped", 30)
         if not runs_python_as(uid, gid):
             self.assertEqual(proc.wait(60), 70, log()[-3000:])
             self.assertIn(f"cannot start worker 0: {sys.executable}", log())
