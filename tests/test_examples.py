@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -11,6 +12,8 @@ import time
 from pathlib import Path
 
 from twisted.trial.unittest import TestCase
+
+import lineserver
 
 EXAMPLES = Path(__file__).parent.parent / "docs" / "examples"
 EXAMPLE = EXAMPLES / "uppercase_app.py"
@@ -92,3 +95,24 @@ class ExampleTests(TestCase):
         self.assertEqual((directory / "lines.log").read_bytes(), b"a\nb\nc\n")
         self.assertEqual(list((directory / "spool").iterdir()), [])
         self.assertIn(proc.returncode, (0, -signal.SIGTERM), err.decode())
+
+    def test_names_the_docs_import_are_public(self) -> None:
+        """
+        Every name a page of docs/ or an example imports with
+        C{from lineserver import ...} is in the public API
+        (C{lineserver.__all__}), and importable.
+        """
+        docs = EXAMPLES.parent
+        sources = [*docs.glob("*.md"), *EXAMPLES.glob("*.py")]
+        imports = re.compile(
+            r"^ *from lineserver import (?:\(([^)]*)\)|(.+))$", re.MULTILINE
+        )
+        named: set[str] = set()
+        for source in sources:
+            for group in imports.findall(source.read_text()):
+                names = "".join(group).replace("\n", " ").split(",")
+                named.update(name.strip() for name in names if name.strip())
+        self.assertIn("SpoolingSinkFactory", named)
+        self.assertEqual(sorted(named - set(lineserver.__all__)), [])
+        for name in named:
+            self.assertTrue(hasattr(lineserver, name), name)
