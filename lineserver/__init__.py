@@ -9,6 +9,8 @@ from lineserver.errors import ErrorCode, error_line
 from lineserver.flow import PauseGate, SinkQueue
 from lineserver.framing import Frames, LineFramer, LineTooLong
 from lineserver.handlers import (
+    AckSinkHandler,
+    AckSinkHandlerFactory,
     EchoHandler,
     EchoHandlerFactory,
     LineFailed,
@@ -30,12 +32,21 @@ from lineserver.security import Security, SecurityConfig, SecurityConfigError
 from lineserver.server import DEFAULT_PORT, LineServer, Phase, ServerConfig
 from lineserver.signals import HangupReload
 from lineserver.sink_service import SinkService
-from lineserver.sinks import SinkURL, SinkURLError, sink_factory_from_url
+from lineserver.sinks import (
+    ISpooled,
+    SinkUnavailable,
+    SinkURL,
+    SinkURLError,
+    sink_factory_from_url,
+)
+from lineserver.sinks.spooling import SpoolingSink, SpoolingSinkFactory
 from lineserver.stats import Stats
 from lineserver.supervisor import ChildSpec, Supervisor
 
 __all__ = [
     "DEFAULT_PORT",
+    "AckSinkHandler",
+    "AckSinkHandlerFactory",
     "ChildSpec",
     "ConnectionRegistry",
     "EchoHandler",
@@ -48,6 +59,7 @@ __all__ = [
     "ILineHandlerFactory",
     "ISink",
     "ISinkFactory",
+    "ISpooled",
     "ISupervisor",
     "LineFactory",
     "LineFailed",
@@ -70,6 +82,9 @@ __all__ = [
     "SinkService",
     "SinkURL",
     "SinkURLError",
+    "SinkUnavailable",
+    "SpoolingSink",
+    "SpoolingSinkFactory",
     "Stats",
     "Supervisor",
     "error_line",

@@ -293,6 +293,9 @@ class LineServer(Supervisor):
         if self.phase is not Phase.STARTING or service is not self.sink_service:
             return  # stopped meanwhile
         self.phase = Phase.RUNNING
+        # From now on the supervisor reports this sink's outages, as it
+        # does for every sink it builds later.
+        service.quiet_outages = True
         super().start_children()
 
     def _sink_not_opened(self, reason: Failure, service: SinkService) -> None:

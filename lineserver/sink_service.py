@@ -458,6 +458,10 @@ class SinkService(Service):
         closed = maybeDeferred(sink.close)
 
         def report(result: object) -> None:
+            if ISpooled.providedBy(sink):
+                # What stays in the spool, for the ledger the stop logs
+                # once the sink is gone (no gauge may have read it yet).
+                self._spooled = int(sink.spooled_lines)
             if isinstance(result, Failure):
                 log.failure(
                     "sink {sink} failed to close",

@@ -151,5 +151,35 @@ class ServerLedgerTests(TestCase):
             messages,
         )
 
+    @inlineCallbacks
+    def test_stop_leaves_lines_in_the_spool(self) -> Generator[Any, Any, None]:
+        """
+        Lines a spooling sink still holds when the stop closes it are
+        counted spooled, not delivered, in the ledger the stop logs, even
+        if nothing read the stats while the server ran.
+        """
+        messages = capture_log(self)
+        factory = ControlledSinkFactory(SpoolingSink)
+        starting = self.start(factory)
+        sink = factory.sinks[0]
+        assert isinstance(sink, SpoolingSink)
+        sink.opened.callback(None)
+        server = yield starting
+        peer = Peer(server.port_numbers()[0], send=b"a\nb\n")
+        self.addCleanup(peer.close)
+        yield eventually(lambda: len(sink.writes) == 1, "a write")
+        sink.confirm(0)
+        yield later(0)
+        stopping = server.stopService()
+        sink.closed.callback(None)
+        yield stopping
+        self.assertEqual(server.stats.get("lines.spooled"), 2)
+        self.assertEqual(ledger(server.stats.snapshot()), (2, 2))
+        self.assertIn(
+            "ledger: 2 line(s) received = 0 delivered + 0 queued + 2 spooled + "
+            "0 dropped",
+            messages,
+        )
+
     def start(self, factory: ControlledSinkFactory) -> Any:
         return start_server(self, sink=factory, shutdown_timeout=0.5)

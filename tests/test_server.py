@@ -575,6 +575,44 @@ class StartTests(ServerTestCase):
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
 
     @inlineCallbacks
+    def test_first_sink_outage_is_one_warning(
+        self,
+    ) -> Generator[Any, Any, None]:
+        """
+        An outage of the sink the server started with (its write fails with
+        an OSError) is reported as every later one is: the supervisor's
+        warning, which says what waits, and no logged failure with a
+        traceback; the rebuilt sink gets the batch again.
+        """
+        messages = captured_logs(self)
+        sink = GatedSinkFactory()
+        port = free_port()
+        server = self.server(sink, port)
+        server.startService()
+        yield server.when_listening()
+        client = yield connect(port)
+        client.transport.write(b"kept\n")
+        yield until(lambda: bool(sink.sinks[0].writes), "a write")
+        sink.sinks[0].writes[0][1].errback(
+            OSError(errno.ECONNREFUSED, "Connection refused")
+        )
+        yield until(lambda: len(sink.sinks) == 2, "a rebuilt sink", timeout=10)
+        yield until(lambda: bool(sink.sinks[1].writes), "the batch again")
+        self.assertEqual(sink.sinks[1].writes[0][0], [b"kept"])
+        sink.sinks[1].writes[0][1].callback(None)
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertTrue(
+            any(
+                m.startswith("child sink is down (an outage, not a crash)")
+                and "1 line(s) wait in the queue" in m
+                for m in messages
+            ),
+            messages,
+        )
+        client.transport.loseConnection()
+        yield client.gone
+
+    @inlineCallbacks
     def test_stop_while_sink_opens(self) -> Generator[Any, Any, None]:
         """
         A stop while the sink is still opening ends; a sink that opens
