@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from twisted.application.internet import backoffPolicy
+from twisted.internet.defer import TimeoutError as DeferTimeoutError
+from twisted.internet.error import ConnectError, ConnectionClosed
 from twisted.python.failure import Failure
 
 from lineserver.sinks import SinkUnavailable
@@ -22,13 +24,25 @@ COMPLAINT_INTERVAL = 5.0
 MAX_RETRY_DELAY = 5.0
 
 
+#: What a destination that is down, full or refusing raises: ours, the
+#: OS's (C{OSError} covers C{ConnectionError} and C{TimeoutError}), and
+#: Twisted's own connection errors, which are not C{OSError}s (a refused,
+#: timed-out or failed connect; a connection lost or closed).
+OUTAGES: tuple[type[BaseException], ...] = (
+    SinkUnavailable,
+    OSError,
+    ConnectError,
+    ConnectionClosed,
+    DeferTimeoutError,
+)
+
+
 def is_outage(reason: Failure | BaseException) -> bool:
     """
-    @return: whether C{reason} is an outage: L{SinkUnavailable} or an
-        C{OSError} (which covers C{ConnectionError} and C{TimeoutError}).
+    @return: whether C{reason} is an outage (one of L{OUTAGES}).
     """
     error = reason.value if isinstance(reason, Failure) else reason
-    return isinstance(error, (SinkUnavailable, OSError))
+    return isinstance(error, OUTAGES)
 
 
 def outage_backoff() -> Callable[[int], float]:

@@ -31,7 +31,7 @@ from twisted.internet.defer import (
     gatherResults,
 )
 from twisted.internet.interfaces import IStreamServerEndpoint
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from typing_extensions import override
@@ -52,7 +52,7 @@ from lineserver.metrics import (
     MetricsService,
     metrics_registry,
 )
-from lineserver.outage import is_outage
+from lineserver.outage import is_outage, outage_backoff
 from lineserver.ports import with_defaults
 from lineserver.protocol import LineFactory, LineProtocol, ProtocolSettings
 from lineserver.security import Security, SecurityConfig
@@ -540,42 +540,108 @@ class LineServer(Supervisor):
         """
         Stop the sink (flush, then close) by the deadline; say how many
         lines were left unwritten if it could not.
+
+        A sink that is down when the stop begins (an outage, its restart
+        pending) or goes down during it is not given up at once: fresh
+        sinks are tried with the outage backoff until the deadline, as the
+        supervisor would have, so that a destination back within
+        C{--shutdown-timeout} still gets every line.
         """
         service = self.sink_service
-        if service is None:
-            if self.sink_factory is not None and self.queue.buffered:
-                self._report_unwritten(
-                    "no sink to flush to (it was being restarted)",
-                    queued_lines(self.queue),
+        failure: Failure | None = None
+        if service is not None:
+            waited = max(0.0, deadline - self.reactor.seconds())
+            stopping = self.stop_child(SINK)
+            stopping.addTimeout(waited, self.reactor)
+            try:
+                await stopping
+            except TimeoutError:
+                self._give_up(service, f"did not flush within {waited:.1f}s")
+                return
+            except Exception:
+                log.failure(
+                    "sink {sink} failed to stop", sink=service.sink_factory.description
                 )
-                self._drop_unwritten(None, "sink_failed")
-            return
-        waited = max(0.0, deadline - self.reactor.seconds())
-        stopping = self.stop_child(SINK)
-        stopping.addTimeout(waited, self.reactor)
-        try:
-            await stopping
-        except TimeoutError:
-            lines, _ = service.unwritten()
-            self._report_unwritten(
-                f"sink {service.sink_factory.description} did not flush "
-                f"within {waited:.1f}s",
-                lines,
-            )
-            self._drop_unwritten(service, "shutdown_timeout")
-            return
-        except Exception:
-            log.failure(
-                "sink {sink} failed to stop", sink=service.sink_factory.description
-            )
-        lines, _ = service.unwritten()
-        if lines:
+            if not service.unwritten()[0]:
+                return
             failure = service.failure
-            why = describe_failure(failure) if failure is not None else "unknown"
-            self._report_unwritten(
-                f"sink {service.sink_factory.description} failed ({why})", lines
-            )
-            self._drop_unwritten(service, "sink_failed")
+        elif self.sink_factory is None or not self.queue.buffered_lines:
+            return
+        assert self.sink_factory is not None
+        if failure is None or is_outage(failure):
+            retried = await self._flush_with_fresh_sinks(deadline)
+            if retried is None:
+                return
+            service, failure = retried
+            if failure is None:
+                self._report_unwritten(
+                    f"sink {self.sink_factory.description} was down until the "
+                    "shutdown deadline",
+                    self.queue.buffered_lines,
+                )
+                self._drop_unwritten(service, "shutdown_timeout")
+                return
+        why = describe_failure(failure) if failure is not None else "unknown"
+        self._report_unwritten(
+            f"sink {self.sink_factory.description} failed ({why})",
+            self.queue.buffered_lines,
+        )
+        self._drop_unwritten(service, "sink_failed")
+
+    async def _flush_with_fresh_sinks(
+        self, deadline: float
+    ) -> tuple[SinkService | None, Failure | None] | None:
+        """
+        Until C{deadline}, start fresh sinks on the queue and stop each
+        (flush, close), waiting the outage backoff between two.
+
+        @return: None once the queue is empty; else the last sink tried and
+            the bug that ended it (a crash: no more tries), or None for the
+            failure if the deadline came first.
+        """
+        assert self.sink_factory is not None
+        backoff = outage_backoff()
+        attempt = 0
+        last: SinkService | None = None
+        log.warn(
+            "sink {sink} is down at the stop: {lines} line(s) wait; trying it "
+            "again until the shutdown deadline ({left:.1f}s)",
+            sink=self.sink_factory.description,
+            lines=self.queue.buffered_lines,
+            left=max(0.0, deadline - self.reactor.seconds()),
+        )
+        while self.queue.buffered_lines:
+            left = deadline - self.reactor.seconds()
+            if left <= 0:
+                return last, None
+            last = self._make_sink_service()
+            # One warning above says what is going on, not one per try.
+            last.quiet_outages = True
+            last.startService()
+            stopping = last.stopService()
+            stopping.addTimeout(left, self.reactor)
+            try:
+                await stopping
+            except TimeoutError:
+                return last, None
+            failure = last.failure
+            if failure is not None and not is_outage(failure):
+                return last, failure
+            if self.queue.buffered_lines:
+                left = max(0.0, deadline - self.reactor.seconds())
+                pause = min(backoff(attempt), left)
+                attempt += 1
+                await deferLater(self.reactor, pause)
+        log.info(
+            "sink {sink} came back during the stop; every line written",
+            sink=self.sink_factory.description,
+        )
+        return None
+
+    def _give_up(self, service: SinkService, why: str) -> None:
+        lines, _ = service.unwritten()
+        self._report_unwritten(f"sink {service.sink_factory.description} {why}", lines)
+        self._drop_unwritten(service, "shutdown_timeout")
 
     def _report_unwritten(self, why: str, lines: int) -> None:
         log.error(

@@ -732,11 +732,12 @@ class StopTests(ServerTestCase):
         self.assertEqual(len(held.writes), 1)
 
     @inlineCallbacks
-    def test_sink_failing_in_final_flush(self) -> Generator[Any, Any, None]:
+    def test_sink_bug_in_final_flush(self) -> Generator[Any, Any, None]:
         """
-        A sink whose write fails during the final flush ends the stop at
-        once (no wait for the deadline), is not restarted, and one log line
-        counts the lines left unwritten, with the reason.
+        A sink whose write fails with a bug (not an outage) during the
+        final flush ends the stop at once (no wait for the deadline), is
+        not restarted, and one log line counts the lines left unwritten,
+        with the reason.
         """
         messages = captured_logs(self)
         sink = GatedSinkFactory()
@@ -746,19 +747,56 @@ class StopTests(ServerTestCase):
         service = server.sink_service
         stopped = server.stopService()
         yield until(lambda: not service.running, "the stop to reach the sink")
-        sink.sinks[0].writes[0][1].errback(OSError(28, "No space left on device"))
+        sink.sinks[0].writes[0][1].errback(RuntimeError("the sink has a bug"))
         yield stopped
         self.assertLess(reactor.seconds() - began, 10)
         unwritten = [m for m in messages if "left unwritten" in m]
         self.assertEqual(len(unwritten), 1, messages)
         self.assertIn(
-            "sink gated: failed (No space left on device): 200 line(s) (",
+            "sink gated: failed (the sink has a bug): 200 line(s) (",
             unwritten[0],
         )
         self.assertEqual(len(sink.sinks), 1)
         self.assertEqual(sink.sinks[0].closes, 1)
         self.assertEqual(server.restarts, 0)
+        self.assertEqual(server.stats.get("lines.dropped.sink_failed"), 200)
         yield client.gone
+        self.flushLoggedErrors(RuntimeError)
+
+    @inlineCallbacks
+    def test_sink_outage_in_final_flush(self) -> Generator[Any, Any, None]:
+        """
+        A sink whose write fails with an outage (a full disk) during the
+        final flush is not given up at once: fresh sinks are tried until
+        the shutdown deadline; one that hangs too is given up there, and
+        the lines are counted as dropped for the deadline.
+        """
+        messages = captured_logs(self)
+        sink = GatedSinkFactory()
+        server = yield self.start(sink=sink, shutdown_timeout=2.0)
+        client = yield self.send_and_hold(server, sink, 200)
+        began = reactor.seconds()
+        service = server.sink_service
+        stopped = server.stopService()
+        yield until(lambda: not service.running, "the stop to reach the sink")
+        sink.sinks[0].writes[0][1].errback(OSError(28, "No space left on device"))
+        yield stopped
+        took = reactor.seconds() - began
+        self.assertGreaterEqual(took, 1.5)
+        self.assertLess(took, 2.0 + 1.0)
+        self.assertTrue(any("is down at the stop: 200 line(s)" in m for m in messages))
+        unwritten = [m for m in messages if "left unwritten" in m]
+        self.assertEqual(len(unwritten), 1, messages)
+        self.assertIn("sink gated: was down until the shutdown deadline", unwritten[0])
+        # The fresh sink took the lines and hung; it is closed once its
+        # write ends, and was never restarted by the supervisor.
+        self.assertEqual(len(sink.sinks), 2)
+        self.assertEqual(len(sink.sinks[1].writes), 1)
+        self.assertEqual(server.restarts, 0)
+        self.assertEqual(server.stats.get("lines.dropped.shutdown_timeout"), 200)
+        yield client.gone
+        sink.sinks[1].writes[0][1].callback(None)
+        self.assertEqual(sink.sinks[1].closes, 1)
         self.flushLoggedErrors(OSError)
 
     @inlineCallbacks

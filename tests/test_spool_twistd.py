@@ -10,6 +10,7 @@ own decoder, as an operator's tool would.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import threading
 import time
@@ -172,6 +173,66 @@ class OutageTests(OutageCase):
         check_ledger(
             self, ledger_from_log(server.log()), received=total, delivered=total
         )
+
+
+STOPPED = -signal.SIGTERM
+
+
+class StopDuringOutageTests(OutageCase):
+    """
+    SIGTERM while the sink is down (no spool): the stop does not give the
+    queued lines up at once, it tries the sink until C{--shutdown-timeout}.
+    """
+
+    def stop_during_outage(self, timeout: str) -> tuple[ServerProcess, list[bytes]]:
+        self.break_sink()
+        server = self.server("--shutdown-timeout", timeout)
+        lines = numbered(b"held", 3000)
+        Sender(server.port, lines).finish()
+        wait_until(lambda: "child sink is down" in server.log(), "the outage")
+        os.kill(server.pid, signal.SIGTERM)
+        wait_until(
+            lambda: "is down at the stop: 3000 line(s) wait" in server.log(),
+            "the stop trying the sink",
+        )
+        return server, lines
+
+    def test_sink_back_before_the_deadline(self) -> None:
+        """
+        The destination comes back two seconds into a 30-second stop: every
+        line is written, nothing dropped, and the process ends at once.
+        """
+        server, lines = self.stop_during_outage("30")
+        time.sleep(2)
+        self.assert_alive(server)
+        mended = time.monotonic()
+        self.mend_sink()
+        self.assertEqual(server.proc.wait(30), STOPPED, server.log()[-3000:])
+        self.assertLess(time.monotonic() - mended, 15)
+        self.assertEqual(self.delivered(), lines)
+        self.assertIn("came back during the stop; every line written", server.log())
+        check_ledger(
+            self, ledger_from_log(server.log()), received=3000, delivered=3000
+        )
+
+    def test_sink_down_past_the_deadline(self) -> None:
+        """
+        The destination stays down: at C{--shutdown-timeout} the lines are
+        given up, counted as dropped (shutdown_timeout) in the ledger, and
+        the process ends.
+        """
+        server, _ = self.stop_during_outage("3")
+        self.assertEqual(server.proc.wait(30), STOPPED, server.log()[-3000:])
+        log = server.log()
+        self.assertIn("was down until the shutdown deadline: 3000 line(s)", log)
+        check_ledger(
+            self,
+            ledger_from_log(log),
+            received=3000,
+            delivered=0,
+            dropped={"shutdown-timeout": 3000},
+        )
+        self.assertEqual(self.delivered(), [])
 
 
 class SpoolTests(OutageCase):

@@ -12,6 +12,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.application.service import IService, IServiceCollection, Service
+from twisted.internet import defer
+from twisted.internet import error as twisted_errors
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
@@ -963,14 +965,20 @@ class OutageTests(SupervisorTestsMixin, SynchronousTestCase):
 
     def test_is_outage(self) -> None:
         """
-        SinkUnavailable and OSError (with ConnectionError, TimeoutError)
-        are outages; anything else is a bug.
+        SinkUnavailable, OSError (with ConnectionError, TimeoutError) and
+        Twisted's connection errors are outages; anything else is a bug.
         """
         for error in (
             SinkUnavailable("full"),
             OSError(28, "No space left on device"),
             ConnectionResetError(),
             TimeoutError(),
+            twisted_errors.ConnectionRefusedError(),
+            twisted_errors.TimeoutError(),
+            twisted_errors.DNSLookupError(),
+            twisted_errors.ConnectionLost(),
+            twisted_errors.ConnectionDone(),
+            defer.TimeoutError(),
         ):
             self.assertTrue(is_outage(error), error)
             self.assertTrue(is_outage(Failure(error)), error)
