@@ -7,6 +7,8 @@ recreated its crashed Buffer process) while the connection goes on.
 
 from __future__ import annotations
 
+import time
+
 from typing_extensions import override
 from zope.interface import implementer
 
@@ -49,24 +51,69 @@ class EchoHandler:
         pass
 
 
+class OriginLine(bytes):
+    """
+    A line (its bytes unchanged) that also says where and when it came
+    from, for a sink that asks (C{wants_origin}: the Redis sinks shard by
+    connection and may store the peer and the receive time).
+
+    @ivar connection: the connection's identity, unique in this process.
+    @ivar peer: the client's address (behind a proxy, the header's).
+    @ivar received: when its read arrived (POSIX seconds).
+    """
+
+    connection: str
+    peer: str
+    received: float
+
+
+def wants_origin(sink: object) -> bool:
+    """
+    @return: whether C{sink} (an ISinkFactory) wants L{OriginLine}s.
+    """
+    return bool(getattr(sink, "wants_origin", False))
+
+
 @implementer(ILineHandler)
 class SinkHandler:
     """
     Hand every batch of lines to the sink queue, unchanged.
 
     The connection registers with the queue as a producer, so a full queue
-    pauses it.
+    pauses it.  With C{origin}, each line is an L{OriginLine}.
     """
 
-    __slots__ = ("_producer", "_queue")
+    __slots__ = ("_connection", "_origin", "_producer", "_queue")
 
-    def __init__(self, connection: IConnection, queue: SinkQueue) -> None:
+    def __init__(
+        self, connection: IConnection, queue: SinkQueue, origin: bool = False
+    ) -> None:
         self._queue = queue
+        self._connection = connection
+        self._origin = origin
         self._producer = connection.producer(Pause.SINK)
         queue.register(self._producer)  # type: ignore[arg-type]
 
     def lines_received(self, lines: list[bytes], raw: bytes) -> None:
+        if self._origin:
+            lines = self._tag(lines)
         self._queue.put(lines, len(raw))
+
+    def _tag(self, lines: list[bytes]) -> list[bytes]:
+        from lineserver.protocol import describe_address
+
+        connection = self._connection
+        identity = str(connection.identity)
+        peer = describe_address(connection.peer)
+        received = time.time()
+        tagged: list[bytes] = []
+        for line in lines:
+            origin = OriginLine(line)
+            origin.connection = identity
+            origin.peer = peer
+            origin.received = received
+            tagged.append(origin)
+        return tagged
 
     def connection_lost(self) -> None:
         self._queue.unregister(self._producer)  # type: ignore[arg-type]
@@ -112,13 +159,16 @@ class EchoHandlerFactory:
 class SinkHandlerFactory:
     """
     Builds a L{SinkHandler} per connection, all feeding one queue.
+
+    @ivar origin: hand the queue L{OriginLine}s (the sink wants them).
     """
 
-    def __init__(self, queue: SinkQueue) -> None:
+    def __init__(self, queue: SinkQueue, origin: bool = False) -> None:
         self.queue = queue
+        self.origin = origin
 
     def __call__(self, connection: IConnection) -> ILineHandler:
-        return SinkHandler(connection, self.queue)
+        return SinkHandler(connection, self.queue, self.origin)
 
     @override
     def __repr__(self) -> str:

@@ -37,7 +37,11 @@ from typing_extensions import override
 from lineserver.connections import ConnectionRegistry, Overflow
 from lineserver.fdlimits import DEFAULT_RESERVE
 from lineserver.flow import Pause, SinkQueue
-from lineserver.handlers import EchoHandlerFactory, SinkHandlerFactory
+from lineserver.handlers import (
+    EchoHandlerFactory,
+    SinkHandlerFactory,
+    wants_origin,
+)
 from lineserver.interfaces import ILineHandlerFactory, ISinkFactory
 from lineserver.listener import ListenerService, PortBinder
 from lineserver.metrics import MetricsService, metrics_registry
@@ -178,8 +182,11 @@ class LineServer(Supervisor):
         #: Allow list, tokens and TLS contexts; reading their files here
         #: makes a bad one fail the start, not a connection.
         self.security = Security(config.security)
+        handlers = build(self.queue)
+        if isinstance(handlers, SinkHandlerFactory) and wants_origin(sink):
+            handlers.origin = True
         self.factory = LineFactory(
-            build(self.queue),
+            handlers,
             self.registry,
             reactor,
             config.settings,
