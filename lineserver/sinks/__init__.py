@@ -166,9 +166,18 @@ def check_options(url: SinkURL, scheme: SinkScheme) -> None:
 def _builtin_schemes() -> dict[str, SinkScheme]:
     from lineserver.sinks.file import file_scheme
     from lineserver.sinks.null import null_scheme
+    from lineserver.sinks.redis import redis_scheme
     from lineserver.sinks.stdout import stdout_scheme
 
-    return {"file": file_scheme, "stdout": stdout_scheme, "null": null_scheme}
+    schemes: dict[str, SinkScheme] = {
+        "file": file_scheme,
+        "stdout": stdout_scheme,
+        "null": null_scheme,
+    }
+    # The Redis Streams sinks (docs/redis.md).
+    for name in ("redis", "rediss", "redis+cluster", "rediss+cluster"):
+        schemes[name] = redis_scheme
+    return schemes
 
 
 def available_schemes() -> dict[str, SinkScheme]:
