@@ -22,7 +22,7 @@ OLDEST_STAMP := $(OLDEST)/.installed-stamp
 # System tools the tests run for real: logrotate rotates the file sink's
 # file, strace counts its fsyncs.  Installed when missing (as root, as CI
 # runs), after an apt-get update.
-SYSTEM_TOOLS := logrotate strace
+SYSTEM_TOOLS := logrotate strace redis-server redis-cli redis-benchmark haproxy
 
 .PHONY: run test lint typecheck trial trial-oldest pytest bench bench-quick clean system-tools
 
