@@ -50,7 +50,8 @@ typecheck: $(STAMP)
 
 system-tools:
 	@missing=""; for tool in $(SYSTEM_TOOLS); do \
-		PATH="$$PATH:/usr/sbin:/sbin" command -v $$tool >/dev/null || missing="$$missing $$tool"; \
+		package=$$tool; case $$tool in redis-cli|redis-benchmark) package=redis-tools;; esac; \
+		PATH="$$PATH:/usr/sbin:/sbin" command -v $$tool >/dev/null || missing="$$missing $$package"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing$$missing for the tests"; \
