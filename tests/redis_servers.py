@@ -8,6 +8,7 @@ talk to them with L{call}, a blocking RESP client on our own parser.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -158,6 +159,23 @@ class RedisServer:
         return self.proc.pid
 
 
+def cluster_port() -> int:
+    """
+    @return: a free port whose cluster bus port (10000 above) is free too
+        and that is at most 55535, as Redis Cluster needs.
+    """
+    for _ in range(200):
+        port = random.randint(20000, 55535)
+        try:
+            with socket.socket() as one, socket.socket() as two:
+                one.bind(("127.0.0.1", port))
+                two.bind(("127.0.0.1", port + 10000))
+        except OSError:
+            continue
+        return port
+    raise AssertionError("no free pair of ports for a cluster node")
+
+
 class RedisCluster:
     """
     Three masters with C{--cluster-enabled yes}, joined by C{redis-cli
@@ -186,6 +204,7 @@ class RedisCluster:
                     "yes",
                     "--appendfsync",
                     "always",
+                    port=cluster_port(),
                     directory=directory,
                 )
             )

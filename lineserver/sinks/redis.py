@@ -375,7 +375,7 @@ class RedisStreamSink:
             return
         node = self._node(address)
         protocol = node.protocol
-        if protocol is None:
+        if protocol is None or not protocol.connected_:
             node.ensure()
             return
         commands: list[list[bytes | str | int]] = []
@@ -405,7 +405,7 @@ class RedisStreamSink:
         transaction.sending = False
         transaction.attempts += 1
         transaction.not_before = self.reactor.seconds()
-        self._kick()
+        self._wake_at(transaction.not_before)
 
     def _replied(
         self,

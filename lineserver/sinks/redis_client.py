@@ -96,12 +96,14 @@ class RedisProtocol(Protocol):
     @override
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.connected_ = False
+        self.lost_reason = reason
+        # Whoever owns this connection hears first that it is gone, so
+        # that the failed pipelines below do not pick it again.
+        if not self.closed.called:
+            self.closed.callback(None)
         waiting, self._waiting = self._waiting, deque()
         for _, _, waiter in waiting:
             waiter.errback(ConnectionLost(f"Redis connection lost: {reason.value}"))
-        self.lost_reason = reason
-        if not self.closed.called:
-            self.closed.callback(None)
 
     def close(self) -> None:
         if self.transport is not None and self.connected_:
