@@ -53,6 +53,11 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def connectable(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=1):
+        return True
+
+
 def redis(port: int, *args: bytes | str | int) -> Reply:
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         sock.sendall(encode_command(args))
@@ -153,9 +158,7 @@ class Fleet:
         )
         self._spawn([haproxy, "-db", "-f", str(config)])
         wait_until(
-            lambda: (
-                socket.create_connection(("127.0.0.1", self.front), 1).close() is None
-            ),
+            lambda: connectable(self.front),
             "haproxy",
         )
 
