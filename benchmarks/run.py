@@ -527,6 +527,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--rounds", type=int, help="rounds per scenario (default 5)")
     parser.add_argument(
+        "--redis",
+        action="store_true",
+        help="also the Redis rows (benchmarks/redis_rows.py) after the rest",
+    )
+    parser.add_argument(
         "--scenarios",
         help=f"comma-separated subset of {','.join(names)} "
         "(default: all; --quick leaves out long-16M)",
@@ -725,6 +730,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(document, indent=2) + "\n")
     print(f"results: {args.json}")
+    if args.redis:
+        from benchmarks.redis_rows import main as redis_rows
+
+        redis_rows(["--lines", str(max(10_000, int(400_000 * args.scale)))])
     if args.strict and any(
         row["meets_min_ratio"] is False for row in rows if not row["tls"]
     ):
