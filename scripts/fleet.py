@@ -6,9 +6,10 @@
 Clients connect to HAProxy and send numbered lines, a batch per
 connection; half-way, the first lineserver is stopped with SIGTERM, and
 HAProxy sends the clients' next connections to the other.  A client whose
-connection breaks before the server closed it cleanly sends that batch
-again (as a log shipper would), so a line may come twice, never zero
-times.  At the end the reader must have every line.
+connection breaks before the server closed it cleanly, or that got an ERR
+line (a stopping server refuses a connection it accepted as it stopped),
+sends that batch again (as a log shipper would), so a line may come twice,
+never zero times.  At the end the reader must have every line.
 
 Usage (from the checkout, after `make .venv/.installed-stamp`):
 
@@ -242,10 +243,13 @@ class Client(threading.Thread):
                 sock.sendall(data)
                 sock.shutdown(socket.SHUT_WR)
                 # The server closes after it has read our end-of-file: a
-                # clean EOF says it read every line; a reset says maybe not.
-                while sock.recv(4096):
-                    pass
-                return True
+                # clean EOF says it took every line; a reset, or an ERR line
+                # (a server that is stopping refuses new connections with
+                # one), says maybe not.
+                replies = b""
+                while chunk := sock.recv(4096):
+                    replies += chunk
+                return b"ERR" not in replies
         except OSError:
             return False
 
