@@ -7,10 +7,17 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
 
-from lineserver.sinks import SinkURL, sink_factory_from_url
+from lineserver.interfaces import ISink
+from lineserver.sinks import (
+    IPipelinedSink,
+    SinkURL,
+    SinkURLError,
+    sink_factory_from_url,
+)
 from lineserver.sinks.redis import RedisSinkFactory, encode_transaction
-from lineserver.sinks.redis_config import RedisConfig, parse_redis_url
+from lineserver.sinks.redis_config import RedisConfig, parse_redis_url, shard_key
 from lineserver.sinks.redis_resp import (
     ProtocolError,
     RedisError,
@@ -127,12 +134,72 @@ class URLTests(SynchronousTestCase):
         self.assertEqual((config.username, config.password), ("alice", "s@cret"))
         self.assertEqual((config.db, config.stream, config.maxlen), (2, "app", 1000))
         self.assertEqual((config.wait, config.fields), (1, ("peer", "time")))
+        self.assertFalse(config.tls)
+        self.assertEqual(config.keys(), ["app"])
+        self.assertNotIn("s@cret", config.describe())
+
+    def test_password_only_and_defaults(self) -> None:
+        config = self.parse("rediss://:pw@[::1]/")
+        self.assertEqual(config.nodes, (("::1", 6379),))
+        self.assertEqual((config.username, config.password), (None, "pw"))
+        self.assertTrue(config.tls)
+        self.assertEqual((config.stream, config.db, config.maxlen), ("lines", 0, None))
+
+    def test_cluster(self) -> None:
+        config = self.parse("redis+cluster://127.0.0.1:7000,127.0.0.1:7001/?shards=4")
+        self.assertTrue(config.cluster)
+        self.assertEqual(len(config.nodes), 2)
+        self.assertEqual(config.keys(), [shard_key("lines", i) for i in range(4)])
+        self.assertEqual(config.keys()[0], "lines:{0}")
+
+    @given(st.text(min_size=1, max_size=30))
+    def test_one_connection_one_key(self, origin: str) -> None:
+        """
+        Every line of one connection goes to one key, whatever else.
+        """
+        config = self.parse("redis+cluster://h:1/?shards=5")
+        key = config.key_for(origin, 0)
+        self.assertEqual({config.key_for(origin, n) for n in range(5)}, {key})
+        self.assertIn(key, config.keys())
+
+    def test_refused(self) -> None:
+        for text in [
+            "redis:127.0.0.1:6379",
+            "redis://a:1,b:2/",
+            "redis://h:99999/",
+            "redis://h:1/x",
+            "redis://h:1/?shards=2",
+            "redis+cluster://h:1/3",
+            "redis://h:1/?maxlen=many",
+            "redis://h:1/?fields=colour",
+            "redis://h:1/?inflight=0",
+            "redis://h:1/?ca=/etc/hostname",
+            "rediss://h:1/?ca=/no/such/file.pem",
+            "rediss://h:1/?cert=/etc/hostname",
+        ]:
+            with self.assertRaises(SinkURLError, msg=text):
+                self.parse(text)
+
+    def test_unknown_option_is_a_usage_error(self) -> None:
+        with self.assertRaises(SinkURLError):
+            sink_factory_from_url("redis://h:1/?stream=a&maxlne=3", None)
+
+    def test_scheme_registered(self) -> None:
+        for scheme in ("redis", "rediss", "redis+cluster", "rediss+cluster"):
+            factory = sink_factory_from_url(f"{scheme}://127.0.0.1:1/", None)
+            self.assertIsInstance(factory, RedisSinkFactory)
         single = sink_factory_from_url("redis://h:1/", None)
         cluster = sink_factory_from_url("redis+cluster://h:1/", None)
         assert isinstance(single, RedisSinkFactory)
         assert isinstance(cluster, RedisSinkFactory)
         self.assertFalse(single.wants_origin)
         self.assertTrue(cluster.wants_origin)
+
+    def test_sink_provides_its_contracts(self) -> None:
+        sink = RedisSinkFactory(self.parse("redis://h:1/"), object())()
+        verifyObject(ISink, sink)
+        verifyObject(IPipelinedSink, sink)
+        self.assertEqual(sink.max_in_flight, 4)
 
 
 class SlotTests(SynchronousTestCase):

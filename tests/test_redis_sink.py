@@ -20,6 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from lineserver.sinks import sink_factory_from_url
 from lineserver.sinks.redis import RedisStreamSink
+from tests.certs import make_pki
 from tests.redis_servers import RedisServer, call, stream_lines, wait_for
 from tests.support import ServerProcess, free_port, later, temp_dir
 from tests.test_file_sink_ops import STOPPED, Sender, sequences
@@ -280,3 +281,52 @@ class SinkContractTests(TestCase):
         yield written
         self.assertEqual([e[b"line"] for e in stream_lines(redis.port, "k")], lines)
         yield sink.close()
+
+
+class TLSTests(SynchronousTestCase):
+    def test_rediss_with_client_certificate(self) -> None:
+        """
+        C{rediss://} to a redis-server on a TLS port that requires a
+        client certificate: checked against C{ca=}, ours from C{cert=}
+        and C{key=}; every line goes in.
+        """
+        pki = make_pki(temp_dir(self))
+        redis = RedisServer(self)
+        tls_port = free_port()
+        call(redis.port, "CONFIG", "SET", "tls-cert-file", str(pki.server_cert))
+        call(redis.port, "CONFIG", "SET", "tls-key-file", str(pki.server_key))
+        call(redis.port, "CONFIG", "SET", "tls-ca-cert-file", str(pki.ca_cert))
+        self.assertEqual(
+            call(redis.port, "CONFIG", "SET", "tls-port", str(tls_port)), b"OK"
+        )
+        server = lineserver(
+            self,
+            f"rediss://127.0.0.1:{tls_port}/?ca={pki.ca_cert}"
+            f"&cert={pki.client_cert}&key={pki.client_key}",
+        )
+        total = send_all(server.port, 3, 300)
+        wait_for(lambda: xlen(redis.port) == total, "every line over TLS")
+        check_every_line(
+            self, [e[b"line"] for e in stream_lines(redis.port, "lines")], 3, 300
+        )
+        self.assertEqual(server.stop(), STOPPED)
+
+    def test_rediss_refuses_an_unknown_server_certificate(self) -> None:
+        """
+        A server certificate from another CA is an outage logged (the
+        handshake fails), not a connection that sends lines.
+        """
+        pki = make_pki(temp_dir(self))
+        redis = RedisServer(self)
+        tls_port = free_port()
+        call(redis.port, "CONFIG", "SET", "tls-cert-file", str(pki.server_cert))
+        call(redis.port, "CONFIG", "SET", "tls-key-file", str(pki.server_key))
+        call(redis.port, "CONFIG", "SET", "tls-auth-clients", "no")
+        call(redis.port, "CONFIG", "SET", "tls-port", str(tls_port))
+        server = lineserver(
+            self, f"rediss://127.0.0.1:{tls_port}/?ca={pki.other_ca_cert}"
+        )
+        send_all(server.port, 1, 10)
+        wait_for(lambda: "lines held, retrying" in server.log(), "the refusal logged")
+        self.assertEqual(xlen(redis.port), 0)
+        self.assertEqual(server.stop(), STOPPED)

@@ -29,12 +29,19 @@ from __future__ import annotations
 import random
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import clientFromString
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory
+from twisted.internet.ssl import (
+    Certificate,
+    PrivateCertificate,
+    optionsForClientTLS,
+    platformTrust,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -110,13 +117,7 @@ class _Node:
         if self.sink.closed:
             return
         self.connecting = True
-        config = self.sink.config
-        host, port = self.address
-        kind = "tls" if config.tls else "tcp"
-        endpoint = clientFromString(
-            self.sink.reactor,
-            f"{kind}:host={host.replace(':', chr(92) + ':')}:port={port}:timeout=5",
-        )
+        endpoint = client_endpoint(self.sink.reactor, self.sink.config, self.address)
         factory = Factory.forProtocol(RedisProtocol)
         factory.noisy = False
         connected = endpoint.connect(factory)
@@ -206,6 +207,28 @@ class _Refused(Exception):
     """
     The node answered the handshake with an error (a wrong password).
     """
+
+
+def client_endpoint(reactor: Any, config: RedisConfig, address: Node) -> Any:
+    """
+    @return: the endpoint for one node: TCP, or TLS (C{rediss://}) checking
+        the node's certificate against C{ca=} (else the system's trust
+        store) and its name, with C{cert=}/C{key=} as our certificate.
+    """
+    host, port = address
+    endpoint: Any = HostnameEndpoint(reactor, host, port, timeout=5)
+    if not config.tls:
+        return endpoint
+    trust: Any = platformTrust()
+    if config.ca is not None:
+        trust = Certificate.loadPEM(Path(config.ca).read_bytes())
+    mine = None
+    if config.cert is not None and config.key is not None:
+        mine = PrivateCertificate.loadPEM(
+            Path(config.cert).read_bytes() + b"\n" + Path(config.key).read_bytes()
+        )
+    options = optionsForClientTLS(host, trustRoot=trust, clientCertificate=mine)
+    return wrapClientTLS(options, endpoint)
 
 
 def _describe(address: Node) -> str:

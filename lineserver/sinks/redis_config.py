@@ -10,6 +10,7 @@ docs/redis.md is the user's description of every option.
 
 from __future__ import annotations
 
+import os
 import zlib
 from dataclasses import dataclass
 from urllib.parse import unquote
@@ -28,6 +29,9 @@ OPTIONS = frozenset(
         "fields",
         "shards",
         "inflight",
+        "ca",
+        "cert",
+        "key",
     }
 )
 
@@ -59,6 +63,9 @@ class RedisConfig:
     fields: tuple[str, ...] = ()
     shards: int = 0
     inflight: int = 4
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
 
     def keys(self) -> list[str]:
         """
@@ -183,6 +190,17 @@ def parse_redis_url(url: SinkURL) -> RedisConfig:
     if "shards" in url.options and not cluster:
         raise SinkURLError(f"{scheme}: shards= is for redis+cluster://")
     maxlen = _positive(url, "maxlen", 0) or None
+    files: dict[str, str | None] = {}
+    for name in ("ca", "cert", "key"):
+        file_path = url.options.get(name)
+        if file_path is not None:
+            if not scheme.startswith("rediss"):
+                raise SinkURLError(f"{scheme}: {name}= is for rediss:// (TLS)")
+            if not os.path.isfile(file_path):
+                raise SinkURLError(f"{scheme}: {name}={file_path!r} is not a file")
+        files[name] = file_path
+    if (files["cert"] is None) != (files["key"] is None):
+        raise SinkURLError(f"{scheme}: cert= and key= go together")
     return RedisConfig(
         nodes=nodes,
         tls=scheme.startswith("rediss"),
@@ -197,4 +215,7 @@ def parse_redis_url(url: SinkURL) -> RedisConfig:
         fields=fields,
         shards=_positive(url, "shards", 1) if cluster else 0,
         inflight=_positive(url, "inflight", 4),
+        ca=files["ca"],
+        cert=files["cert"],
+        key=files["key"],
     )
