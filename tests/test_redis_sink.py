@@ -22,7 +22,7 @@ from lineserver.sinks import sink_factory_from_url
 from lineserver.sinks.redis import RedisStreamSink
 from tests.certs import make_pki
 from tests.redis_servers import RedisServer, call, stream_lines, wait_for
-from tests.support import ServerProcess, free_port, later, temp_dir
+from tests.support import ServerProcess, eventually, free_port, later, temp_dir
 from tests.test_file_sink_ops import STOPPED, Sender, sequences
 
 
@@ -330,3 +330,37 @@ class TLSTests(SynchronousTestCase):
         wait_for(lambda: "lines held, retrying" in server.log(), "the refusal logged")
         self.assertEqual(xlen(redis.port), 0)
         self.assertEqual(server.stop(), STOPPED)
+
+
+class WaitContractTests(TestCase):
+    """
+    C{wait=N} in this process: what a shortfall of replicas does.
+    """
+
+    timeout = 120
+
+    @inlineCallbacks
+    def test_wait_shortfall_holds_without_resending(
+        self,
+    ) -> Generator[Deferred[Any], Any, None]:
+        """
+        With C{wait=1} and no replica, the batch is in Redis but its
+        Deferred waits; once a replica is there it fires, and the lines
+        were not sent twice (only the WAIT was asked again).
+        """
+        redis = RedisServer(self)
+        url = f"redis://127.0.0.1:{redis.port}/?stream=w&wait=1&wait_timeout=100"
+        sink = sink_factory_from_url(url, reactor)()
+        assert isinstance(sink, RedisStreamSink)
+        self.addCleanup(lambda: sink.close().cancel())
+        yield sink.open()
+        lines = [b"w %d" % n for n in range(50)]
+        written = sink.write(lines)
+        yield eventually(lambda: xlen(redis.port, "w") == 50, "the lines in Redis")
+        yield later(1.0)
+        self.assertFalse(written.called)
+        replica = RedisServer(self, "--replicaof", "127.0.0.1", str(redis.port))
+        yield written
+        self.assertEqual([e[b"line"] for e in stream_lines(redis.port, "w")], lines)
+        self.assertEqual(xlen(replica.port, "w"), 50)
+        yield sink.close()
