@@ -23,6 +23,7 @@ system-tools` installs them).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -265,26 +266,47 @@ class Reader(threading.Thread):
         self.port = port
         self.lines: list[bytes] = []
         self.peers: Counter[bytes] = Counter()
+        self.seen: set[bytes] = set()
+        self.errors: list[str] = []
         self.stopping = threading.Event()
 
     def run(self) -> None:
+        # After a broken connection, first the entries this consumer was
+        # given and did not acknowledge (ID 0: its pending list), then new
+        # ones (">"); an entry is counted once, by its ID.
+        start = ">"
         while not self.stopping.is_set():
-            reply = redis(
-                self.port, "XREADGROUP", "GROUP", GROUP, "reader-1",
-                "COUNT", 5000, "BLOCK", 200, "STREAMS", STREAM, ">",
-            )  # fmt: skip
-            if not isinstance(reply, list):
+            try:
+                got = self._read(start)
+            except OSError as error:
+                self.errors.append(repr(error))
+                start = "0"
+                time.sleep(0.1)
                 continue
-            streams: Any = reply
-            for _, entries in streams:
-                ids = []
-                for entry_id, fields in entries:
-                    pairs = dict(zip(fields[::2], fields[1::2], strict=True))
-                    self.lines.append(pairs[b"line"])
-                    self.peers[pairs.get(b"peer", b"").rpartition(b":")[0]] += 1
-                    ids.append(entry_id)
-                if ids:
-                    redis(self.port, "XACK", STREAM, GROUP, *ids)
+            if start == "0" and not got:
+                start = ">"
+
+    def _read(self, start: str) -> int:
+        reply = redis(
+            self.port, "XREADGROUP", "GROUP", GROUP, "reader-1",
+            "COUNT", 5000, "BLOCK", 200, "STREAMS", STREAM, start,
+        )  # fmt: skip
+        if not isinstance(reply, list):
+            return 0
+        streams: Any = reply
+        ids = []
+        for _, entries in streams:
+            for entry_id, fields in entries:
+                ids.append(entry_id)
+                if entry_id in self.seen or fields is None:
+                    continue
+                self.seen.add(entry_id)
+                pairs = dict(zip(fields[::2], fields[1::2], strict=True))
+                self.lines.append(pairs[b"line"])
+                self.peers[pairs.get(b"peer", b"").rpartition(b":")[0]] += 1
+        if ids:
+            redis(self.port, "XACK", STREAM, GROUP, *ids)
+        return len(ids)
 
 
 def delivered(log: str) -> int:
@@ -312,13 +334,17 @@ def run(
         for sender in senders:
             sender.start()
         total = clients * batches * size
-        wait_until(lambda: len(reader.lines) >= total // 3, "a third of the lines")
+        wait_until(
+            lambda: sum(s.done for s in senders) >= clients * batches // 3,
+            "a third of the batches sent",
+        )
         batches_before = sum(s.done for s in senders)
         status = fleet.stop_lineserver(0)
         for sender in senders:
             sender.join(300)
         errors = [str(s.error) for s in senders if s.error is not None]
-        wait_until(lambda: len(set(reader.lines)) >= total, "every line", timeout=120)
+        with contextlib.suppress(RuntimeError):  # what is missing is reported
+            wait_until(lambda: len(set(reader.lines)) >= total, "every line", 120)
         reader.stopping.set()
         reader.join(10)
         fleet.stop_lineserver(1)
@@ -333,9 +359,21 @@ def run(
             "distinct": len(counts),
             "duplicates": len(reader.lines) - len(counts),
             "missing": total - len(counts),
+            "missing_sample": [
+                text.decode()
+                for text in sorted(
+                    {
+                        line(c, n).rstrip(b"\n")
+                        for c in range(clients)
+                        for n in range(batches * size)
+                    }
+                    - set(counts)
+                )[:5]
+            ],
             "resent_batches": sum(s.resent for s in senders),
             "stopped_exit_status": status,
             "client_errors": errors,
+            "reader_errors": reader.errors,
             "peers": sorted(p.decode() for p in reader.peers),
             "batches_before_the_stop": batches_before,
             "delivered_per_lineserver": [delivered(log) for log in logs],
