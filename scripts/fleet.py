@@ -4,7 +4,8 @@
                          -> one Redis stream -> a consumer-group reader
 
 Clients connect to HAProxy and send numbered lines, a batch per
-connection; half-way, the first lineserver is stopped with SIGTERM, and
+connection; half-way, the first lineserver is taken out of HAProxy (its
+runtime API: disable server) and stopped with SIGTERM, and
 HAProxy sends the clients' next connections to the other.  A client whose
 connection breaks before the server closed it cleanly, or that got an ERR
 line (a stopping server refuses a connection it accepted as it stopped),
@@ -89,6 +90,7 @@ def wait_until(check: Any, what: str, timeout: float = 30.0) -> None:
 HAPROXY_CFG = """\
 global
     maxconn 2000
+    stats socket {socket} mode 600 level admin
 
 defaults
     mode tcp
@@ -156,7 +158,12 @@ class Fleet:
             )
         config = Path(self.directory, "haproxy.cfg")
         config.write_text(
-            HAPROXY_CFG.format(front=self.front, one=self.ports[0], two=self.ports[1])
+            HAPROXY_CFG.format(
+                front=self.front,
+                one=self.ports[0],
+                two=self.ports[1],
+                socket=Path(self.directory, "haproxy.sock"),
+            )
         )
         self._spawn([haproxy, "-db", "-f", str(config)])
         wait_until(
@@ -174,12 +181,30 @@ class Fleet:
         self.procs.append(proc)
         return proc
 
+    def haproxy(self, command: str) -> str:
+        """
+        Run one command on HAProxy's runtime API (its stats socket).
+        """
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(Path(self.directory, "haproxy.sock")))
+            sock.sendall(command.encode() + b"\n")
+            answer = b""
+            while chunk := sock.recv(4096):
+                answer += chunk
+        return answer.decode()
+
     def stop_lineserver(self, index: int) -> int:
         """
         SIGTERM one lineserver and wait for its ordered stop.
 
         @return: its exit status (-15: it re-raised SIGTERM after a clean stop).
         """
+        # Take it out of HAProxy first, so that no new connection reaches
+        # its port as it closes: a connection still waiting in the
+        # kernel's backlog then is reset, and HAProxy closes its client
+        # cleanly, which a client without --ack takes for delivered.
+        self.haproxy(f"disable server lineservers/ls{index + 1}")
+        time.sleep(0.5)  # what HAProxy had already sent there is accepted
         proc = self.lineservers[index]
         os.kill(proc.pid, signal.SIGTERM)
         return proc.wait(60)
@@ -347,7 +372,8 @@ def run(
             wait_until(lambda: len(set(reader.lines)) >= total, "every line", 120)
         reader.stopping.set()
         reader.join(10)
-        fleet.stop_lineserver(1)
+        os.kill(fleet.lineservers[1].pid, signal.SIGTERM)
+        fleet.lineservers[1].wait(60)
         counts = Counter(reader.lines)
         logs = [
             Path(directory, f"lineserver{i}.log").read_text(errors="replace")
