@@ -27,6 +27,8 @@ SYSTEM_TOOLS := logrotate strace
 SYSTEM_TOOLS += systemd-socket-activate=systemd systemd-analyze=systemd
 # Graphviz draws the docs site's diagrams (make docs).
 SYSTEM_TOOLS += dot=graphviz
+# Real Redis servers and HAProxy (tests/test_redis*.py, tests/test_fleet.py).
+SYSTEM_TOOLS += redis-server redis-cli=redis-tools redis-benchmark=redis-tools haproxy
 
 .PHONY: run test lint typecheck docs trial trial-oldest pytest bench bench-quick bench-report clean system-tools
 
@@ -61,6 +63,8 @@ docs: $(STAMP) system-tools
 system-tools:
 	@missing=""; for entry in $(SYSTEM_TOOLS); do \
 		tool=$${entry%%=*}; package=$${entry#*=}; \
+# Real Redis servers and HAProxy (tests/test_redis*.py, tests/test_fleet.py).
+SYSTEM_TOOLS += redis-server redis-cli=redis-tools redis-benchmark=redis-tools haproxy
 		PATH="$$PATH:/usr/sbin:/sbin" command -v $$tool >/dev/null || missing="$$missing $$package"; \
 	done; \
 	if [ -n "$$missing" ]; then \

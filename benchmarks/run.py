@@ -575,6 +575,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--rounds", type=int, help="rounds per scenario (default 5)")
     parser.add_argument(
+        "--redis",
+        action="store_true",
+        help="also the Redis rows (benchmarks/redis_rows.py) after the rest",
+    )
+    parser.add_argument(
         "--scenarios",
         help=f"comma-separated subset of {','.join(names)} "
         "(default: all; --quick leaves out long-16M)",
@@ -854,6 +859,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print()
         workers.main(["--quick"] if args.quick else [])
+    if args.redis:
+        from benchmarks.redis_rows import main as redis_rows
+
+        redis_rows(["--lines", str(max(10_000, int(400_000 * args.scale)))])
     if args.strict and any(
         row["meets_min_ratio"] is False for row in rows if not row["tls"]
     ):

@@ -7,6 +7,8 @@ recreated its crashed Buffer process) while the connection goes on.
 
 from __future__ import annotations
 
+import time
+
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from typing_extensions import override
@@ -52,23 +54,64 @@ class EchoHandler:
         pass
 
 
+class OriginLine(bytes):
+    """
+    A line (its bytes unchanged) that also says where and when it came
+    from, for a sink that asks (C{wants_origin}: the Redis sinks shard by
+    connection and may store the peer and the receive time).
+
+    @ivar connection: the connection's identity, unique in this process.
+    @ivar peer: the client's address (behind a proxy, the header's).
+    @ivar received: when its read arrived (POSIX seconds).
+    """
+
+    connection: str
+    peer: str
+    received: float
+
+
+def tag_origin(connection: IConnection, lines: list[bytes]) -> list[bytes]:
+    """
+    @return: C{lines} as L{OriginLine}s of C{connection}, received now.
+    """
+    from lineserver.protocol import describe_address
+
+    identity = str(connection.identity)
+    peer = describe_address(connection.peer)
+    received = time.time()
+    tagged: list[bytes] = []
+    for line in lines:
+        origin = OriginLine(line)
+        origin.connection = identity
+        origin.peer = peer
+        origin.received = received
+        tagged.append(origin)
+    return tagged
+
+
 @implementer(ILineHandler)
 class SinkHandler:
     """
     Hand every batch of lines to the sink queue, unchanged.
 
     The connection registers with the queue as a producer, so a full queue
-    pauses it.
+    pauses it.  With C{origin}, each line is an L{OriginLine}.
     """
 
-    __slots__ = ("_producer", "_queue")
+    __slots__ = ("_connection", "_origin", "_producer", "_queue")
 
-    def __init__(self, connection: IConnection, queue: SinkQueue) -> None:
+    def __init__(
+        self, connection: IConnection, queue: SinkQueue, origin: bool = False
+    ) -> None:
         self._queue = queue
+        self._connection = connection
+        self._origin = origin
         self._producer = connection.producer(Pause.SINK)
         queue.register(self._producer)  # type: ignore[arg-type]
 
     def lines_received(self, lines: list[bytes], raw: bytes) -> None:
+        if self._origin:
+            lines = tag_origin(self._connection, lines)
         self._queue.put(lines, len(raw))
 
     def connection_lost(self) -> None:
@@ -106,6 +149,7 @@ class AckSinkHandler:
         "_closed",
         "_connection",
         "_interval",
+        "_origin",
         "_producer",
         "_queue",
         "_repeat",
@@ -119,8 +163,10 @@ class AckSinkHandler:
         queue: SinkQueue,
         clock: IReactorTime,
         interval: float,
+        origin: bool = False,
     ) -> None:
         self._connection = connection
+        self._origin = origin
         self._queue = queue
         self._clock = clock
         self._interval = interval
@@ -132,6 +178,8 @@ class AckSinkHandler:
         queue.register(self._producer)  # type: ignore[arg-type]
 
     def lines_received(self, lines: list[bytes], raw: bytes) -> None:
+        if self._origin:
+            lines = tag_origin(self._connection, lines)
         self.counter.put(len(lines))
         self._queue.put(lines, len(raw), self)
         if self._repeat is None and not self._closed:
@@ -220,13 +268,16 @@ class EchoHandlerFactory:
 class SinkHandlerFactory:
     """
     Builds a L{SinkHandler} per connection, all feeding one queue.
+
+    @ivar origin: hand the queue L{OriginLine}s (the sink wants them).
     """
 
-    def __init__(self, queue: SinkQueue) -> None:
+    def __init__(self, queue: SinkQueue, origin: bool = False) -> None:
         self.queue = queue
+        self.origin = origin
 
     def __call__(self, connection: IConnection) -> ILineHandler:
-        return SinkHandler(connection, self.queue)
+        return SinkHandler(connection, self.queue, self.origin)
 
     @override
     def __repr__(self) -> str:
@@ -246,9 +297,13 @@ class AckSinkHandlerFactory:
         self.queue = queue
         self.clock = clock
         self.interval = interval
+        #: Hand the queue L{OriginLine}s (the sink wants them).
+        self.origin = False
 
     def __call__(self, connection: IConnection) -> ILineHandler:
-        return AckSinkHandler(connection, self.queue, self.clock, self.interval)
+        return AckSinkHandler(
+            connection, self.queue, self.clock, self.interval, self.origin
+        )
 
     @override
     def __repr__(self) -> str:

@@ -62,6 +62,7 @@ from lineserver.sink_service import (
     describe_failure,
     queued_lines,
 )
+from lineserver.sinks import IWantsOrigin
 from lineserver.stats import Stats
 from lineserver.supervisor import ChildSpec, Supervisor
 from lineserver.transports import pending_input
@@ -204,6 +205,10 @@ class LineServer(Supervisor):
             if build is not SinkHandlerFactory:
                 raise ValueError("ack=True needs the sink handler")
             handlers = AckSinkHandlerFactory(self.queue, reactor, config.ack_interval)
+        if IWantsOrigin.providedBy(sink) and isinstance(
+            handlers, (SinkHandlerFactory, AckSinkHandlerFactory)
+        ):
+            handlers.origin = True
         self.factory = LineFactory(
             handlers,
             self.registry,

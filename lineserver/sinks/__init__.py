@@ -65,6 +65,16 @@ class IPipelinedSink(Interface):
     max_in_flight = Attribute("How many batches may await their Deferred (>= 1).")
 
 
+class IWantsOrigin(Interface):
+    """
+    A sink factory whose sinks want to know where each line came from (the
+    Redis Cluster sink shards by connection; a sink may store the peer and
+    the receive time): the server then hands them
+    L{lineserver.handlers.OriginLine}s, still plain C{bytes} to any other
+    code.  Other sinks get bare lines, at no cost.
+    """
+
+
 class ISpooled(Interface):
     """
     A sink that confirms lines once they are in its disk spool, before its
@@ -166,16 +176,21 @@ def check_options(url: SinkURL, scheme: SinkScheme) -> None:
 def _builtin_schemes() -> dict[str, SinkScheme]:
     from lineserver.sinks.file import file_scheme
     from lineserver.sinks.null import null_scheme
+    from lineserver.sinks.redis import redis_scheme
     from lineserver.sinks.relay import relay_scheme
     from lineserver.sinks.stdout import stdout_scheme
 
-    return {
+    schemes: dict[str, SinkScheme] = {
         "file": file_scheme,
         "stdout": stdout_scheme,
         "null": null_scheme,
         "tcp": relay_scheme,
         "tls": relay_scheme,
     }
+    # The Redis Streams sinks (docs/redis.md).
+    for name in ("redis", "rediss", "redis+cluster", "rediss+cluster"):
+        schemes[name] = redis_scheme
+    return schemes
 
 
 def available_schemes() -> dict[str, SinkScheme]:
