@@ -628,11 +628,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--no-workers",
         dest="workers",
         action="store_false",
-        help="leave out the --workers section (benchmarks.workers)",
+        help="leave out the --workers section (benchmarks.workers), which "
+        "runs only when no --scenarios are named",
     )
     parser.add_argument("--json", type=Path, default=RESULTS / "latest.json")
     parser.add_argument("--workdir", type=Path, help="for sink files and payload")
     args = parser.parse_args(argv)
+    # The --workers section is part of the whole run, not of a named subset.
+    args.workers = args.workers and args.scenarios is None
     if args.scenarios is None:
         skip = {s.name for s in LONG_SCENARIOS} - set(QUICK_LONG_SCENARIOS)
         args.scenarios = ",".join(
