@@ -120,6 +120,26 @@ class AckClient:
                 with contextlib.suppress(BlockingIOError):
                     view = view[self.sock.send(view[:65536]) :]
 
+    def exchange_for(self, data: bytes, seconds: float) -> None:
+        """
+        Send C{data} and read ACKs for C{seconds}, whatever they say (the
+        server is expected to hold some lines back).
+        """
+        view = memoryview(data)
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0 and not self.closed:
+            writable = [self.sock] if view else []
+            readable, ready, _ = select.select(
+                [self.sock], writable, [], min(left, 0.1)
+            )
+            if readable:
+                self._take(self._recv())
+            if ready:
+                with contextlib.suppress(BlockingIOError):
+                    view = view[self.sock.send(view[:65536]) :]
+        if view:
+            raise AssertionError(f"{len(view)} bytes not sent in {seconds}s")
+
     def close(self) -> None:
         self.sock.close()
 

@@ -8,6 +8,7 @@ in the stream once Redis takes them again.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections import Counter
@@ -23,6 +24,7 @@ from lineserver.sinks.redis import RedisStreamSink
 from tests.certs import make_pki
 from tests.redis_servers import RedisServer, call, stream_lines, wait_for
 from tests.support import ServerProcess, eventually, free_port, later, temp_dir
+from tests.test_ack_twistd import AckClient
 from tests.test_file_sink_ops import STOPPED, Sender, sequences
 
 
@@ -67,6 +69,51 @@ def check_every_line(
     test.assertEqual(sorted(got), list(range(clients)))
     for client, numbers in got.items():
         test.assertEqual(numbers, list(range(each)), f"client {client}")
+
+
+class AckTests(SynchronousTestCase):
+    """
+    C{--ack} with the Redis sink: an ACK means Redis confirmed the XADDs.
+    """
+
+    def test_ack_only_for_what_redis_confirmed(self) -> None:
+        """
+        Every ACK number is at most the stream's length when it is read;
+        while redis-server is stopped (SIGSTOP) the ACK stays where it was
+        (repeated, not advanced), and once it runs again every line is
+        acknowledged and in the stream.
+        """
+        redis = RedisServer(self)
+        server = lineserver(
+            self,
+            f"redis://127.0.0.1:{redis.port}/0?stream=lines",
+            "--ack",
+            "--ack-interval",
+            "0.5",
+        )
+        client = AckClient(server.port, client=0)
+        self.addCleanup(client.close)
+        client.exchange(client.lines(2000))
+        self.assertEqual(client.acked, 2000)
+        self.assertEqual(xlen(redis.port), 2000)
+
+        assert redis.proc is not None
+        pid = redis.proc.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            client.exchange_for(client.lines(1000), seconds=2.5)
+            # Repeated (the interval is 0.5 s), never past what Redis has.
+            self.assertGreaterEqual(client.acks.count(2000), 2, client.acks[-10:])
+            self.assertEqual(client.acked, 2000)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        client.exchange(b"")
+        self.assertEqual(client.acked, 3000)
+        self.assertEqual(xlen(redis.port), 3000)
+        check_every_line(
+            self, [e[b"line"] for e in stream_lines(redis.port, "lines")], 1, 3000
+        )
+        self.assertEqual(server.stop(), STOPPED)
 
 
 class SingleNodeTests(SynchronousTestCase):

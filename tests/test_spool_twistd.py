@@ -29,6 +29,8 @@ from tests.support import (
     temp_dir,
     wait_until,
 )
+from tests.test_ack_twistd import AckClient
+from tests.test_file_sink_ops import sequences
 
 
 def spooled(directory: Path) -> list[bytes]:
@@ -245,6 +247,30 @@ class SpoolTests(OutageCase):
             "--low-watermark",
             "16K",
             *args,
+        )
+
+    def test_spooled_lines_are_acknowledged(self) -> None:
+        """
+        With --ack, a line is acknowledged once it is in an fsynced spool
+        segment: while the sink is down a client gets every ACK, the
+        spool holds exactly the acknowledged lines, and they reach the sink
+        once it is back.
+        """
+        self.break_sink()
+        server = self.spooling("--ack")
+        client = AckClient(server.port, client=0)
+        self.addCleanup(client.close)
+        client.exchange(client.lines(20_000), timeout=60)
+        self.assertEqual(client.acked, 20_000)
+        self.assertIn("is down", server.log())
+        self.assertEqual(self.delivered(), [])
+        self.assertEqual(sequences(spooled(self.spool)), {0: list(range(20_000))})
+        self.mend_sink()
+        self.wait_delivered(20_000)
+        self.assertEqual(sequences(self.delivered()), {0: list(range(20_000))})
+        server.stop()
+        check_ledger(
+            self, ledger_from_log(server.log()), received=20_000, delivered=20_000
         )
 
     def test_sink_down_spools_without_pausing_then_replays(self) -> None:
