@@ -395,7 +395,10 @@ class Options(usage.Options):
     def opt_sink(self, url: str) -> None:
         """
         Where lines go in sink mode: file:PATH (with
-        ?fsync=never|batch|interval, see docs/delivery.md), stdout:, null:.
+        ?fsync=never|batch|interval, see docs/delivery.md), stdout:, null:,
+        tcp:HOST:PORT or tls:HOST:PORT:... (another line server, see
+        docs/relay.md), redis://HOST:PORT/DB?stream=KEY, rediss://...,
+        redis+cluster://HOST:PORT,.../?stream=KEY&shards=N (docs/redis.md).
         Once at most, and only with --mode sink. [default: file:lines.log]
         """
         if self._sink_given:

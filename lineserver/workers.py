@@ -7,12 +7,13 @@
 
 The parent binds every listening socket before twistd drops privileges
 (C{--uid}, ports below 1024), makes it listen, and hands the same socket
-to every worker (C{childFDs}); each worker adopts it with
-C{adoptStreamPort} (L{lineserver.listener.PortBinder}) and accepts from
-the one shared queue.  Why one shared socket and not one C{SO_REUSEPORT}
-socket per worker is measured and explained in docs/workers.md: the kernel
-wakes the idle workers first, and a worker that dies leaves no queue of
-connections behind it.
+to the workers (C{childFDs}); each worker adopts its socket with
+C{adoptStreamPort} (L{lineserver.listener.PortBinder}).  By default
+(C{--worker-sockets reuseport}) each worker gets its own C{SO_REUSEPORT}
+socket, bound by the parent, and the kernel spreads connections evenly
+over them; C{shared} gives every worker the one socket and its one queue
+(a dying worker leaves no queue behind, but the spread is uneven).  The
+choice is measured and explained in docs/workers.md.
 
 A worker is C{python -m lineserver.worker_main}, the same server as a
 single process with the same options (L{lineserver.tap.make_server}).  It
