@@ -520,9 +520,13 @@ class Session:
             phase is Phase.OPEN
             and frames.lines
             and frames.error is None
-            and not self.settings.line_timeout
+            and (not framer.pending or not self.settings.line_timeout)
         ):
-            # The common case, kept short: an open connection's lines.
+            # The common case, kept short: an open connection's lines.  A
+            # read that ends on a line boundary leaves no partial line, so
+            # the line deadline has nothing to time (a deadline armed for
+            # an earlier partial line finds none when it fires).
+            self._line_since = None
             count = len(frames.lines)
             self.lines += count
             self.delivered += count
