@@ -325,11 +325,11 @@ class Session:
 
     __slots__ = (
         "_admission",
+        "_armed",
         "_framer",
         "_held",
         "_idle_since",
         "_line_since",
-        "armed",
         "bytes",
         "consumed",
         "delivered",
@@ -358,7 +358,9 @@ class Session:
         self._idle_since: float | None = None
         self._line_since: float | None = None
         self.phase = Phase.NEW
-        self.armed: set[Deadline] = set()
+        #: The armed deadlines, one bit each (L{_BITS}): an int, not a set
+        #: (an empty set is 216 bytes, and there is one per connection).
+        self._armed = 0
         self.lines = 0
         self.delivered = 0
         self.consumed = 0
@@ -366,6 +368,14 @@ class Session:
         self.bytes = 0
         self.reason: CloseReason | None = None
         self.tls = False
+
+    @property
+    def armed(self) -> frozenset[Deadline]:
+        """
+        The deadlines whose timer the glue holds.
+        """
+        armed = self._armed
+        return frozenset(kind for kind in _ORDERED if armed & _BITS[kind])
 
     @property
     def framer(self) -> LineFramer:
@@ -393,12 +403,13 @@ class Session:
     def _arm(self, kind: Deadline, delay: float | None) -> list[Action]:
         if delay is None:
             return []
-        self.armed.add(kind)
+        self._armed |= _BITS[kind]
         return [Arm(kind, delay)]
 
     def _disarm(self, kind: Deadline) -> list[Action]:
-        if kind in self.armed:
-            self.armed.discard(kind)
+        bit = _BITS[kind]
+        if self._armed & bit:
+            self._armed &= ~bit
             return [Disarm(kind)]
         return []
 
@@ -539,7 +550,7 @@ class Session:
                 self._line_since = None
             elif frames.lines or self._line_since is None:
                 self._line_since = now
-                if Deadline.LINE not in self.armed:
+                if not self._armed & _BITS[Deadline.LINE]:
                     actions += self._arm(Deadline.LINE, line_timeout)
         lines = frames.lines
         if lines:
@@ -660,9 +671,10 @@ class Session:
         The timer of C{kind} fired.  C{paused}: we stopped reading this
         connection ourselves, so its silence is ours, not the client's.
         """
-        if kind not in self.armed:
+        bit = _BITS[kind]
+        if not self._armed & bit:
             return []
-        self.armed.discard(kind)
+        self._armed &= ~bit
         if self.phase is Phase.CLOSED:
             return []
         if kind is Deadline.IDLE or kind is Deadline.LINE:
@@ -749,10 +761,11 @@ class Session:
         return actions
 
     def _disarm_all(self) -> list[Action]:
-        armed = sorted(self.armed, key=_order)
-        actions: list[Action] = [Disarm(kind) for kind in armed]
-        self.armed.clear()
-        return actions
+        armed = self._armed
+        if not armed:
+            return []
+        self._armed = 0
+        return [Disarm(kind) for kind in _ORDERED if armed & _BITS[kind]]
 
     def lost(self, clean: bool) -> list[Action]:
         """
@@ -785,8 +798,10 @@ class Session:
         return self._framer.pending
 
 
-def _order(kind: Deadline) -> str:
-    return kind.value
+#: Each deadline's bit in L{Session}'s mask.
+_BITS: dict[Deadline, int] = {kind: 1 << index for index, kind in enumerate(Deadline)}
+#: The order in which deadlines are disarmed together (by name, as ever).
+_ORDERED: tuple[Deadline, ...] = tuple(sorted(Deadline, key=lambda kind: kind.value))
 
 
 def _has_rules(policy: AdmissionPolicy) -> bool:
