@@ -68,6 +68,7 @@ from lineserver.session import (
 from lineserver.stats import Stats
 from lineserver.tls import peer_subject, tls_at_accept, tls_failure_text
 from lineserver.transports import behind_proxy, enable_keepalive
+from lineserver.wheel import Bucket, DeadlineWheel
 
 __all__ = ["LineFactory", "LineProtocol", "ProtocolSettings", "describe_address"]
 
@@ -161,6 +162,8 @@ class LineProtocol(LineReceiver):
         #: their raw bytes (for a switch to raw mode).
         self._held: list[tuple[list[bytes], bytes, int]] = []
         self._timers: dict[Deadline, IDelayedCall] = {}
+        #: The idle deadline's bucket in the factory's wheel, if armed.
+        self._idle_bucket: Bucket[LineProtocol] | None = None
         self._output_registered = False
         self._started = 0.0
         self.handler: ILineHandler | None = None
@@ -228,6 +231,14 @@ class LineProtocol(LineReceiver):
         self.transport.startTLS(self.factory.admission.starttls_context)
 
     def _do_arm(self, action: Arm) -> None:
+        if action.kind is Deadline.IDLE:
+            # Every connection has one: on the factory's wheel, not a
+            # DelayedCall each (the session asks again if it is early).
+            wheel = self.factory.idle_wheel
+            if self._idle_bucket is not None:
+                wheel.cancel(self, self._idle_bucket)
+            self._idle_bucket = wheel.schedule(self, action.delay)
+            return
         timer = self._timers.get(action.kind)
         if timer is not None and timer.active():
             if timer.getTime() <= self._now() + action.delay:
@@ -238,9 +249,24 @@ class LineProtocol(LineReceiver):
         )
 
     def _do_disarm(self, action: Disarm) -> None:
+        if action.kind is Deadline.IDLE:
+            self._cancel_idle()
+            return
         timer = self._timers.pop(action.kind, None)
         if timer is not None and timer.active():
             timer.cancel()
+
+    def _cancel_idle(self) -> None:
+        bucket, self._idle_bucket = self._idle_bucket, None
+        if bucket is not None:
+            self.factory.idle_wheel.cancel(self, bucket)
+
+    def idle_expired(self) -> None:
+        """
+        The idle deadline's bucket came round (the factory's wheel).
+        """
+        self._idle_bucket = None
+        self._expired(Deadline.IDLE)
 
     def _expired(self, kind: Deadline) -> None:
         self._timers.pop(kind, None)
@@ -445,6 +471,7 @@ class LineProtocol(LineReceiver):
             if timer.active():
                 timer.cancel()
         self._timers.clear()
+        self._cancel_idle()
         self._after_acks = None
         if self._ack_wait is not None and self._ack_wait.active():
             self._ack_wait.cancel()
@@ -681,6 +708,12 @@ class LineFactory(ServerFactory):
         #: Does a read need the time (an idle or line deadline is set)?
         self.timed_reads = bool(
             self.settings.idle_timeout or self.settings.line_timeout
+        )
+        #: Every connection's idle deadline, on one timer: it fires at
+        #: most a tenth of the idle timeout late, and at most a second.
+        idle = self.settings.idle_timeout
+        self.idle_wheel: DeadlineWheel[LineProtocol] = DeadlineWheel(
+            clock, min(1.0, idle / 10) if idle else 1.0, LineProtocol.idle_expired
         )
 
     @override
