@@ -89,7 +89,7 @@ class PauseGate:
             return
         self._reasons = held | bit
         if not held:
-            self._pause()
+            self._paused()
 
     def release(self, reason: Pause) -> None:
         bit = _PAUSE_BITS[reason]
@@ -98,7 +98,19 @@ class PauseGate:
             return
         self._reasons = held = held & ~bit
         if not held:
-            self._resume()
+            self._resumed()
+
+    def _paused(self) -> None:
+        """
+        The first reason is held: pause the source.
+        """
+        self._pause()
+
+    def _resumed(self) -> None:
+        """
+        The last reason is released: resume the source.
+        """
+        self._resume()
 
     def producer(self, reason: Pause) -> IPushProducer:
         """

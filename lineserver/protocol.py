@@ -144,12 +144,44 @@ class LineProtocol(LineReceiver):
     transport: Any
     _actions: ClassVar[dict[type, Callable[[LineProtocol, Any], None]]]
 
+    # Slots for what every connection sets (its base classes have none, so
+    # an instance still has a __dict__, left empty unless one of the rare
+    # attributes below, or a subclass's own, is set).
+    __slots__ = (
+        "MAX_LENGTH",
+        "_identity",
+        "_idle_bucket",
+        "_output_registered",
+        "_per_line",
+        "_started",
+        "_stats",
+        "connected",
+        "factory",
+        "gate",
+        "handler",
+        "number",
+        "peer",
+        "session",
+        "transport",
+    )
+
+    #: Rarely set, so class-level defaults: the TLS client's subject, the
+    #: held lines of a per-line subclass, the rare deadlines' timers
+    #: (line, handshake, PROXY, close), the steps of a close waiting for
+    #: acknowledgements (C{--ack}) and its timer.
+    tls_subject: str | None = None
+    _held: list[tuple[list[bytes], bytes, int]] | None = None
+    _timers: dict[Deadline, IDelayedCall] | None = None
+    _after_acks: list[Callable[[], None]] | None = None
+    _ack_wait: IDelayedCall | None = None
+
     def __init__(self, factory: LineFactory, peer: IAddress, number: int) -> None:
         self.factory = factory
+        self.transport = None
+        self.connected = 0
         self.peer = peer
         self.number = number
-        self.identity = f"#{number} {describe_address(peer)}"
-        self.tls_subject: str | None = None
+        self._identity: str | None = None
         cls = type(self)
         settings = factory.settings
         if not _overrides(cls, "MAX_LENGTH"):
@@ -158,23 +190,30 @@ class LineProtocol(LineReceiver):
         self.session = Session(settings, factory.admission, framer)
         self._stats = factory.stats
         self._per_line = cls.lineReceived is not LineProtocol.lineReceived
-        #: Lines waiting for a per-line C{lineReceived} while paused, with
-        #: their raw bytes (for a switch to raw mode).
-        self._held: list[tuple[list[bytes], bytes, int]] = []
-        self._timers: dict[Deadline, IDelayedCall] = {}
         #: The idle deadline's bucket in the factory's wheel, if armed.
         self._idle_bucket: Bucket[LineProtocol] | None = None
         self._output_registered = False
         self._started = 0.0
         self.handler: ILineHandler | None = None
-        #: Steps of a close waiting for acknowledgements (C{--ack}).
-        self._after_acks: list[Callable[[], None]] | None = None
-        self._ack_wait: IDelayedCall | None = None
-        self.gate = PauseGate(self._pause_transport, self._resume_transport)
+        self.gate: PauseGate = _ConnectionGate(self)
 
     @override
     def __repr__(self) -> str:
         return f"<LineProtocol {self.identity}>"
+
+    @property
+    def identity(self) -> str:
+        """
+        C{#number address}, and the TLS subject once known: for the log,
+        so made on first use.
+        """
+        identity = self._identity
+        if identity is None:
+            identity = f"#{self.number} {describe_address(self.peer)}"
+            if self.tls_subject:
+                identity = f"{identity} ({self.tls_subject})"
+            self._identity = identity
+        return identity
 
     @property
     def age(self) -> float:
@@ -239,12 +278,15 @@ class LineProtocol(LineReceiver):
                 wheel.cancel(self, self._idle_bucket)
             self._idle_bucket = wheel.schedule(self, action.delay)
             return
-        timer = self._timers.get(action.kind)
+        timers = self._timers
+        if timers is None:
+            timers = self._timers = {}
+        timer = timers.get(action.kind)
         if timer is not None and timer.active():
             if timer.getTime() <= self._now() + action.delay:
                 return  # fires early enough; the session asks again then
             timer.cancel()
-        self._timers[action.kind] = self.factory.clock.callLater(
+        timers[action.kind] = self.factory.clock.callLater(
             action.delay, self._expired, action.kind
         )
 
@@ -252,7 +294,7 @@ class LineProtocol(LineReceiver):
         if action.kind is Deadline.IDLE:
             self._cancel_idle()
             return
-        timer = self._timers.pop(action.kind, None)
+        timer = self._timers.pop(action.kind, None) if self._timers else None
         if timer is not None and timer.active():
             timer.cancel()
 
@@ -269,7 +311,8 @@ class LineProtocol(LineReceiver):
         self._expired(Deadline.IDLE)
 
     def _expired(self, kind: Deadline) -> None:
-        self._timers.pop(kind, None)
+        if self._timers:
+            self._timers.pop(kind, None)
         self._run(self.session.expired(kind, self._now(), self.gate.paused))
 
     def _do_ask_slot(self, action: AskSlot) -> None:
@@ -402,9 +445,7 @@ class LineProtocol(LineReceiver):
         self._run(self.session.handshake_done(_host(self.peer), self._now()))
 
     def _set_identity(self) -> None:
-        self.identity = f"#{self.number} {describe_address(self.peer)}"
-        if self.tls_subject:
-            self.identity = f"{self.identity} ({self.tls_subject})"
+        self._identity = None  # made again, from the new address, when used
 
     @override
     def dataReceived(self, data: bytes) -> None:
@@ -467,10 +508,11 @@ class LineProtocol(LineReceiver):
         handshaking = session.handshaking and session.reason is None
         pending = session.pending
         self._run(session.lost(clean=reason.check(ConnectionDone) is not None))
-        for timer in self._timers.values():
-            if timer.active():
-                timer.cancel()
-        self._timers.clear()
+        if self._timers:
+            for timer in self._timers.values():
+                if timer.active():
+                    timer.cancel()
+            self._timers.clear()
         self._cancel_idle()
         self._after_acks = None
         if self._ack_wait is not None and self._ack_wait.active():
@@ -595,6 +637,8 @@ class LineProtocol(LineReceiver):
         paused; a switch to raw mode hands the rest on as raw bytes.
         """
         held = self._held
+        if held is None:
+            held = self._held = []
         if lines:
             held.append((lines, raw, 0))
         # Not the phase OPEN: a read's lines before an error that the same
@@ -622,7 +666,7 @@ class LineProtocol(LineReceiver):
         (held lines, the unterminated tail) goes to C{rawDataReceived}.
         """
         rest = [after_lines(batch_raw, index, self.delimiter)]
-        rest += [raw for _, raw, _ in self._held[1:]]
+        rest += [raw for _, raw, _ in (self._held or [])[1:]]
         self._held = []
         rest.append(self.session.framer.take_tail())
         data = b"".join(rest)
@@ -658,6 +702,31 @@ class LineProtocol(LineReceiver):
     def _resume_transport(self) -> None:
         if self.session.phase not in _CLOSED_PHASES:
             self.transport.resumeProducing()
+
+
+class _ConnectionGate(PauseGate):
+    """
+    A connection's pause gate, calling its protocol's methods without a
+    pair of bound methods per connection.
+    """
+
+    __slots__ = ("_protocol",)
+
+    def __init__(self, protocol: LineProtocol) -> None:
+        super().__init__(_nothing, _nothing)
+        self._protocol = protocol
+
+    @override
+    def _paused(self) -> None:
+        self._protocol._pause_transport()
+
+    @override
+    def _resumed(self) -> None:
+        self._protocol._resume_transport()
+
+
+def _nothing() -> None:
+    pass
 
 
 LineProtocol._actions = {

@@ -354,7 +354,8 @@ class Session:
         self._admission: Admission | None = (
             Admission(policy) if _has_rules(policy) else None
         )
-        self._held: list[Frames] = []
+        #: Reads held before the connection is served (None: none yet).
+        self._held: list[Frames] | None = None
         self._idle_since: float | None = None
         self._line_since: float | None = None
         self.phase = Phase.NEW
@@ -386,7 +387,8 @@ class Session:
         """
         Lines read before the connection was served, not yet screened.
         """
-        return sum(len(frames.lines) for frames in self._held)
+        held = self._held
+        return sum(len(frames.lines) for frames in held) if held else 0
 
     def _deliver(self, lines: list[bytes], raw: bytes) -> Deliver:
         self.delivered += len(lines)
@@ -503,7 +505,7 @@ class Session:
             actions += self._arm(Deadline.IDLE, idle)
         if self._admission is None:
             self._move(Event.SCREENED)
-        held, self._held = self._held, []
+        held, self._held = self._held or [], None
         for index, frames in enumerate(held):
             if self.phase not in (Phase.SCREENING, Phase.OPEN):
                 # Refused or upgrading part way: the rest is not served.
@@ -559,7 +561,7 @@ class Session:
                 self.delivered += len(lines)
                 actions.append(Deliver(lines, frames.raw))
             elif phase in HOLDING or phase is Phase.PROXY:
-                self._held.append(frames)
+                self._hold(frames)
                 return actions
             elif phase is Phase.SCREENING:
                 actions += self._lines(lines, frames.raw, last_read=True)
@@ -571,10 +573,15 @@ class Session:
                 )
         if frames.error is not None:
             if phase in HOLDING and not lines:
-                self._held.append(frames)
+                self._hold(frames)
                 return actions
             actions += self._too_long(frames)
         return actions
+
+    def _hold(self, frames: Frames) -> None:
+        if self._held is None:
+            self._held = []
+        self._held.append(frames)
 
     def _too_long(self, frames: Frames) -> list[Action]:
         assert frames.error is not None
@@ -750,7 +757,7 @@ class Session:
         self._move(Event.CLOSE)
         self.reason = _ERROR_REASONS.get(code, CloseReason.REFUSED)
         self.dropped += self.held
-        self._held = []
+        self._held = None
         return [Refuse(code, detail, why), *self._closing()]
 
     def _closing(self) -> list[Action]:
@@ -782,7 +789,7 @@ class Session:
         # Lines held for a connection never served: its client saw no
         # answer to them, and they are counted as refused.
         self.dropped += self.held
-        self._held = []
+        self._held = None
         self._idle_since = self._line_since = None
         return self._disarm_all()
 
