@@ -536,7 +536,11 @@ class CoalescingTLSProtocol(BufferingTLSTransport):
     per line; Twisted's own write path stays.)
 
     Overrides C{_flushReceiveBIO}, a private method of Twisted 26.10's
-    C{TLSMemoryBIOProtocol}, keeping its error handling.
+    C{TLSMemoryBIOProtocol}, keeping its error handling; it and the other
+    private members used here are listed in
+    L{lineserver.twisted_internals} (C{TLS_RECEIVE_METHODS},
+    C{TLS_RECEIVE_FLAGS}, C{TLS_CONNECTION_ATTRIBUTE}) and checked by
+    C{tests/test_twisted_internals.py}.
     """
 
     def _deliver(self, chunks: list[bytes]) -> None:
