@@ -566,6 +566,11 @@ class CoalescingTLSProtocol(BufferingTLSTransport):
                 chunks = []
                 self._tlsShutdownFinished(Failure())
         self._deliver(chunks)
+        # The protocol's replies to this read go out now, as one TLS
+        # write, rather than at the aggregator's flush in the next reactor
+        # iteration (with a reply trailing behind its request there, Nagle
+        # and a delayed ACK held small echoes back).
+        self._aggregator.flush()
         self._flushSendBIO()
 
 

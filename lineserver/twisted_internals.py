@@ -49,12 +49,16 @@ TLS_RECEIVE_METHODS: tuple[str, ...] = (
     "_shutdownTLS",
     "_tlsShutdownFinished",
 )
+#: BufferingTLSTransport's write aggregator, flushed by the override once
+#: per read (its public flush(), on a private attribute).
+TLS_AGGREGATOR_ATTRIBUTE = "_aggregator"
 #: Its private flags (class-level booleans) that the override reads.
 TLS_RECEIVE_FLAGS: tuple[str, ...] = ("_aborted", "_lostTLSConnection")
 #: The OpenSSL connection, set on each connection when it is made.
 TLS_CONNECTION_ATTRIBUTE = "_tlsConnection"
 
 __all__ = [
+    "TLS_AGGREGATOR_ATTRIBUTE",
     "TLS_CONNECTION_ATTRIBUTE",
     "TLS_RECEIVE_FLAGS",
     "TLS_RECEIVE_METHODS",

@@ -343,7 +343,16 @@ class TLSReceiveTests(TLSTestCase):
         port, _ = yield self.listen_tls(self.server(), factory)
         echoed = yield deferToThread(_send_line, port, client_context(self.pki))
         self.assertEqual(echoed, b"hello\n")
-        transport, tls_connection = factory.transports[0]
+        transport, tls_connection, aggregator = factory.transports[0]
+        self.assertEqual(
+            twisted_internals.TLS_AGGREGATOR_ATTRIBUTE, TLS_AGGREGATOR_ATTRIBUTE
+        )
+        self.assertTrue(
+            callable(getattr(aggregator, "flush", None)),
+            f"the TLS layer no longer has a write aggregator with a flush() in "
+            f"{TLS_AGGREGATOR_ATTRIBUTE}; lineserver.tls.CoalescingTLSProtocol "
+            "flushes it once per read: adapt lineserver/tls.py",
+        )
         self.assertIsInstance(transport, CoalescingTLSProtocol)
         self.assertIsInstance(
             tls_connection,
@@ -354,7 +363,9 @@ class TLSReceiveTests(TLSTestCase):
         )
 
 
-TLS_CONNECTION_ATTRIBUTE = "_tlsConnection"  # as in lineserver.twisted_internals
+# As in lineserver.twisted_internals (checked there).
+TLS_CONNECTION_ATTRIBUTE = "_tlsConnection"
+TLS_AGGREGATOR_ATTRIBUTE = "_aggregator"
 
 
 class TransportRecorder(Echo):
@@ -363,7 +374,11 @@ class TransportRecorder(Echo):
         # What the transport holds while the connection is up (the TLS
         # layer lets go of its OpenSSL connection once it is lost).
         transport = self.transport
-        seen = (transport, getattr(transport, TLS_CONNECTION_ATTRIBUTE, None))
+        seen = (
+            transport,
+            getattr(transport, TLS_CONNECTION_ATTRIBUTE, None),
+            getattr(transport, TLS_AGGREGATOR_ATTRIBUTE, None),
+        )
         self.factory.transports.append(seen)  # type: ignore[attr-defined]
         super().dataReceived(data)
 
