@@ -18,6 +18,7 @@ the descriptor watermark stays the hard stop.
 from __future__ import annotations
 
 import ipaddress
+import sys
 from collections import Counter, deque
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
@@ -83,10 +84,12 @@ def peer_key(host: str) -> str:
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        return host
+        return sys.intern(host)
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        return str(address.ipv4_mapped)
-    return str(address)
+        return sys.intern(str(address.ipv4_mapped))
+    # Interned: the registry keeps one per connection, and a fleet's
+    # connections come from few peers (one string each, not per connection).
+    return sys.intern(str(address))
 
 
 class ConnectionRegistry(Generic[Conn]):
