@@ -409,7 +409,9 @@ class LineProtocol(LineReceiver):
     def connectionMade(self) -> None:
         self._started = time.monotonic()
         transport = self.transport
-        transport.registerProducer(self.gate.producer(Pause.OUTPUT), True)
+        # The gate itself is the transport's producer (Pause.OUTPUT): no
+        # separate producer object per connection.
+        transport.registerProducer(self.gate, True)
         self._output_registered = True
         keepalive = self.factory.settings.tcp_keepalive
         if keepalive:
@@ -704,10 +706,12 @@ class LineProtocol(LineReceiver):
             self.transport.resumeProducing()
 
 
+@implementer(IPushProducer)
 class _ConnectionGate(PauseGate):
     """
     A connection's pause gate, calling its protocol's methods without a
-    pair of bound methods per connection.
+    pair of bound methods per connection; also the producer registered
+    with the transport, for C{Pause.OUTPUT} (the client does not read).
     """
 
     __slots__ = ("_protocol",)
@@ -723,6 +727,23 @@ class _ConnectionGate(PauseGate):
     @override
     def _resumed(self) -> None:
         self._protocol._resume_transport()
+
+    def pauseProducing(self) -> None:
+        self.hold(Pause.OUTPUT)
+
+    def resumeProducing(self) -> None:
+        self.release(Pause.OUTPUT)
+
+    def stopProducing(self) -> None:
+        """
+        The transport is gone; the connection closes on its own path.
+        """
+
+    @override
+    def producer(self, reason: Pause) -> IPushProducer:
+        if reason is Pause.OUTPUT:
+            return self
+        return super().producer(reason)
 
 
 def _nothing() -> None:
