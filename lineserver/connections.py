@@ -18,6 +18,7 @@ the descriptor watermark stays the hard stop.
 from __future__ import annotations
 
 import ipaddress
+import sys
 from collections import Counter, deque
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
@@ -83,10 +84,12 @@ def peer_key(host: str) -> str:
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        return host
+        return sys.intern(host)
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        return str(address.ipv4_mapped)
-    return str(address)
+        return sys.intern(str(address.ipv4_mapped))
+    # Interned: the registry keeps one per connection, and a fleet's
+    # connections come from few peers (one string each, not per connection).
+    return sys.intern(str(address))
 
 
 class ConnectionRegistry(Generic[Conn]):
@@ -115,9 +118,11 @@ class ConnectionRegistry(Generic[Conn]):
         #: An operator stopped accepting (C{disable listener}): the
         #: listener gates are held, as at the limit, until enabled again.
         self.listeners_held = False
-        self._all: set[Conn] = set()
+        #: Every tracked connection, with its peer key when it counts
+        #: against --max-connections-per-peer (one dict, not a set and a
+        #: dict: an entry per connection fewer).
+        self._all: dict[Conn, str | None] = {}
         self._per_peer: Counter[str] = Counter()
-        self._peer_of: dict[Conn, str] = {}
         self._gates: list[PauseGate] = []
         self._empty: list[Deferred[None]] = []
         #: Called after every admission and removal (the fd watermark).
@@ -168,7 +173,7 @@ class ConnectionRegistry(Generic[Conn]):
         A new connection, from C{host} (None for a unix socket): serve it,
         queue it, or refuse it.  It is tracked until L{remove} either way.
         """
-        self._all.add(conn)
+        self._all[conn] = None
         self.stats.incr("connections.opened")
         self._notify()
         if not self.accepting:
@@ -183,7 +188,7 @@ class ConnectionRegistry(Generic[Conn]):
                     f"{count} connections from {peer} already",
                 )
             self._per_peer[peer] = count + 1
-            self._peer_of[conn] = peer
+            self._all[conn] = peer
         if self.full:
             if self.overflow == "reject":
                 self.stats.incr("connections.refused.limit")
@@ -208,8 +213,7 @@ class ConnectionRegistry(Generic[Conn]):
         """
         if conn not in self._all:
             return []  # refused before admission (not allowed by address)
-        self._all.discard(conn)
-        peer = self._peer_of.pop(conn, None)
+        peer = self._all.pop(conn)
         if peer is not None:
             self._per_peer[peer] -= 1
             if self._per_peer[peer] <= 0:

@@ -47,6 +47,12 @@ class Pause(Enum):
     FD_WATERMARK = "fd-watermark"
 
 
+#: Each reason's bit in a L{PauseGate}'s mask.
+_PAUSE_BITS: dict[Pause, int] = {
+    reason: 1 << index for index, reason in enumerate(Pause)
+}
+
+
 class PauseGate:
     """
     Reading from one source is paused while any reason holds.
@@ -62,7 +68,10 @@ class PauseGate:
     def __init__(self, pause: Callable[[], None], resume: Callable[[], None]) -> None:
         self._pause = pause
         self._resume = resume
-        self._reasons: set[Pause] = set()
+        #: The reasons held, one bit each (L{_PAUSE_BITS}): an int, not a
+        #: set (an empty set is 216 bytes, and there is a gate per
+        #: connection).
+        self._reasons = 0
 
     @property
     def paused(self) -> bool:
@@ -70,21 +79,38 @@ class PauseGate:
 
     @property
     def reasons(self) -> frozenset[Pause]:
-        return frozenset(self._reasons)
+        held = self._reasons
+        return frozenset(reason for reason in Pause if held & _PAUSE_BITS[reason])
 
     def hold(self, reason: Pause) -> None:
-        if reason in self._reasons:
+        bit = _PAUSE_BITS[reason]
+        held = self._reasons
+        if held & bit:
             return
-        self._reasons.add(reason)
-        if len(self._reasons) == 1:
-            self._pause()
+        self._reasons = held | bit
+        if not held:
+            self._paused()
 
     def release(self, reason: Pause) -> None:
-        if reason not in self._reasons:
+        bit = _PAUSE_BITS[reason]
+        held = self._reasons
+        if not held & bit:
             return
-        self._reasons.discard(reason)
-        if not self._reasons:
-            self._resume()
+        self._reasons = held = held & ~bit
+        if not held:
+            self._resumed()
+
+    def _paused(self) -> None:
+        """
+        The first reason is held: pause the source.
+        """
+        self._pause()
+
+    def _resumed(self) -> None:
+        """
+        The last reason is released: resume the source.
+        """
+        self._resume()
 
     def producer(self, reason: Pause) -> IPushProducer:
         """

@@ -31,6 +31,9 @@ CR = b"\r"
 CRLF = b"\r\n"
 
 _NOTHING: list[bytes] = []
+#: The tail of a framer with none, shared (an empty list per connection,
+#: and per read, otherwise); never appended to: a tail starts a new list.
+_NO_CHUNKS: list[bytes] = []
 
 
 class LineTooLong(Exception):
@@ -88,7 +91,7 @@ class LineFramer:
             raise ValueError("the delimiter must not be empty")
         self.max_line_length = max_line_length
         self.delimiter = delimiter
-        self._chunks: list[bytes] = []
+        self._chunks: list[bytes] = _NO_CHUNKS
         self._pending = 0
         self._failed = False
         #: The tail's last len(delimiter) - 1 bytes: where a delimiter split
@@ -123,7 +126,7 @@ class LineFramer:
         to raw mode takes what followed its last line).
         """
         tail = b"".join(self._chunks)
-        self._chunks = []
+        self._chunks = _NO_CHUNKS
         self._pending = 0
         self._suffix = b""
         return tail
@@ -148,7 +151,7 @@ class LineFramer:
         else:
             head = data[: end + 1] if end + 1 < len(data) else data
         rest = data[end + 1 :]
-        self._chunks = [rest] if rest else []
+        self._chunks = [rest] if rest else _NO_CHUNKS
         self._pending = len(rest)
 
         lines = (head.replace(CRLF, LF) if CR in head else head).split(LF)
@@ -181,7 +184,7 @@ class LineFramer:
         lines = whole.split(delimiter)
         rest = lines.pop()
         head = whole[: len(whole) - len(rest)]
-        self._chunks = [rest] if rest else []
+        self._chunks = [rest] if rest else _NO_CHUNKS
         self._pending = len(rest)
         self._suffix = rest[1 - len(delimiter) :] if len(delimiter) > 1 else b""
         limit = self.max_line_length
@@ -195,7 +198,10 @@ class LineFramer:
     def _hold(self, data: bytes) -> Frames:
         if not data:
             return EMPTY
-        self._chunks.append(data)
+        if self._chunks:
+            self._chunks.append(data)
+        else:
+            self._chunks = [data]
         self._pending += len(data)
         if self._pending > self.max_line_length + self._slack:
             length = self._pending
@@ -218,6 +224,6 @@ class LineFramer:
 
     def _fail(self) -> None:
         self._failed = True
-        self._chunks = []
+        self._chunks = _NO_CHUNKS
         self._pending = 0
         self._suffix = b""

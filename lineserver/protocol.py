@@ -68,6 +68,7 @@ from lineserver.session import (
 from lineserver.stats import Stats
 from lineserver.tls import peer_subject, tls_at_accept, tls_failure_text
 from lineserver.transports import behind_proxy, enable_keepalive
+from lineserver.wheel import Bucket, DeadlineWheel
 
 __all__ = ["LineFactory", "LineProtocol", "ProtocolSettings", "describe_address"]
 
@@ -143,12 +144,44 @@ class LineProtocol(LineReceiver):
     transport: Any
     _actions: ClassVar[dict[type, Callable[[LineProtocol, Any], None]]]
 
+    # Slots for what every connection sets (its base classes have none, so
+    # an instance still has a __dict__, left empty unless one of the rare
+    # attributes below, or a subclass's own, is set).
+    __slots__ = (
+        "MAX_LENGTH",
+        "_identity",
+        "_idle_bucket",
+        "_output_registered",
+        "_per_line",
+        "_started",
+        "_stats",
+        "connected",
+        "factory",
+        "gate",
+        "handler",
+        "number",
+        "peer",
+        "session",
+        "transport",
+    )
+
+    #: Rarely set, so class-level defaults: the TLS client's subject, the
+    #: held lines of a per-line subclass, the rare deadlines' timers
+    #: (line, handshake, PROXY, close), the steps of a close waiting for
+    #: acknowledgements (C{--ack}) and its timer.
+    tls_subject: str | None = None
+    _held: list[tuple[list[bytes], bytes, int]] | None = None
+    _timers: dict[Deadline, IDelayedCall] | None = None
+    _after_acks: list[Callable[[], None]] | None = None
+    _ack_wait: IDelayedCall | None = None
+
     def __init__(self, factory: LineFactory, peer: IAddress, number: int) -> None:
         self.factory = factory
+        self.transport = None
+        self.connected = 0
         self.peer = peer
         self.number = number
-        self.identity = f"#{number} {describe_address(peer)}"
-        self.tls_subject: str | None = None
+        self._identity: str | None = None
         cls = type(self)
         settings = factory.settings
         if not _overrides(cls, "MAX_LENGTH"):
@@ -157,21 +190,30 @@ class LineProtocol(LineReceiver):
         self.session = Session(settings, factory.admission, framer)
         self._stats = factory.stats
         self._per_line = cls.lineReceived is not LineProtocol.lineReceived
-        #: Lines waiting for a per-line C{lineReceived} while paused, with
-        #: their raw bytes (for a switch to raw mode).
-        self._held: list[tuple[list[bytes], bytes, int]] = []
-        self._timers: dict[Deadline, IDelayedCall] = {}
+        #: The idle deadline's bucket in the factory's wheel, if armed.
+        self._idle_bucket: Bucket[LineProtocol] | None = None
         self._output_registered = False
         self._started = 0.0
         self.handler: ILineHandler | None = None
-        #: Steps of a close waiting for acknowledgements (C{--ack}).
-        self._after_acks: list[Callable[[], None]] | None = None
-        self._ack_wait: IDelayedCall | None = None
-        self.gate = PauseGate(self._pause_transport, self._resume_transport)
+        self.gate: PauseGate = _ConnectionGate(self)
 
     @override
     def __repr__(self) -> str:
         return f"<LineProtocol {self.identity}>"
+
+    @property
+    def identity(self) -> str:
+        """
+        C{#number address}, and the TLS subject once known: for the log,
+        so made on first use.
+        """
+        identity = self._identity
+        if identity is None:
+            identity = f"#{self.number} {describe_address(self.peer)}"
+            if self.tls_subject:
+                identity = f"{identity} ({self.tls_subject})"
+            self._identity = identity
+        return identity
 
     @property
     def age(self) -> float:
@@ -228,22 +270,49 @@ class LineProtocol(LineReceiver):
         self.transport.startTLS(self.factory.admission.starttls_context)
 
     def _do_arm(self, action: Arm) -> None:
-        timer = self._timers.get(action.kind)
+        if action.kind is Deadline.IDLE:
+            # Every connection has one: on the factory's wheel, not a
+            # DelayedCall each (the session asks again if it is early).
+            wheel = self.factory.idle_wheel
+            if self._idle_bucket is not None:
+                wheel.cancel(self, self._idle_bucket)
+            self._idle_bucket = wheel.schedule(self, action.delay)
+            return
+        timers = self._timers
+        if timers is None:
+            timers = self._timers = {}
+        timer = timers.get(action.kind)
         if timer is not None and timer.active():
             if timer.getTime() <= self._now() + action.delay:
                 return  # fires early enough; the session asks again then
             timer.cancel()
-        self._timers[action.kind] = self.factory.clock.callLater(
+        timers[action.kind] = self.factory.clock.callLater(
             action.delay, self._expired, action.kind
         )
 
     def _do_disarm(self, action: Disarm) -> None:
-        timer = self._timers.pop(action.kind, None)
+        if action.kind is Deadline.IDLE:
+            self._cancel_idle()
+            return
+        timer = self._timers.pop(action.kind, None) if self._timers else None
         if timer is not None and timer.active():
             timer.cancel()
 
+    def _cancel_idle(self) -> None:
+        bucket, self._idle_bucket = self._idle_bucket, None
+        if bucket is not None:
+            self.factory.idle_wheel.cancel(self, bucket)
+
+    def idle_expired(self) -> None:
+        """
+        The idle deadline's bucket came round (the factory's wheel).
+        """
+        self._idle_bucket = None
+        self._expired(Deadline.IDLE)
+
     def _expired(self, kind: Deadline) -> None:
-        self._timers.pop(kind, None)
+        if self._timers:
+            self._timers.pop(kind, None)
         self._run(self.session.expired(kind, self._now(), self.gate.paused))
 
     def _do_ask_slot(self, action: AskSlot) -> None:
@@ -340,7 +409,9 @@ class LineProtocol(LineReceiver):
     def connectionMade(self) -> None:
         self._started = time.monotonic()
         transport = self.transport
-        transport.registerProducer(self.gate.producer(Pause.OUTPUT), True)
+        # The gate itself is the transport's producer (Pause.OUTPUT): no
+        # separate producer object per connection.
+        transport.registerProducer(self.gate, True)
         self._output_registered = True
         keepalive = self.factory.settings.tcp_keepalive
         if keepalive:
@@ -376,9 +447,7 @@ class LineProtocol(LineReceiver):
         self._run(self.session.handshake_done(_host(self.peer), self._now()))
 
     def _set_identity(self) -> None:
-        self.identity = f"#{self.number} {describe_address(self.peer)}"
-        if self.tls_subject:
-            self.identity = f"{self.identity} ({self.tls_subject})"
+        self._identity = None  # made again, from the new address, when used
 
     @override
     def dataReceived(self, data: bytes) -> None:
@@ -441,10 +510,12 @@ class LineProtocol(LineReceiver):
         handshaking = session.handshaking and session.reason is None
         pending = session.pending
         self._run(session.lost(clean=reason.check(ConnectionDone) is not None))
-        for timer in self._timers.values():
-            if timer.active():
-                timer.cancel()
-        self._timers.clear()
+        if self._timers:
+            for timer in self._timers.values():
+                if timer.active():
+                    timer.cancel()
+            self._timers.clear()
+        self._cancel_idle()
         self._after_acks = None
         if self._ack_wait is not None and self._ack_wait.active():
             self._ack_wait.cancel()
@@ -568,6 +639,8 @@ class LineProtocol(LineReceiver):
         paused; a switch to raw mode hands the rest on as raw bytes.
         """
         held = self._held
+        if held is None:
+            held = self._held = []
         if lines:
             held.append((lines, raw, 0))
         # Not the phase OPEN: a read's lines before an error that the same
@@ -595,7 +668,7 @@ class LineProtocol(LineReceiver):
         (held lines, the unterminated tail) goes to C{rawDataReceived}.
         """
         rest = [after_lines(batch_raw, index, self.delimiter)]
-        rest += [raw for _, raw, _ in self._held[1:]]
+        rest += [raw for _, raw, _ in (self._held or [])[1:]]
         self._held = []
         rest.append(self.session.framer.take_tail())
         data = b"".join(rest)
@@ -631,6 +704,50 @@ class LineProtocol(LineReceiver):
     def _resume_transport(self) -> None:
         if self.session.phase not in _CLOSED_PHASES:
             self.transport.resumeProducing()
+
+
+@implementer(IPushProducer)
+class _ConnectionGate(PauseGate):
+    """
+    A connection's pause gate, calling its protocol's methods without a
+    pair of bound methods per connection; also the producer registered
+    with the transport, for C{Pause.OUTPUT} (the client does not read).
+    """
+
+    __slots__ = ("_protocol",)
+
+    def __init__(self, protocol: LineProtocol) -> None:
+        super().__init__(_nothing, _nothing)
+        self._protocol = protocol
+
+    @override
+    def _paused(self) -> None:
+        self._protocol._pause_transport()
+
+    @override
+    def _resumed(self) -> None:
+        self._protocol._resume_transport()
+
+    def pauseProducing(self) -> None:
+        self.hold(Pause.OUTPUT)
+
+    def resumeProducing(self) -> None:
+        self.release(Pause.OUTPUT)
+
+    def stopProducing(self) -> None:
+        """
+        The transport is gone; the connection closes on its own path.
+        """
+
+    @override
+    def producer(self, reason: Pause) -> IPushProducer:
+        if reason is Pause.OUTPUT:
+            return self
+        return super().producer(reason)
+
+
+def _nothing() -> None:
+    pass
 
 
 LineProtocol._actions = {
@@ -681,6 +798,12 @@ class LineFactory(ServerFactory):
         #: Does a read need the time (an idle or line deadline is set)?
         self.timed_reads = bool(
             self.settings.idle_timeout or self.settings.line_timeout
+        )
+        #: Every connection's idle deadline, on one timer: it fires at
+        #: most a tenth of the idle timeout late, and at most a second.
+        idle = self.settings.idle_timeout
+        self.idle_wheel: DeadlineWheel[LineProtocol] = DeadlineWheel(
+            clock, min(1.0, idle / 10) if idle else 1.0, LineProtocol.idle_expired
         )
 
     @override

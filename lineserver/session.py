@@ -325,11 +325,11 @@ class Session:
 
     __slots__ = (
         "_admission",
+        "_armed",
         "_framer",
         "_held",
         "_idle_since",
         "_line_since",
-        "armed",
         "bytes",
         "consumed",
         "delivered",
@@ -354,11 +354,14 @@ class Session:
         self._admission: Admission | None = (
             Admission(policy) if _has_rules(policy) else None
         )
-        self._held: list[Frames] = []
+        #: Reads held before the connection is served (None: none yet).
+        self._held: list[Frames] | None = None
         self._idle_since: float | None = None
         self._line_since: float | None = None
         self.phase = Phase.NEW
-        self.armed: set[Deadline] = set()
+        #: The armed deadlines, one bit each (L{_BITS}): an int, not a set
+        #: (an empty set is 216 bytes, and there is one per connection).
+        self._armed = 0
         self.lines = 0
         self.delivered = 0
         self.consumed = 0
@@ -366,6 +369,14 @@ class Session:
         self.bytes = 0
         self.reason: CloseReason | None = None
         self.tls = False
+
+    @property
+    def armed(self) -> frozenset[Deadline]:
+        """
+        The deadlines whose timer the glue holds.
+        """
+        armed = self._armed
+        return frozenset(kind for kind in _ORDERED if armed & _BITS[kind])
 
     @property
     def framer(self) -> LineFramer:
@@ -376,7 +387,8 @@ class Session:
         """
         Lines read before the connection was served, not yet screened.
         """
-        return sum(len(frames.lines) for frames in self._held)
+        held = self._held
+        return sum(len(frames.lines) for frames in held) if held else 0
 
     def _deliver(self, lines: list[bytes], raw: bytes) -> Deliver:
         self.delivered += len(lines)
@@ -393,12 +405,13 @@ class Session:
     def _arm(self, kind: Deadline, delay: float | None) -> list[Action]:
         if delay is None:
             return []
-        self.armed.add(kind)
+        self._armed |= _BITS[kind]
         return [Arm(kind, delay)]
 
     def _disarm(self, kind: Deadline) -> list[Action]:
-        if kind in self.armed:
-            self.armed.discard(kind)
+        bit = _BITS[kind]
+        if self._armed & bit:
+            self._armed &= ~bit
             return [Disarm(kind)]
         return []
 
@@ -492,7 +505,7 @@ class Session:
             actions += self._arm(Deadline.IDLE, idle)
         if self._admission is None:
             self._move(Event.SCREENED)
-        held, self._held = self._held, []
+        held, self._held = self._held or [], None
         for index, frames in enumerate(held):
             if self.phase not in (Phase.SCREENING, Phase.OPEN):
                 # Refused or upgrading part way: the rest is not served.
@@ -520,9 +533,13 @@ class Session:
             phase is Phase.OPEN
             and frames.lines
             and frames.error is None
-            and not self.settings.line_timeout
+            and (not framer.pending or not self.settings.line_timeout)
         ):
-            # The common case, kept short: an open connection's lines.
+            # The common case, kept short: an open connection's lines.  A
+            # read that ends on a line boundary leaves no partial line, so
+            # the line deadline has nothing to time (a deadline armed for
+            # an earlier partial line finds none when it fires).
+            self._line_since = None
             count = len(frames.lines)
             self.lines += count
             self.delivered += count
@@ -535,7 +552,7 @@ class Session:
                 self._line_since = None
             elif frames.lines or self._line_since is None:
                 self._line_since = now
-                if Deadline.LINE not in self.armed:
+                if not self._armed & _BITS[Deadline.LINE]:
                     actions += self._arm(Deadline.LINE, line_timeout)
         lines = frames.lines
         if lines:
@@ -544,7 +561,7 @@ class Session:
                 self.delivered += len(lines)
                 actions.append(Deliver(lines, frames.raw))
             elif phase in HOLDING or phase is Phase.PROXY:
-                self._held.append(frames)
+                self._hold(frames)
                 return actions
             elif phase is Phase.SCREENING:
                 actions += self._lines(lines, frames.raw, last_read=True)
@@ -556,10 +573,15 @@ class Session:
                 )
         if frames.error is not None:
             if phase in HOLDING and not lines:
-                self._held.append(frames)
+                self._hold(frames)
                 return actions
             actions += self._too_long(frames)
         return actions
+
+    def _hold(self, frames: Frames) -> None:
+        if self._held is None:
+            self._held = []
+        self._held.append(frames)
 
     def _too_long(self, frames: Frames) -> list[Action]:
         assert frames.error is not None
@@ -656,9 +678,10 @@ class Session:
         The timer of C{kind} fired.  C{paused}: we stopped reading this
         connection ourselves, so its silence is ours, not the client's.
         """
-        if kind not in self.armed:
+        bit = _BITS[kind]
+        if not self._armed & bit:
             return []
-        self.armed.discard(kind)
+        self._armed &= ~bit
         if self.phase is Phase.CLOSED:
             return []
         if kind is Deadline.IDLE or kind is Deadline.LINE:
@@ -734,7 +757,7 @@ class Session:
         self._move(Event.CLOSE)
         self.reason = _ERROR_REASONS.get(code, CloseReason.REFUSED)
         self.dropped += self.held
-        self._held = []
+        self._held = None
         return [Refuse(code, detail, why), *self._closing()]
 
     def _closing(self) -> list[Action]:
@@ -745,10 +768,11 @@ class Session:
         return actions
 
     def _disarm_all(self) -> list[Action]:
-        armed = sorted(self.armed, key=_order)
-        actions: list[Action] = [Disarm(kind) for kind in armed]
-        self.armed.clear()
-        return actions
+        armed = self._armed
+        if not armed:
+            return []
+        self._armed = 0
+        return [Disarm(kind) for kind in _ORDERED if armed & _BITS[kind]]
 
     def lost(self, clean: bool) -> list[Action]:
         """
@@ -765,7 +789,7 @@ class Session:
         # Lines held for a connection never served: its client saw no
         # answer to them, and they are counted as refused.
         self.dropped += self.held
-        self._held = []
+        self._held = None
         self._idle_since = self._line_since = None
         return self._disarm_all()
 
@@ -781,8 +805,10 @@ class Session:
         return self._framer.pending
 
 
-def _order(kind: Deadline) -> str:
-    return kind.value
+#: Each deadline's bit in L{Session}'s mask.
+_BITS: dict[Deadline, int] = {kind: 1 << index for index, kind in enumerate(Deadline)}
+#: The order in which deadlines are disarmed together (by name, as ever).
+_ORDERED: tuple[Deadline, ...] = tuple(sorted(Deadline, key=lambda kind: kind.value))
 
 
 def _has_rules(policy: AdmissionPolicy) -> bool:

@@ -536,7 +536,11 @@ class CoalescingTLSProtocol(BufferingTLSTransport):
     per line; Twisted's own write path stays.)
 
     Overrides C{_flushReceiveBIO}, a private method of Twisted 26.10's
-    C{TLSMemoryBIOProtocol}, keeping its error handling.
+    C{TLSMemoryBIOProtocol}, keeping its error handling; it and the other
+    private members used here are listed in
+    L{lineserver.twisted_internals} (C{TLS_RECEIVE_METHODS},
+    C{TLS_RECEIVE_FLAGS}, C{TLS_CONNECTION_ATTRIBUTE}) and checked by
+    C{tests/test_twisted_internals.py}.
     """
 
     def _deliver(self, chunks: list[bytes]) -> None:
@@ -562,6 +566,11 @@ class CoalescingTLSProtocol(BufferingTLSTransport):
                 chunks = []
                 self._tlsShutdownFinished(Failure())
         self._deliver(chunks)
+        # The protocol's replies to this read go out now, as one TLS
+        # write, rather than at the aggregator's flush in the next reactor
+        # iteration (with a reply trailing behind its request there, Nagle
+        # and a delayed ACK held small echoes back).
+        self._aggregator.flush()
         self._flushSendBIO()
 
 

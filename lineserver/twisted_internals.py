@@ -33,7 +33,35 @@ from twisted.protocols.haproxy._wrapper import (
     HAProxyWrappingFactory,
 )
 
+# Twisted's TLS layer (TLSMemoryBIOProtocol) hands its protocol each TLS
+# record as it is decrypted, in _flushReceiveBIO, which has no public hook.
+# lineserver.tls.CoalescingTLSProtocol overrides that method to hand the
+# protocol one dataReceived per socket read (a 64 KiB read was four passes
+# through the per-read path), keeping its error handling, for which it
+# calls and reads the private members below.  The override mirrors
+# Twisted's own method: review it whenever Twisted changes that method.
+
+#: The private methods of TLSMemoryBIOProtocol that
+#: CoalescingTLSProtocol overrides (the first) or calls.
+TLS_RECEIVE_METHODS: tuple[str, ...] = (
+    "_flushReceiveBIO",
+    "_flushSendBIO",
+    "_shutdownTLS",
+    "_tlsShutdownFinished",
+)
+#: BufferingTLSTransport's write aggregator, flushed by the override once
+#: per read (its public flush(), on a private attribute).
+TLS_AGGREGATOR_ATTRIBUTE = "_aggregator"
+#: Its private flags (class-level booleans) that the override reads.
+TLS_RECEIVE_FLAGS: tuple[str, ...] = ("_aborted", "_lostTLSConnection")
+#: The OpenSSL connection, set on each connection when it is made.
+TLS_CONNECTION_ATTRIBUTE = "_tlsConnection"
+
 __all__ = [
+    "TLS_AGGREGATOR_ATTRIBUTE",
+    "TLS_CONNECTION_ATTRIBUTE",
+    "TLS_RECEIVE_FLAGS",
+    "TLS_RECEIVE_METHODS",
     "HAProxyProtocolWrapper",
     "HAProxyWrappingFactory",
     "file_observer_output",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import os
 import socket
+import ssl
 from collections.abc import Generator
 from typing import Any, cast
 
@@ -24,12 +25,16 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
+from twisted.internet.threads import deferToThread
 from twisted.logger import ILogObserver
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from typing_extensions import override
 
 from tests.support import Client, connect, reactor, temp_dir
+from tests.test_tls import Echo, EchoFactory, TLSTestCase
 from tests.test_transports import Recorder, RecorderFactory, poll
+from tests.tls_clients import client_context
 
 PROXY_HEADER = b"PROXY TCP4 192.0.2.7 192.0.2.1 40000 4040\r\n"
 
@@ -225,9 +230,7 @@ class ListeningSocketTests(TestCase):
             from twisted.internet.endpoints import UNIXClientEndpoint
 
             endpoint = UNIXClientEndpoint(reactor, path)
-            connected: Deferred[Client] = endpoint.connect(
-                Factory.forProtocol(Client)
-            )
+            connected: Deferred[Client] = endpoint.connect(Factory.forProtocol(Client))
             return connected
 
         return self.check_port(port, connect_unix)
@@ -284,3 +287,124 @@ class LogObserverTests(SynchronousTestCase):
             "SIGUSR1 cannot reopen twistd's --logfile",
         )
         self.assertIsNone(file_observer_output(lambda event: None))
+
+
+class TLSReceiveTests(TLSTestCase):
+    """
+    L{lineserver.tls.CoalescingTLSProtocol} overrides and calls private
+    members of Twisted's TLS layer.
+    """
+
+    def test_members(self) -> None:
+        """
+        Each private method it overrides or calls is still a method of
+        C{TLSMemoryBIOProtocol}, and each flag it reads a class-level bool.
+        """
+        from lineserver.twisted_internals import TLS_RECEIVE_FLAGS, TLS_RECEIVE_METHODS
+
+        layer = require(
+            self,
+            "twisted.protocols.tls",
+            "TLSMemoryBIOProtocol",
+            "as the base of lineserver.tls.CoalescingTLSProtocol",
+        )
+        used_for = "in lineserver.tls.CoalescingTLSProtocol._flushReceiveBIO"
+        for name in TLS_RECEIVE_METHODS:
+            self.assertTrue(
+                callable(getattr(layer, name, None)),
+                f"TLSMemoryBIOProtocol.{name} is gone or no longer a method; "
+                f"lineserver uses it {used_for}: adapt lineserver/tls.py",
+            )
+        for name in TLS_RECEIVE_FLAGS:
+            self.assertIsInstance(
+                getattr(layer, name, None),
+                bool,
+                f"TLSMemoryBIOProtocol.{name} is no longer a class-level bool; "
+                f"lineserver reads it {used_for}: adapt lineserver/tls.py",
+            )
+
+    @inlineCallbacks
+    def test_connection_attribute(self) -> Generator[Deferred[Any], Any, None]:
+        """
+        Over a real TLS connection through L{lineserver.tls}'s endpoint, the
+        transport under the protocol holds its OpenSSL connection in
+        C{TLS_CONNECTION_ATTRIBUTE}, and is a CoalescingTLSProtocol.
+        """
+        from OpenSSL import SSL
+
+        from lineserver import twisted_internals
+        from lineserver.tls import CoalescingTLSProtocol
+
+        self.assertEqual(
+            twisted_internals.TLS_CONNECTION_ATTRIBUTE, TLS_CONNECTION_ATTRIBUTE
+        )
+
+        factory = TransportRecorderFactory()
+        port, _ = yield self.listen_tls(self.server(), factory)
+        echoed = yield deferToThread(_send_line, port, client_context(self.pki))
+        self.assertEqual(echoed, b"hello\n")
+        transport, tls_connection, aggregator = factory.transports[0]
+        self.assertEqual(
+            twisted_internals.TLS_AGGREGATOR_ATTRIBUTE, TLS_AGGREGATOR_ATTRIBUTE
+        )
+        self.assertTrue(
+            callable(getattr(aggregator, "flush", None)),
+            f"the TLS layer no longer has a write aggregator with a flush() in "
+            f"{TLS_AGGREGATOR_ATTRIBUTE}; lineserver.tls.CoalescingTLSProtocol "
+            "flushes it once per read: adapt lineserver/tls.py",
+        )
+        self.assertIsInstance(transport, CoalescingTLSProtocol)
+        self.assertIsInstance(
+            tls_connection,
+            SSL.Connection,
+            f"the TLS layer no longer keeps its OpenSSL connection in "
+            f"{TLS_CONNECTION_ATTRIBUTE}; lineserver.tls.CoalescingTLSProtocol "
+            "reads it: adapt lineserver/tls.py",
+        )
+
+
+# As in lineserver.twisted_internals (checked there).
+TLS_CONNECTION_ATTRIBUTE = "_tlsConnection"
+TLS_AGGREGATOR_ATTRIBUTE = "_aggregator"
+
+
+class TransportRecorder(Echo):
+    @override
+    def dataReceived(self, data: bytes) -> None:
+        # What the transport holds while the connection is up (the TLS
+        # layer lets go of its OpenSSL connection once it is lost).
+        transport = self.transport
+        seen = (
+            transport,
+            getattr(transport, TLS_CONNECTION_ATTRIBUTE, None),
+            getattr(transport, TLS_AGGREGATOR_ATTRIBUTE, None),
+        )
+        self.factory.transports.append(seen)  # type: ignore[attr-defined]
+        super().dataReceived(data)
+
+
+class TransportRecorderFactory(EchoFactory):
+    def __init__(self) -> None:
+        super().__init__()
+        self.transports: list[Any] = []
+
+    @override
+    def buildProtocol(self, addr: Any) -> TransportRecorder:  # type: ignore[override]
+        protocol = TransportRecorder()
+        protocol.factory = self
+        return protocol
+
+
+def _send_line(port: int, context: ssl.SSLContext) -> bytes:
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as sock,
+    ):
+        sock.sendall(b"hello\n")
+        received = b""
+        while not received.endswith(b"\n"):
+            chunk = sock.recv(100)
+            if not chunk:
+                break
+            received += chunk
+        return received
