@@ -79,6 +79,10 @@ def open_fd_count() -> int:
     raise last
 
 
+#: At most this many poll intervals between two counts, far from the mark.
+MAX_POLL_STRETCH = 10.0
+
+
 class FdWatermark:
     """
     Holds the listener gate's C{fd-watermark} reason while too many
@@ -89,7 +93,11 @@ class FdWatermark:
     have changed: each call moves the count by at most one, so after a
     count of M and K calls there are at most M+K and at least M-K open.
     With a clock it also counts every C{poll_interval} seconds, to see
-    descriptors opened or closed by other parts of the process.
+    descriptors opened or closed by other parts of the process; far from
+    the watermark (more than a tenth of it free) less often, up to
+    L{MAX_POLL_STRETCH} times the interval in proportion to the room left:
+    at 10,000 connections a listing costs milliseconds, and only what
+    other parts open (a few files) can change between two counts.
 
     @ivar last_count: the last real count.
     """
@@ -194,7 +202,19 @@ class FdWatermark:
         """
         self._measure()
         if self.clock is not None and self._poll is None:
-            self._poll = self.clock.callLater(self.poll_interval, self._tick)
+            self._poll = self.clock.callLater(self.next_poll(), self._tick)
+
+    def next_poll(self) -> float:
+        """
+        @return: the seconds until the next count: C{poll_interval} within
+            a tenth of the high mark (or paused), stretched in proportion
+            to the room left beyond that, up to L{MAX_POLL_STRETCH} times.
+        """
+        tenth = max(1, self.high // 10)
+        room = self.high - self.last_count
+        if self.paused or room <= tenth:
+            return self.poll_interval
+        return self.poll_interval * min(MAX_POLL_STRETCH, room / tenth)
 
     def _tick(self) -> None:
         self._poll = None
@@ -203,7 +223,7 @@ class FdWatermark:
         finally:
             # A failed count must not end the polling for good.
             if self.clock is not None and self._poll is None:
-                self._poll = self.clock.callLater(self.poll_interval, self._tick)
+                self._poll = self.clock.callLater(self.next_poll(), self._tick)
 
     def stop(self) -> None:
         """

@@ -208,6 +208,34 @@ class FdWatermarkTests(SynchronousTestCase):
         mark.stop()
         self.assertEqual(clock.getDelayedCalls(), [])
 
+    def test_poll_stretched_far_from_the_mark(self) -> None:
+        """
+        Far below the high mark the poll is stretched in proportion to the
+        room left (up to ten intervals); within a tenth of the mark, or
+        paused, it is every interval again.
+        """
+        clock = Clock()
+        mark, count, gate, _stats = self.make(10, clock)
+        mark.start()
+        self.assertEqual(mark.next_poll(), 9.0)
+        self.assertEqual(count.readings, 1)
+        count.value = 95
+        clock.advance(8.99)
+        self.assertEqual(count.readings, 1)
+        clock.advance(0.01)
+        self.assertEqual(count.readings, 2)
+        self.assertEqual(mark.next_poll(), 1.0)
+        count.value = 120
+        clock.advance(1.0)
+        self.assertEqual(count.readings, 3)
+        self.assertTrue(gate.gate.paused)
+        self.assertEqual(mark.next_poll(), 1.0)
+        count.value = 0
+        clock.advance(1.0)
+        self.assertFalse(gate.gate.paused)
+        self.assertEqual(mark.next_poll(), 10.0)
+        mark.stop()
+
     def test_no_descriptor_left_to_count_with(self) -> None:
         """
         When counting itself fails with EMFILE, the process is at its
