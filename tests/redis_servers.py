@@ -329,6 +329,44 @@ class RedisCluster:
         self.migrate_keys(slot, source, target)
         self.finish_migration(slot, target)
 
+    def slots_of(self, node: RedisServer) -> list[int]:
+        """
+        @return: the slots C{node} serves, by its own word, ascending.
+        """
+        slots = parse_slots(call(node.port, "CLUSTER", "SLOTS"), "127.0.0.1")
+        return sorted(slot for slot, (_, port) in slots.items() if port == node.port)
+
+    def reshard(self, slot: int, source: RedisServer, target: RedisServer) -> int:
+        """
+        Move C{source}'s slots up to C{slot} to C{target} the operator's
+        way, C{redis-cli --cluster reshard} (it moves a source's slots in
+        ascending order).
+
+        @return: how many slots moved.
+        """
+        count = self.slots_of(source).index(slot) + 1
+        assert REDIS_CLI is not None
+        subprocess.run(
+            [
+                REDIS_CLI,
+                "--cluster",
+                "reshard",
+                f"127.0.0.1:{source.port}",
+                "--cluster-from",
+                self.node_id(source).decode(),
+                "--cluster-to",
+                self.node_id(target).decode(),
+                "--cluster-slots",
+                str(count),
+                "--cluster-yes",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            timeout=300,
+        )
+        return count
+
 
 def info_counts(port: int, section: str) -> dict[str, dict[str, int]]:
     """

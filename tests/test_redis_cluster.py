@@ -215,6 +215,46 @@ class ClusterTests(SynchronousTestCase):
         )
         self.assertEqual(server.stop(), STOPPED)
 
+    def test_redis_cli_reshard_mid_stream(self) -> None:
+        """
+        While clients send, C{redis-cli --cluster reshard} moves slots, one
+        shard key's among them, from its node to another: every line is in
+        its client's key, in order, none twice, the key's lines written on
+        the old owner and then on the new.
+        """
+        cluster, server = self.start()
+        senders = [Sender(server.port, client) for client in range(20)]
+        try:
+            wait_for(lambda: total_entries(cluster) > 5000, "lines flowing")
+            owned = keys_with_lines(cluster)
+            # The key nearest the start of its node's slots: fewest to move.
+            key = min(
+                owned,
+                key=lambda k: cluster.slots_of(owned[k]).index(cluster.slot_of(k)),
+            )
+            source = owned[key]
+            target = next(node for node in cluster.nodes if node is not source)
+            before = xlen(source, key)
+            moved_before = error_count(source.port, "MOVED")
+            cluster.reshard(cluster.slot_of(key), source, target)
+            self.assertIs(cluster.owner(key), target)
+            landed = xlen(target, key)
+            self.assertGreaterEqual(landed, before)
+            wait_for(lambda: xlen(target, key) > landed + 200, "lines on the new owner")
+        except BaseException:
+            abandon(senders)
+            raise
+        sent = {s.client: s.finish() for s in senders}
+        total = sum(sent.values())
+        wait_for(lambda: total_entries(cluster) >= total, f"{total} entries")
+        self.assertEqual(self.check(cluster, sent), 0)
+        self.assertGreater(error_count(source.port, "MOVED"), moved_before)
+        self.assertIn(
+            f"moved from 127.0.0.1:{source.port} to 127.0.0.1:{target.port}",
+            server.log(),
+        )
+        self.assertEqual(server.stop(), STOPPED)
+
     def test_ask_while_a_slot_migrates(self) -> None:
         """
         A shard key's slot is held MIGRATING on its node and IMPORTING on
