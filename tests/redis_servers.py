@@ -256,6 +256,145 @@ class RedisCluster:
                 return node
         raise AssertionError(f"no node serves {key}")
 
+    def node_id(self, node: RedisServer) -> bytes:
+        reply = call(node.port, "CLUSTER", "MYID")
+        assert isinstance(reply, bytes), reply
+        return reply
+
+    def slot_of(self, key: str) -> int:
+        slot = call(self.nodes[0].port, "CLUSTER", "KEYSLOT", key)
+        assert isinstance(slot, int), slot
+        return slot
+
+    def begin_migration(
+        self, slot: int, source: RedisServer, target: RedisServer
+    ) -> None:
+        """
+        The first steps of a reshard (what C{redis-cli --cluster reshard}
+        does per slot): C{target} IMPORTING, then C{source} MIGRATING.
+        From now on C{source} answers C{-ASK} for a key of C{slot} it no
+        longer has.
+        """
+        ok = call(
+            target.port, "CLUSTER", "SETSLOT", slot, "IMPORTING", self.node_id(source)
+        )
+        assert ok == b"OK", ok
+        ok = call(
+            source.port, "CLUSTER", "SETSLOT", slot, "MIGRATING", self.node_id(target)
+        )
+        assert ok == b"OK", ok
+
+    def migrate_keys(self, slot: int, source: RedisServer, target: RedisServer) -> int:
+        """
+        C{MIGRATE} every key of C{slot} from C{source} to C{target}.
+
+        @return: how many keys moved.
+        """
+        moved = 0
+        for _ in range(1000):
+            keys = call(source.port, "CLUSTER", "GETKEYSINSLOT", slot, 100)
+            assert isinstance(keys, list), keys
+            if not keys:
+                return moved
+            reply = call(
+                source.port,
+                "MIGRATE",
+                "127.0.0.1",
+                target.port,
+                "",
+                0,
+                30000,
+                "KEYS",
+                *(k for k in keys if isinstance(k, bytes)),
+            )
+            assert reply == b"OK", reply
+            moved += len(keys)
+        raise AssertionError(f"slot {slot} still has keys on {source.port}")
+
+    def finish_migration(self, slot: int, target: RedisServer) -> None:
+        """
+        The last step: every master learns that C{target} serves C{slot}
+        (the target first, as redis-cli does).
+        """
+        owner = self.node_id(target)
+        for node in sorted(self.nodes, key=lambda n: n is not target):
+            ok = call(node.port, "CLUSTER", "SETSLOT", slot, "NODE", owner)
+            assert ok == b"OK", ok
+
+    def move_slot(self, slot: int, source: RedisServer, target: RedisServer) -> None:
+        """
+        Move C{slot} and its keys from C{source} to C{target}.
+        """
+        self.begin_migration(slot, source, target)
+        self.migrate_keys(slot, source, target)
+        self.finish_migration(slot, target)
+
+    def slots_of(self, node: RedisServer) -> list[int]:
+        """
+        @return: the slots C{node} serves, by its own word, ascending.
+        """
+        slots = parse_slots(call(node.port, "CLUSTER", "SLOTS"), "127.0.0.1")
+        return sorted(slot for slot, (_, port) in slots.items() if port == node.port)
+
+    def reshard(self, slot: int, source: RedisServer, target: RedisServer) -> int:
+        """
+        Move C{source}'s slots up to C{slot} to C{target} the operator's
+        way, C{redis-cli --cluster reshard} (it moves a source's slots in
+        ascending order).
+
+        @return: how many slots moved.
+        """
+        count = self.slots_of(source).index(slot) + 1
+        assert REDIS_CLI is not None
+        subprocess.run(
+            [
+                REDIS_CLI,
+                "--cluster",
+                "reshard",
+                f"127.0.0.1:{source.port}",
+                "--cluster-from",
+                self.node_id(source).decode(),
+                "--cluster-to",
+                self.node_id(target).decode(),
+                "--cluster-slots",
+                str(count),
+                "--cluster-yes",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            timeout=300,
+        )
+        return count
+
+
+def info_counts(port: int, section: str) -> dict[str, dict[str, int]]:
+    """
+    @return: the C{INFO} section's C{name:k=v,...} lines as numbers, e.g.
+        C{info_counts(port, "errorstats")["errorstat_ASK"]["count"]}.
+    """
+    reply = call(port, "INFO", section)
+    assert isinstance(reply, bytes), reply
+    found: dict[str, dict[str, int]] = {}
+    for text in reply.decode().splitlines():
+        name, colon, values = text.partition(":")
+        if not colon or "=" not in values:
+            continue
+        found[name] = {}
+        for pair in values.split(","):
+            field, _, value = pair.partition("=")
+            if value.isdigit():
+                found[name][field] = int(value)
+    return found
+
+
+def error_count(port: int, code: str) -> int:
+    """
+    @return: how many C{-CODE} error replies the node has sent
+        (C{INFO errorstats}), e.g. C{ASK} or C{MOVED}.
+    """
+    return info_counts(port, "errorstats").get(f"errorstat_{code}", {}).get("count", 0)
+
 
 def wait_for(check: Any, what: str, timeout: float = 60.0) -> None:
     """

@@ -215,15 +215,52 @@ class SlotTests(SynchronousTestCase):
         self.assertEqual(key_slot(b"a{}b"), crc16(b"a{}b") % 16384)
 
     def test_redirects(self) -> None:
-        moved = parse_redirect("MOVED 3999 127.0.0.1:6381")
+        moved = parse_redirect("MOVED 3999 127.0.0.1:6381", "10.0.0.9")
         assert moved is not None
         self.assertEqual(
             (moved.ask, moved.slot, moved.node), (False, 3999, ("127.0.0.1", 6381))
         )
-        ask = parse_redirect("ASK 1 ::1:7000")
+        ask = parse_redirect("ASK 1 ::1:7000", "10.0.0.9")
         assert ask is not None
         self.assertEqual((ask.ask, ask.node), (True, ("::1", 7000)))
-        self.assertIsNone(parse_redirect("OOM command not allowed"))
+        self.assertIsNone(parse_redirect("OOM command not allowed", "10.0.0.9"))
+
+    def test_redirect_to_an_unknown_endpoint_is_the_host_asked(self) -> None:
+        """
+        C{-MOVED 3999 :6381} (Redis does not know the target's address)
+        means the host that replied, on that port.
+        """
+        moved = parse_redirect("MOVED 3999 :6381", "10.0.0.9")
+        assert moved is not None
+        self.assertEqual(moved.node, ("10.0.0.9", 6381))
+
+    @given(
+        st.sampled_from(["MOVED", "ASK"]),
+        st.integers(0, 16383),
+        st.sampled_from(["127.0.0.1", "::1", "redis-2.example", ""]),
+        st.integers(1, 65535),
+    )
+    def test_any_redirect_round_trips(
+        self, kind: str, slot: int, host: str, port: int
+    ) -> None:
+        redirect = parse_redirect(f"{kind} {slot} {host}:{port}", "10.0.0.9")
+        assert redirect is not None
+        self.assertEqual(
+            (redirect.ask, redirect.slot, redirect.node),
+            (kind == "ASK", slot, (host or "10.0.0.9", port)),
+        )
+
+    def test_not_redirects(self) -> None:
+        for message in [
+            "MOVED 16384 127.0.0.1:7000",
+            "MOVED 3999 127.0.0.1",
+            "MOVED x 127.0.0.1:7000",
+            "ASK 1 127.0.0.1:port",
+            "MOVED 1",
+            "TRYAGAIN Multiple keys request during rehashing of slot",
+            "CLUSTERDOWN The cluster is down",
+        ]:
+            self.assertIsNone(parse_redirect(message, "10.0.0.9"), message)
 
     def test_slots_reply(self) -> None:
         reply: Reply = [[0, 2, [b"", 7000, b"id"]], [3, 3, [b"10.0.0.2", 7001, b"id"]]]

@@ -51,7 +51,12 @@ from lineserver.sinks import IPipelinedSink, IWantsOrigin, Scheme, SinkURL
 from lineserver.sinks.redis_client import RedisProtocol
 from lineserver.sinks.redis_config import OPTIONS, RedisConfig, parse_redis_url
 from lineserver.sinks.redis_resp import RedisError, Reply, encode_command
-from lineserver.sinks.redis_slots import key_slot, parse_redirect, parse_slots
+from lineserver.sinks.redis_slots import (
+    Redirect,
+    key_slot,
+    parse_redirect,
+    parse_slots,
+)
 
 log = Logger(namespace="lineserver.sink.redis")
 
@@ -59,6 +64,10 @@ log = Logger(namespace="lineserver.sink.redis")
 MAX_BACKOFF = 5.0
 #: At most one log line per kind of trouble in this many seconds.
 LOG_EVERY = 5.0
+#: Redirections in a row (MOVED, ASK) a transaction follows at once;
+#: past that the nodes disagree (a migration half set up, or undone) and
+#: it backs off like any outage instead of bouncing between them.
+MAX_REDIRECTS = 5
 
 Node = tuple[str, int]
 
@@ -89,6 +98,8 @@ class _Transaction:
     #: Not before this reactor time (backing off after an error).
     not_before: float = 0.0
     attempts: int = 0
+    #: Redirections followed since the last reply that was not one.
+    redirects: int = 0
 
 
 @dataclass(eq=False)
@@ -337,6 +348,17 @@ class RedisStreamSink:
         held = sum(batch.lines for batch in self._batches)
         log.warn("{message}; {held} lines held, retrying", message=message, held=held)
 
+    def notice(self, kind: str, message: str) -> None:
+        """
+        Log C{message} at info level, at most once every L{LOG_EVERY}
+        seconds per kind: the cluster changing under the sink, not trouble.
+        """
+        now = self.reactor.seconds()
+        if now - self._logged.get(kind, -LOG_EVERY) < LOG_EVERY:
+            return
+        self._logged[kind] = now
+        log.info("{message}", message=message)
+
     # Sending.
 
     def _node(self, address: Node) -> _Node:
@@ -476,21 +498,59 @@ class RedisStreamSink:
             else RedisError("EXEC failed"),
         )
         assert isinstance(cause, RedisError)
-        redirect = parse_redirect(cause.message)
-        if redirect is not None:
-            if redirect.ask:
-                transaction.ask = redirect.node
-            else:
-                self._slots[redirect.slot] = redirect.node
-                self._slots_stale = True
+        redirect = parse_redirect(cause.message, address[0])
+        if redirect is not None and transaction.redirects < MAX_REDIRECTS:
+            transaction.redirects += 1
+            self._redirected(transaction, redirect, address)
             self._kick()
             return
-        self.trouble(
-            cause.code, f"Redis {_describe(address)} refused lines: {cause.message}"
-        )
-        if cause.code in ("CLUSTERDOWN", "TRYAGAIN", "MOVED"):
+        if redirect is not None:
+            self.trouble(
+                "redirects",
+                f"Redis Cluster slot {redirect.slot} ({transaction.key}):"
+                f" {MAX_REDIRECTS} redirections in a row, the last"
+                f" {cause.message!r} from {_describe(address)}; the nodes"
+                " disagree about who serves it",
+            )
+        else:
+            self.trouble(
+                cause.code, f"Redis {_describe(address)} refused lines: {cause.message}"
+            )
+        if cause.code in ("CLUSTERDOWN", "TRYAGAIN", "MOVED", "ASK"):
             self._slots_stale = self.config.cluster
+        # Backing off ends a run of redirections: the next reply may
+        # follow MAX_REDIRECTS again.
+        transaction.redirects = 0
         self._retry_later(transaction)
+
+    def _redirected(
+        self, transaction: _Transaction, redirect: Redirect, address: Node
+    ) -> None:
+        """
+        Follow C{-ASK} once (the slot is migrating and the key is already
+        on the importing node: the map stays as it is), or C{-MOVED} for
+        good (the slot has a new owner: the map is corrected now and asked
+        for again).
+        """
+        slot, node = redirect.slot, redirect.node
+        if redirect.ask:
+            transaction.ask = node
+            self.notice(
+                f"ask {slot}",
+                f"Redis Cluster slot {slot} ({transaction.key}) is migrating"
+                f" from {_describe(address)} to {_describe(node)}:"
+                " writing there after ASKING (-ASK)",
+            )
+            return
+        if self._slots.get(slot) != node:
+            self.notice(
+                f"moved {slot}",
+                f"Redis Cluster slot {slot} ({transaction.key}) moved from"
+                f" {_describe(address)} to {_describe(node)} (-MOVED):"
+                " slot map updated",
+            )
+        self._slots[slot] = node
+        self._slots_stale = True
 
     def _replicated(
         self, transaction: _Transaction, reply: Reply, address: Node
@@ -513,6 +573,7 @@ class RedisStreamSink:
 
     def _done(self, transaction: _Transaction) -> None:
         transaction.done = True
+        transaction.redirects = 0
         batches = self._batches
         while batches and all(t.done for t in batches[0].transactions):
             batches.popleft().done.callback(None)

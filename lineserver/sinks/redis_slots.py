@@ -61,17 +61,24 @@ class Redirect:
     node: tuple[str, int]
 
 
-def parse_redirect(message: str) -> Redirect | None:
+def parse_redirect(message: str, default_host: str) -> Redirect | None:
     """
+    @param default_host: the host of the node that replied, for a
+        redirection with an empty endpoint (C{-MOVED 3999 :6381}: Redis
+        sends that when the target's endpoint is unknown, and it means
+        "the host you asked").
     @return: the redirection an error message carries, or None.
     """
     parts = message.split(" ")
     if len(parts) != 3 or parts[0] not in ("MOVED", "ASK"):
         return None
-    host, _, port = parts[2].rpartition(":")
-    if not port.isdigit() or not parts[1].isdigit():
+    host, colon, port = parts[2].rpartition(":")
+    if not colon or not port.isdigit() or not parts[1].isdigit():
         return None
-    return Redirect(parts[0] == "ASK", int(parts[1]), (host, int(port)))
+    slot = int(parts[1])
+    if slot >= SLOTS:
+        return None
+    return Redirect(parts[0] == "ASK", slot, (host or default_host, int(port)))
 
 
 def parse_slots(reply: Reply, default_host: str) -> dict[int, tuple[str, int]]:
