@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import select
+import shutil
 from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
@@ -208,6 +209,39 @@ class FileSinkTests(TestCase):
         self.assertIsNone(self.successResultOf(fourth))
         self.assertEqual(len(synced), 3)
         self.assertEqual(clock.getDelayedCalls(), [])
+
+    @inlineCallbacks
+    def test_truncated_between_check_and_write(
+        self,
+    ) -> Generator[Deferred[Any], Any, None]:
+        """
+        logrotate's copytruncate can empty the file between the sink's size
+        check and its write, which then lands at the start of the emptied
+        file: the sink takes it back, writes again what the copy missed
+        (here nothing), then the write; every line once, in order, and the
+        next write does not take the first for lost bytes.
+        """
+        path = self.path()
+        sink = FileSink(path, reactor)
+        yield sink.open()
+        yield sink.write([b"a1", b"a2"])
+        shutil.copyfile(path, path + ".1")
+        real_fstat = os.fstat
+
+        def rotate_after_check(fd: int) -> os.stat_result:
+            # logrotate acts right after the sink looked at the size.
+            status = real_fstat(fd)
+            if status.st_size and Path(path).stat().st_size:
+                os.truncate(path, 0)
+            return status
+
+        self.patch(os, "fstat", rotate_after_check)
+        yield sink.write([b"b1", b"b2"])
+        self.patch(os, "fstat", real_fstat)
+        yield sink.write([b"c1"])
+        yield sink.close()
+        self.assertEqual(Path(path + ".1").read_bytes(), b"a1\na2\n")
+        self.assertEqual(Path(path).read_bytes(), b"b1\nb2\nc1\n")
 
     @inlineCallbacks
     def test_reopen(self) -> Generator[Deferred[Any], Any, None]:

@@ -538,6 +538,16 @@ class FileSink:
         try:
             while written < len(data):
                 written += os.write(fd, view[written:])
+            landed = os.lseek(fd, 0, os.SEEK_CUR) - len(data)
+            if landed < start:
+                # Emptied (copytruncate) between the size check and the
+                # write, which O_APPEND put at the start of the emptied
+                # file: take it back, write again what the copy missed,
+                # then this write after it; no line twice, none reordered.
+                os.ftruncate(fd, landed)
+                self._truncated(fd, landed)
+                start = self._end
+                _write_all(fd, data)
             if self.fsync is Fsync.BATCH:
                 os.fsync(fd)
         except OSError as error:
