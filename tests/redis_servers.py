@@ -159,13 +159,28 @@ class RedisServer:
         return self.proc.pid
 
 
+def ephemeral_low() -> int:
+    """
+    @return: the lowest port the kernel hands out for bind(0) and outgoing
+        connections (32768 if it cannot be read).
+    """
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
+            return int(ports.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def cluster_port() -> int:
     """
-    @return: a free port whose cluster bus port (10000 above) is free too
-        and that is at most 55535, as Redis Cluster needs.
+    @return: a free port whose cluster bus port (10000 above) is free too,
+        both below the kernel's ephemeral range: there, no other test's
+        free port or outgoing connection can take them between this check
+        and redis-server's bind (which happened once under trial -j2).
     """
+    high = min(55535, ephemeral_low() - 10000 - 1)
     for _ in range(200):
-        port = random.randint(20000, 55535)
+        port = random.randint(min(10000, high), high)
         try:
             with socket.socket() as one, socket.socket() as two:
                 one.bind(("127.0.0.1", port))
