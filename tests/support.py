@@ -824,6 +824,22 @@ def ledger_from_scrape(samples: Samples, worker: str | None = None) -> Ledger:
 NOTHING_DROPPED: Mapping[str, int] = MappingProxyType({})
 
 
+def check_scraped_ledger(
+    case: SynchronousTestCase, metrics: int, received: int, **expected: Any
+) -> Ledger:
+    """
+    Wait until a scrape of the metrics port C{metrics} shows C{received}
+    lines received, then L{check_ledger} a fresh scrape with C{expected}.
+    """
+    wait_until(
+        lambda: ledger_from_scrape(scrape_metrics(metrics)).received == received,
+        f"{received} line(s) received in a scrape",
+    )
+    return check_ledger(
+        case, ledger_from_scrape(scrape_metrics(metrics)), received=received, **expected
+    )
+
+
 def check_ledger(
     case: SynchronousTestCase,
     ledger: Ledger,

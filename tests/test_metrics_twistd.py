@@ -32,6 +32,7 @@ from tests.support import (
     Peer,
     ServerProcess,
     check_ledger,
+    check_scraped_ledger,
     free_port,
     ledger_from_log,
     ledger_from_scrape,
@@ -132,6 +133,37 @@ LineServer(
 """
 
 
+def run_tac(
+    case: SynchronousTestCase, template: str
+) -> tuple[subprocess.Popen[bytes], Path, int, int]:
+    """
+    Run the application C{template} describes (formatted with its line and
+    metrics ports) under C{twistd -y}, until its metrics port answers.
+
+    @return: the process, its log file, its line port and metrics port.
+    """
+    directory = temp_dir(case)
+    port, metrics = free_port(), free_port()
+    tac = Path(directory, "app.tac")
+    tac.write_text(template.format(port=port, metrics=metrics))
+    log = Path(directory, "server.log")
+    proc = subprocess.Popen(
+        [str(TWISTD), "-n", "--pidfile=", f"--logfile={log}", "-y", str(tac)],
+        cwd=directory,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def kill() -> None:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+    case.addCleanup(kill)
+    wait_until(lambda: scrapes(metrics), "the metrics port", timeout=30)
+    return proc, log, port, metrics
+
+
 class HandlerFailureTwistdTests(SynchronousTestCase):
     def test_failed_lines_dropped_by_reason(self) -> None:
         """
@@ -140,25 +172,7 @@ class HandlerFailureTwistdTests(SynchronousTestCase):
         C{handler-failed}, exactly as many as were refused, in a scrape
         and in the stop's ledger line; every other line is delivered.
         """
-        directory = temp_dir(self)
-        port, metrics = free_port(), free_port()
-        tac = Path(directory, "app.tac")
-        tac.write_text(FAILING_HANDLER_TAC.format(port=port, metrics=metrics))
-        log = Path(directory, "server.log")
-        proc = subprocess.Popen(
-            [str(TWISTD), "-n", "--pidfile=", f"--logfile={log}", "-y", str(tac)],
-            cwd=directory,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-
-        def kill() -> None:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-
-        self.addCleanup(kill)
-        wait_until(lambda: scrapes(metrics), "the metrics port", timeout=30)
+        proc, log, port, metrics = run_tac(self, FAILING_HANDLER_TAC)
         lines = [b"bad %d" % i if i % 7 == 3 else b"good %d" % i for i in range(700)]
         bad = sum(1 for line in lines if line.startswith(b"bad"))
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
@@ -184,7 +198,7 @@ class HandlerFailureTwistdTests(SynchronousTestCase):
             delivered=good,
             dropped={"handler-failed": bad},
         )
-        written = Path(directory, "lines.log").read_bytes().splitlines()
+        written = Path(log.parent, "lines.log").read_bytes().splitlines()
         self.assertEqual(written, [line for line in lines if line.startswith(b"good")])
 
 
@@ -236,39 +250,11 @@ class ShutdownTimeoutTwistdTests(SynchronousTestCase):
         stop gives the sink up at the shutdown timeout and its ledger line
         drops exactly those lines, with reason C{shutdown_timeout}.
         """
-        directory = temp_dir(self)
-        port, metrics = free_port(), free_port()
-        tac = Path(directory, "app.tac")
-        tac.write_text(HANGING_SINK_TAC.format(port=port, metrics=metrics))
-        log = Path(directory, "server.log")
-        proc = subprocess.Popen(
-            [str(TWISTD), "-n", "--pidfile=", f"--logfile={log}", "-y", str(tac)],
-            cwd=directory,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-
-        def kill() -> None:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-
-        self.addCleanup(kill)
-        wait_until(lambda: scrapes(metrics), "the metrics port", timeout=30)
+        proc, log, port, metrics = run_tac(self, HANGING_SINK_TAC)
         total = 250
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             sock.sendall(b"".join(b"held %d\n" % n for n in range(total)))
-        wait_until(
-            lambda: ledger_from_scrape(scrape_metrics(metrics)).received == total,
-            "every line received",
-        )
-        check_ledger(
-            self,
-            ledger_from_scrape(scrape_metrics(metrics)),
-            received=total,
-            delivered=0,
-            queued=total,
-        )
+        check_scraped_ledger(self, metrics, total, delivered=0, queued=total)
         os.kill(proc.pid, signal.SIGTERM)
         self.assertEqual(proc.wait(30), -signal.SIGTERM, log.read_text()[-2000:])
         self.assertIn(f"{total} line(s)", log.read_text())
