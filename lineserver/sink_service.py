@@ -140,6 +140,8 @@ class SinkService(Service):
         self._open = False
         self._failed = False
         self._flight: deque[_Batch] = deque()
+        #: Batches the open sink may have in flight (L{max_in_flight}).
+        self._window = 1
         self._pumping = False
         self._abandoned = False
         self._idle: list[Deferred[None]] = []
@@ -233,6 +235,7 @@ class SinkService(Service):
             return
         log.info("sink {sink} open", sink=self.sink_factory.description)
         self._spool_gauges()
+        self._window = max_in_flight(self.sink)
         self._open = True
         waiters, self._open_waiters = self._open_waiters, []
         for waiter in waiters:
@@ -248,7 +251,7 @@ class SinkService(Service):
             return
         self._pumping = True
         try:
-            window = max_in_flight(self.sink)
+            window = self._window
             while self._open and len(self._flight) < window and not self._failed:
                 taken = self.queue.take(self.max_batch_bytes)
                 if not taken.lines:

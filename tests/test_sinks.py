@@ -211,35 +211,37 @@ class FileSinkTests(TestCase):
         self.assertEqual(clock.getDelayedCalls(), [])
 
     @inlineCallbacks
-    def test_truncated_between_check_and_write(
+    def test_truncated_just_before_write(
         self,
     ) -> Generator[Deferred[Any], Any, None]:
         """
-        logrotate's copytruncate can empty the file between the sink's size
-        check and its write, which then lands at the start of the emptied
-        file: the sink takes it back, writes again what the copy missed
-        (here nothing), then the write; every line once, in order, and the
-        next write does not take the first for lost bytes.
+        logrotate's copytruncate can empty the file just before the sink's
+        write, which then lands at the start of the emptied file: the sink
+        sees where it landed, takes it back, writes again what the copy
+        missed (here nothing), then the write; every line once, in order,
+        and the next write does not take the first for lost bytes.
         """
         path = self.path()
         sink = FileSink(path, reactor)
         yield sink.open()
         yield sink.write([b"a1", b"a2"])
         shutil.copyfile(path, path + ".1")
-        real_fstat = os.fstat
+        real_write = os.write
+        rotated: list[int] = []
 
-        def rotate_after_check(fd: int) -> os.stat_result:
-            # logrotate acts right after the sink looked at the size.
-            status = real_fstat(fd)
-            if status.st_size and Path(path).stat().st_size:
+        def rotate_then_write(fd: int, data: Any) -> int:
+            # logrotate acts right before the sink's next write.
+            if not rotated and Path(path).stat().st_size:
                 os.truncate(path, 0)
-            return status
+                rotated.append(fd)
+            return real_write(fd, data)
 
-        self.patch(os, "fstat", rotate_after_check)
+        self.patch(os, "write", rotate_then_write)
         yield sink.write([b"b1", b"b2"])
-        self.patch(os, "fstat", real_fstat)
+        self.patch(os, "write", real_write)
         yield sink.write([b"c1"])
         yield sink.close()
+        self.assertEqual(len(rotated), 1)
         self.assertEqual(Path(path + ".1").read_bytes(), b"a1\na2\n")
         self.assertEqual(Path(path).read_bytes(), b"b1\nb2\nc1\n")
 

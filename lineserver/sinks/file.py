@@ -11,8 +11,11 @@ cache: with many slow clients every batch is a line or two, and the hop
 sink cost per line.  So with C{fsync=never} a small batch (up to
 L{INLINE_MAX} bytes) is written on the reactor thread, as long as such
 writes stay fast: one that takes over L{INLINE_SLOW} seconds sends every
-write to the thread for L{INLINE_BACKOFF} seconds.  Its result is handled
-in the next reactor iteration, as a thread's would be.  A lock keeps the
+write to the thread for L{INLINE_BACKOFF} seconds.  A batch written so,
+with nothing before it, is confirmed at once (its Deferred has fired when
+C{write} returns), so a fleet's line costs no second reactor iteration; a
+failure, or a batch that waited, is handled in the next iteration, as a
+thread's result would be.  A lock keeps the
 writer-side state to one thread at a time (an inline write never waits
 for it: it goes to the thread when the lock is busy).
 
@@ -346,7 +349,22 @@ class FileSink:
     def write(self, lines: list[bytes]) -> Deferred[None]:
         if not lines:
             return succeed(None)
-        pending = _Pending(b"\n".join(lines) + b"\n", len(lines))
+        data = b"\n".join(lines) + b"\n"
+        if not self._pending and not self._writing and self._retry_call is None:
+            # Nothing before it: written now if that is cheap, and then
+            # confirmed now (fsync=never promises no more than the write).
+            result = self._write_inline(data)
+            if result is None:
+                self._resume()
+                return succeed(None)
+            if not isinstance(result, _Inline):
+                # A failure: handled as a thread's result would be.
+                pending = _Pending(data, len(lines))
+                self._pending.append(pending)
+                self._writing = True
+                self._reactor.callLater(0, self._attempted, result, [pending])
+                return pending.done
+        pending = _Pending(data, len(lines))
         self._pending.append(pending)
         self._next()
         return pending.done
@@ -522,6 +540,11 @@ class FileSink:
         Append C{data}, all of it or nothing: after a failed or partial
         write the file is cut back to where it ended before.
 
+        Where the write landed (the offset after it, C{O_APPEND} having put
+        it at the end of the file) tells whether the file shrank since the
+        last write, so a write costs two system calls, not a size check
+        as well.
+
         @return: None once written (and fsynced, with C{Fsync.BATCH}), or
             the errno of a failure to wait out.
         @raise OSError: for any other failure.
@@ -529,32 +552,40 @@ class FileSink:
         self._check_path()
         fd = self._fd
         assert fd is not None, "write before open"
-        start = os.fstat(fd).st_size
-        if start < self._end:
-            self._truncated(fd, start)
-            start = self._end
-        view = memoryview(data)
+        expected = self._end
+        start = expected
         written = 0
+        landed = False
         try:
-            while written < len(data):
-                written += os.write(fd, view[written:])
-            landed = os.lseek(fd, 0, os.SEEK_CUR) - len(data)
-            if landed < start:
-                # Emptied (copytruncate) between the size check and the
-                # write, which O_APPEND put at the start of the emptied
-                # file: take it back, write again what the copy missed,
-                # then this write after it; no line twice, none reordered.
-                os.ftruncate(fd, landed)
-                self._truncated(fd, landed)
+            written = os.write(fd, data)
+            if written < len(data):
+                view = memoryview(data)
+                while written < len(data):
+                    written += os.write(fd, view[written:])
+            start = os.lseek(fd, 0, os.SEEK_CUR) - len(data)
+            landed = True
+            if start < expected:
+                # The file shrank under the sink (copytruncate), and
+                # O_APPEND put this write at the start of the emptied file:
+                # take it back, write again what the copy missed, then
+                # this write after it; no line twice, none reordered.
+                os.ftruncate(fd, start)
+                self._truncated(fd, start)
                 start = self._end
                 _write_all(fd, data)
             if self.fsync is Fsync.BATCH:
                 os.fsync(fd)
         except OSError as error:
             if written:
+                if not landed:
+                    # Where this write began: it may not be where the last
+                    # one ended, if the file shrank or grew under the sink.
+                    start = os.lseek(fd, 0, os.SEEK_CUR) - written
                 self._cut_back(fd, start)
             if error.errno in RETRYABLE_ERRNOS:
-                self._end = start
+                # A shrink not yet mended is noticed again at the retry
+                # (which lands below the end remembered).
+                self._end = start if landed else max(start, expected)
                 return error.errno
             raise
         self._end = start + len(data)
