@@ -52,6 +52,7 @@ from lineserver.ports import listens_everywhere
 from lineserver.protocol import LineFactory
 from lineserver.proxy import is_proxy_description, proxy_endpoint
 from lineserver.stats import Stats
+from lineserver.transports import keepalive_on_listener
 
 log = Logger(namespace="lineserver.listener")
 
@@ -501,6 +502,9 @@ class ListenerService(SupervisedPort):
 
     @override
     def _listened_on(self, port: IListeningPort) -> None:
+        keepalive = self.factory.settings.tcp_keepalive
+        if keepalive:
+            keepalive_on_listener(port, keepalive)
         self.gate = PauseGate(
             getattr(port, "stopReading", _nothing),
             getattr(port, "startReading", _nothing),

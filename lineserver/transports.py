@@ -12,10 +12,11 @@ from __future__ import annotations
 import fcntl
 import socket
 import struct
+import sys
 import termios
 from collections.abc import Iterator
 
-from lineserver.twisted_internals import HAProxyProtocolWrapper
+from lineserver.twisted_internals import HAProxyProtocolWrapper, listening_socket
 
 #: More layers than any stack we build (TLS over PROXY over TCP is three);
 #: the walk stops there even if some object points back at itself.
@@ -68,18 +69,60 @@ def enable_keepalive(transport: object, idle: float) -> bool:
     silence and L{KEEPALIVE_PROBES} unanswered probes, freeing its slot.
 
     Probes are C{min(idle, 30)} seconds apart; times are whole seconds
-    (the kernel's unit), at least 1.
+    (the kernel's unit), at least 1.  A connection accepted on a port
+    given the same options by L{keepalive_on_listener} has them already
+    (Linux copies them at accept), so nothing is set again.
 
     @return: False if there is no TCP socket under C{transport} (a unix
         socket, a test transport); True once the options are set.
     @raise ValueError: C{idle} is not positive.
     """
+    seconds = _keepalive_seconds(idle)
+    for layer in transport_chain(transport):
+        if getattr(getattr(layer, "server", None), _INHERITED, None) == seconds:
+            return True
+    sock = socket_of(transport)
+    if sock is None:
+        return False
+    return _set_keepalive(sock, seconds)
+
+
+def keepalive_on_listener(port: object, idle: float) -> bool:
+    """
+    Give a listening TCP port's socket the keepalive options of
+    L{enable_keepalive}, where the connections it accepts inherit them
+    (Linux), and mark the port so that they are not set again for each
+    connection: four system calls fewer per accept.
+
+    @return: whether the port's connections inherit them.
+    """
+    sock = listening_socket(port)
+    if not sys.platform.startswith("linux") or not isinstance(sock, socket.socket):
+        return False
+    seconds = _keepalive_seconds(idle)
+    if not _set_keepalive(sock, seconds):
+        return False
+    try:
+        setattr(port, _INHERITED, seconds)
+    except AttributeError:  # a port that takes no attributes
+        return False
+    return True
+
+
+#: The attribute of a listening port whose accepted sockets inherit the
+#: keepalive options (L{keepalive_on_listener}): their idle seconds.
+_INHERITED = "lineserver_keepalive_seconds"
+
+
+def _keepalive_seconds(idle: float) -> int:
     if not idle > 0:
         raise ValueError(f"keepalive idle time must be positive, got {idle!r}")
-    sock = socket_of(transport)
-    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+    return min(max(1, round(idle)), _KERNEL_MAX_SECONDS)
+
+
+def _set_keepalive(sock: socket.socket, seconds: int) -> bool:
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
         return False
-    seconds = min(max(1, round(idle)), _KERNEL_MAX_SECONDS)
     interval = min(seconds, KEEPALIVE_MAX_INTERVAL)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     # TCP_KEEPIDLE is Linux's (and BSD's) name; macOS calls it TCP_KEEPALIVE.

@@ -38,6 +38,7 @@ from lineserver.transports import (
     KEEPALIVE_PROBES,
     behind_proxy,
     enable_keepalive,
+    keepalive_on_listener,
     pending_input,
     socket_of,
     transport_chain,
@@ -107,14 +108,21 @@ class ChainTestCase(TestCase):
 
     @inlineCallbacks
     def serve(
-        self, endpoint: IStreamServerEndpoint, paused: bool = False
+        self,
+        endpoint: IStreamServerEndpoint,
+        paused: bool = False,
+        on_listen: Callable[[IListeningPort], object] | None = None,
     ) -> Generator[Deferred[Any], Any, tuple[Recorder, Client]]:
         """
+        @param on_listen: called with the listening port before the client
+            connects.
         @return: the server's protocol and the client, once connected.
         """
         factory = RecorderFactory(paused)
         port: IListeningPort = yield endpoint.listen(factory)
         self.addCleanup(port.stopListening)
+        if on_listen is not None:
+            on_listen(port)
         client: Client = yield connect(port.getHost().port)  # type: ignore[attr-defined]
         self.addCleanup(self.disconnect, client)
         yield poll(lambda: bool(factory.connections), "the server side")
@@ -265,6 +273,51 @@ class KeepaliveTests(ChainTestCase):
         self.assertEqual(self.read_keepalive(sock), (1, 60, 30, KEEPALIVE_PROBES))
 
     @inlineCallbacks
+    def test_inherited_from_the_listener(
+        self,
+    ) -> Generator[Deferred[Any], Any, None]:
+        """
+        Options given to the listening socket reach every socket it accepts
+        (Linux), so enabling the same ones per connection sets nothing;
+        other ones are still set.
+        """
+        marked: list[bool] = []
+        server, _ = yield self.serve(
+            tcp_endpoint(),
+            on_listen=lambda port: marked.append(keepalive_on_listener(port, 7)),
+        )
+        self.assertEqual(marked, [True])
+        sock = socket_of(server.transport)
+        assert sock is not None
+        self.assertEqual(self.read_keepalive(sock), (1, 7, 7, KEEPALIVE_PROBES))
+        self.assertTrue(enable_keepalive(server.transport, 7))
+        self.assertEqual(self.read_keepalive(sock), (1, 7, 7, KEEPALIVE_PROBES))
+        self.assertTrue(enable_keepalive(server.transport, 300))
+        self.assertEqual(self.read_keepalive(sock), (1, 300, 30, KEEPALIVE_PROBES))
+
+    @inlineCallbacks
+    def test_inherited_under_tls_and_proxy(
+        self,
+    ) -> Generator[Deferred[Any], Any, None]:
+        """
+        Through TLS over PROXY, the TCP socket below inherits the listening
+        socket's options, and the layers above find the mark.
+        """
+        endpoint = tls_server_endpoint(
+            reactor, proxy_endpoint(reactor, tcp_endpoint()), self.tls()
+        )
+        marked: list[bool] = []
+        server, _ = yield self.serve(
+            endpoint,
+            on_listen=lambda port: marked.append(keepalive_on_listener(port, 60)),
+        )
+        self.assertEqual(marked, [True])
+        sock = socket_of(server.transport)
+        assert sock is not None
+        self.assertEqual(self.read_keepalive(sock), (1, 60, 30, KEEPALIVE_PROBES))
+        self.assertTrue(enable_keepalive(server.transport, 60))
+
+    @inlineCallbacks
     def test_unix_socket(self) -> Generator[Deferred[Any], Any, None]:
         """
         A unix socket has no TCP keepalive: the call says so and changes
@@ -284,6 +337,7 @@ class KeepaliveTests(ChainTestCase):
         self.assertEqual(sock.family, socket.AF_UNIX)
         self.assertFalse(enable_keepalive(server.transport, 60))
         self.assertEqual(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), 0)
+        self.assertFalse(keepalive_on_listener(port, 60))
 
 
 class NoSocketTests(SynchronousTestCase):
