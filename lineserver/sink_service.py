@@ -29,6 +29,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from typing_extensions import override
@@ -122,12 +123,19 @@ class SinkService(Service):
         max_batch_bytes: int = 1 << 20,
         on_written: Callable[[float, int], object] | None = None,
         timer: Callable[[], float] = time.monotonic,
+        clock: IReactorTime | None = None,
     ) -> None:
         """
         @param on_written: called with the seconds from a batch's hand-over
             to its confirmation, and its lines, for each confirmed batch
             (the sink write latency metric).
+        @param clock: with a clock, lines put while the sink is idle are
+            pumped once per reactor iteration (C{callLater(0)}), so that the
+            reads of one iteration make one batch; without one, at once, at
+            each put.
         """
+        self._clock = clock
+        self._soon: IDelayedCall | None = None
         self.on_written = on_written
         self.timer = timer
         self.sink_factory = sink_factory
@@ -255,7 +263,9 @@ class SinkService(Service):
             while self._open and len(self._flight) < window and not self._failed:
                 taken = self.queue.take(self.max_batch_bytes)
                 if not taken.lines:
-                    self.queue.when_ready(self._pump)
+                    self.queue.when_ready(
+                        self._pump if self._clock is None else self._pump_soon
+                    )
                     self._notify_idle()
                     return
                 batch = _Batch(taken, started=self.timer())
@@ -270,6 +280,18 @@ class SinkService(Service):
                 )
         finally:
             self._pumping = False
+
+    def _pump_soon(self) -> None:
+        """
+        Lines arrived while the sink was idle: pump them, and whatever else
+        this reactor iteration reads, in the next one.
+        """
+        if self._soon is None and self._clock is not None:
+            self._soon = self._clock.callLater(0, self._pump_now)
+
+    def _pump_now(self) -> None:
+        self._soon = None
+        self._pump()
 
     def _written(self, _: object, batch: _Batch) -> None:
         """
