@@ -344,6 +344,9 @@ class LineServer(Supervisor):
             self.stats,
             self.config.max_batch_bytes,
             on_written=self.sink_writes.observe,
+            # One batch per reactor iteration: the reads of one iteration
+            # share a write (a file sink confirms a small one at once).
+            clock=self.reactor,
         )
         # After a good start, the supervisor reports the sink's outages.
         service.quiet_outages = self.phase is Phase.RUNNING

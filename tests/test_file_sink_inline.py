@@ -52,3 +52,28 @@ class InlineOrderTests(TestCase):
         self.assertEqual([i for i, _ in fired], list(range(len(batches))))
         for i, size in fired:
             self.assertGreaterEqual(size, sum(len(e) for e in expected[: i + 1]))
+
+    @inlineCallbacks
+    def test_small_batch_confirmed_at_once(
+        self,
+    ) -> Generator[Deferred[Any], Any, None]:
+        """
+        A small batch with nothing before it is in the file, and confirmed,
+        when C{write} returns: no reactor turn between a fleet's line and
+        its confirmation.  One that follows a batch still being written
+        waits for it.
+        """
+        path = os.path.join(temp_dir(self), "lines.log")
+        sink = FileSink(path, reactor)
+        yield sink.open()
+        first = sink.write([b"a", b"b"])
+        self.assertEqual(Path(path).read_bytes(), b"a\nb\n")
+        self.assertIsNone(self.successResultOf(first))
+        large = sink.write([b"x" * (INLINE_MAX + 1)])
+        after = sink.write([b"c"])
+        self.assertNoResult(after)
+        yield gatherResults([large, after])
+        yield sink.close()
+        self.assertEqual(
+            Path(path).read_bytes(), b"a\nb\n" + b"x" * (INLINE_MAX + 1) + b"\nc\n"
+        )
