@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import IO, Any
 
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.protocol import ServerFactory, connectionDone
+from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from typing_extensions import override
@@ -70,7 +70,19 @@ class EchoLineReceiver(LineReceiver):
         self.sendLine(line)
 
 
-class BaselineFactory(ServerFactory[LineReceiver]):
+class DiscardProtocol(Protocol):
+    """
+    Reads and drops every byte: no framing, no sink.  The fleet scenarios'
+    floor: what Twisted's reactor and TCP transport alone cost per read,
+    which no server on them can go below (C{--mode discard}).
+    """
+
+    @override
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+
+class BaselineFactory(ServerFactory[Protocol]):
     """
     Builds the mode's protocol; in sink mode it owns the one open file.
 
@@ -84,17 +96,20 @@ class BaselineFactory(ServerFactory[LineReceiver]):
         @param max_length: each protocol's C{MAX_LENGTH}, the plain way a
             Twisted developer raises the line limit.
         """
+        self.protocol: type[Protocol]
         if mode == "sink":
             self.protocol = SinkLineReceiver
+        elif mode == "discard":
+            self.protocol = DiscardProtocol
         else:
             self.protocol = EchoLineReceiver
         self.sink = sink
         self.max_length = max_length
 
     @override
-    def buildProtocol(self, addr: Any) -> LineReceiver | None:
+    def buildProtocol(self, addr: Any) -> Protocol | None:
         protocol = super().buildProtocol(addr)
-        if protocol is not None:
+        if isinstance(protocol, LineReceiver):
             protocol.MAX_LENGTH = self.max_length
         return protocol
 
@@ -118,7 +133,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--port", default="tcp:4040:interface=127.0.0.1", help="endpoint to serve"
     )
-    parser.add_argument("--mode", choices=["sink", "echo"], default="sink")
+    parser.add_argument(
+        "--mode",
+        choices=["sink", "echo", "discard"],
+        default="sink",
+        help="discard: a bare Protocol that drops what it reads (the fleet floor)",
+    )
     parser.add_argument("--sink", default="file:lines.log", help="file:PATH")
     parser.add_argument(
         "--max-line-length",

@@ -352,6 +352,13 @@ GUARDS = (
     "20000",
 )
 
+#: The fleet scenarios' third column: a bare Twisted C{Protocol} that drops
+#: what it reads (C{baseline_server --mode discard}), run beside the stock
+#: server when it is the baseline.  Its CPU per line is what Twisted's
+#: reactor and TCP transport alone cost a fleet: no server on them goes
+#: below it, so a target under it cannot be met by work in the server.
+FLOOR = "twisted-floor"
+
 #: The listen backlog of both servers in the fleet scenarios.
 BACKLOG = 1024
 
@@ -391,13 +398,16 @@ def fleet_server(
     """
     kind = harness.candidate if label == LINESERVER else harness.baseline
     port = free_port()
-    command = server_command(
-        kind,
-        "sink",
-        port,
-        sink,
-        options_for_lineserver=GUARDS if kind != BASELINE else (),
-    )
+    if label == FLOOR:
+        command = server_command(BASELINE, "discard", port)
+    else:
+        command = server_command(
+            kind,
+            "sink",
+            port,
+            sink,
+            options_for_lineserver=GUARDS if kind != BASELINE else (),
+        )
     # Both listen with lineserver's default backlog: Twisted's own (50)
     # made the baseline's fleet take seconds to connect.
     endpoint = command.index("--port") + 1
@@ -421,8 +431,11 @@ def run_fleet_phase(
     server process per round and server.
     """
     measurements = []
+    servers = list(harness.servers)
+    if BASELINE in servers and harness.baseline == BASELINE:
+        servers.append(FLOOR)
     for scenario in scenarios:
-        for round_number, order in alternating(list(harness.servers), rounds):
+        for round_number, order in alternating(servers, rounds):
             for label in order:
                 sink = workdir / f"{label}-{scenario.name}.log"
                 sink.write_bytes(b"")
@@ -443,8 +456,8 @@ def run_fleet_phase(
                             str(scenario.seconds),
                             "--interval",
                             str(scenario.interval),
-                            "--sink-file",
-                            str(sink),
+                            # The floor keeps no lines to wait for.
+                            *(() if label == FLOOR else ("--sink-file", str(sink))),
                         ],
                     )
                 finally:
@@ -491,16 +504,25 @@ def build_fleet_rows(
                     "lines",
                 )
             }
-            for server in (BASELINE, LINESERVER)
+            for server in (BASELINE, LINESERVER, FLOOR)
         }
+        floor_paired = paired_ratios(
+            ((m.round, m.server, m.result["cpu_us_per_line"]) for m in mine),
+            server=FLOOR,
+        )
         rows.append(
             {
                 "scenario": scenario.name,
                 **asdict(scenario),
                 "baseline": figures[BASELINE],
                 "lineserver": figures[LINESERVER],
+                "floor": figures[FLOOR],
                 "cpu_ratio": statistics.median(paired) if paired else None,
                 "paired_cpu_ratios": paired,
+                "floor_cpu_ratio": (
+                    statistics.median(floor_paired) if floor_paired else None
+                ),
+                "paired_floor_cpu_ratios": floor_paired,
                 "guards": list(GUARDS),
             }
         )
@@ -517,10 +539,13 @@ def format_fleet_table(rows: list[dict[str, Any]]) -> str:
         "KiB/idle conn b/ls",
         f"<={MEMORY_TARGET_KIB:g}",
         "KiB/active conn b/ls",
+        "floor us/line",
+        "floor/b",
     )
     body = []
     for row in rows:
         base, mine = row[BASELINE], row[LINESERVER]
+        floor = row.get("floor") or {}
         ratio = row["cpu_ratio"]
         idle = mine["idle_kib_per_connection"]
         body.append(
@@ -535,6 +560,8 @@ def format_fleet_table(rows: list[dict[str, Any]]) -> str:
                 "-" if idle is None else ("yes" if idle <= MEMORY_TARGET_KIB else "NO"),
                 f"{cell(base['active_kib_per_connection'], '.2f')} / "
                 f"{cell(mine['active_kib_per_connection'], '.2f')}",
+                cell(floor.get("cpu_us_per_line"), ".1f"),
+                cell(row.get("floor_cpu_ratio"), ".2f", suffix="x"),
             )
         )
     lines = format_table(header, body)
@@ -542,6 +569,11 @@ def format_fleet_table(rows: list[dict[str, Any]]) -> str:
         f"slow-*: N connections, one {FLEET_LINE_LENGTH}-byte line each per second, "
         "file sink; CPU from /proc over the sending phase; KiB: server RSS growth "
         "over N; a fresh server per round; lineserver with " + " ".join(GUARDS)
+    )
+    lines.append(
+        "floor: a bare Twisted Protocol that drops what it reads, in the same "
+        "rounds (floor/b: its CPU per line over the baseline's, paired): no "
+        "server on Twisted's reactor costs less"
     )
     return "\n".join(lines)
 

@@ -189,6 +189,15 @@ def plot_fleet(result: dict[str, Any], path: Path) -> None:
             color=COLOURS[server],
             label=LABELS[server],
         )
+    floors = [(row.get("floor") or {}).get("cpu_us_per_line") for row in rows]
+    if rows and all(floor is not None for floor in floors):
+        left.plot(
+            counts,
+            floors,
+            "o:",
+            color="#7f7f7f",
+            label="Twisted floor (bare Protocol, drops its reads)",
+        )
     right.axhline(MEMORY_TARGET_KIB, color="#d62728", ls="--", lw=1, label="target")
     for ax, label in (
         (left, "server CPU µs per line"),
