@@ -366,14 +366,17 @@ def write_page(
         f"![CPU per line and memory per connection]({rel}/perf-fleet.png)",
         "",
         "| connections | CPU µs/line stock | lineserver | "
-        "ratio | KiB/idle conn stock | lineserver |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "ratio | Twisted floor | floor/stock | KiB/idle conn stock | lineserver |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in fleet_rows(result):
         b, m = row[BASELINE], row[LINESERVER]
+        floor = row.get("floor") or {}
         lines.append(
             f"| {row['connections']:,} | {b['cpu_us_per_line']:.1f} | "
             f"{m['cpu_us_per_line']:.1f} | {_f(row['cpu_ratio'], '.2f')}x | "
+            f"{_f(floor.get('cpu_us_per_line'), '.1f')} | "
+            f"{_f(row.get('floor_cpu_ratio'), '.2f')}x | "
             f"{b['idle_kib_per_connection']:.2f} | {m['idle_kib_per_connection']:.2f} |"
         )
     guards = " ".join(result["many_slow_clients"]["scenarios"][0]["guards"])
@@ -386,7 +389,10 @@ def write_page(
         "and idle, per connection; a fresh server per round. lineserver runs with",
         f"every guard on: `{guards}`, the default line limit, watermarks and TCP",
         f"keepalive. The issue's targets: CPU per line at most {CPU_TARGET:g}x",
-        f"stock, at most {MEMORY_TARGET_KIB:g} KiB per idle connection. Where",
+        f"stock, at most {MEMORY_TARGET_KIB:g} KiB per idle connection. The",
+        "Twisted floor is a bare `Protocol` that drops what it reads, run in",
+        "the same rounds: what Twisted's reactor and TCP transport alone cost",
+        "per read, below which no server on them goes. Where",
         "lineserver's time and memory go per read and per connection, from a",
         "profile: `benchmarks/README.md`, section \"Many slow clients: where",
         "the CPU and the memory go\".",
