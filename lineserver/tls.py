@@ -520,6 +520,9 @@ def tls_failure_text(reason: Failure) -> str | None:
 
 #: Bytes asked of OpenSSL per C{recv} (it returns one record, at most 16 KiB).
 RECEIVE_SIZE = 2**15
+#: Bytes asked of the send BIO at a time: an echo's 64 KiB and its record
+#: overhead in one read, under malloc's mmap threshold (128 KiB).
+SEND_READ_SIZE = 2**17 - 2**12
 
 
 class CoalescingTLSProtocol(BufferingTLSTransport):
@@ -572,6 +575,52 @@ class CoalescingTLSProtocol(BufferingTLSTransport):
         # and a delayed ACK held small echoes back).
         self._aggregator.flush()
         self._flushSendBIO()
+
+
+    @override
+    def _write(self, data: bytes) -> None:
+        """
+        Encrypt a write in one C{SSL_write} and hand its records to the
+        socket in one transport write.
+
+        Twisted's own C{_write} cuts a write into 16 KiB slices (a copy
+        each), and after each one's C{SSL_write} reads the send BIO until
+        it is empty (one C{WantReadError} raised per slice) and writes that
+        record to the transport: for an echo's 64 KiB that is four of each.
+        OpenSSL cuts a large write into records itself.  Same error
+        handling as Twisted's.
+        """
+        if self._lostTLSConnection:
+            return
+        sent = 0
+        size = len(data)
+        while sent < size:
+            try:
+                sent += self._tlsConnection.send(
+                    data if sent == 0 else memoryview(data)[sent:]
+                )
+            except SSL.WantReadError:
+                self._bufferedWrite(data[sent:])
+                break
+            except SSL.Error:
+                self._tlsShutdownFinished(Failure())
+                break
+        self._flushSendBIO()
+
+    @override
+    def _flushSendBIO(self) -> None:
+        """
+        Everything in the send BIO, in one transport write.
+        """
+        chunks: list[bytes] = []
+        connection = self._tlsConnection
+        while True:
+            try:
+                chunks.append(connection.bio_read(SEND_READ_SIZE))
+            except SSL.WantReadError:
+                break
+        if chunks and self.transport is not None:
+            self.transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
 
 class _CoalescingTLSFactory(TLSMemoryBIOFactory):

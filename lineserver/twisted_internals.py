@@ -37,15 +37,19 @@ from twisted.protocols.haproxy._wrapper import (
 # record as it is decrypted, in _flushReceiveBIO, which has no public hook.
 # lineserver.tls.CoalescingTLSProtocol overrides that method to hand the
 # protocol one dataReceived per socket read (a 64 KiB read was four passes
-# through the per-read path), keeping its error handling, for which it
-# calls and reads the private members below.  The override mirrors
-# Twisted's own method: review it whenever Twisted changes that method.
+# through the per-read path), and _write and _flushSendBIO to encrypt a
+# write in one SSL_write and send its records in one transport write,
+# keeping their error handling, for which it calls and reads the private
+# members below.  The overrides mirror Twisted's own methods: review them
+# whenever Twisted changes those methods.
 
 #: The private methods of TLSMemoryBIOProtocol that
-#: CoalescingTLSProtocol overrides (the first) or calls.
+#: CoalescingTLSProtocol overrides (the first three) or calls.
 TLS_RECEIVE_METHODS: tuple[str, ...] = (
     "_flushReceiveBIO",
     "_flushSendBIO",
+    "_write",
+    "_bufferedWrite",
     "_shutdownTLS",
     "_tlsShutdownFinished",
 )
