@@ -37,7 +37,7 @@ from typing_extensions import override
 from lineserver.flow import Batch, SinkQueue
 from lineserver.interfaces import ISink, ISinkFactory, ISupervisor
 from lineserver.outage import is_outage
-from lineserver.sinks import IPipelinedSink, IReopenable, ISpooled
+from lineserver.sinks import IImmediateSink, IPipelinedSink, IReopenable, ISpooled
 from lineserver.stats import Stats
 
 log = Logger(namespace="lineserver.sink")
@@ -150,6 +150,8 @@ class SinkService(Service):
         self._flight: deque[_Batch] = deque()
         #: Batches the open sink may have in flight (L{max_in_flight}).
         self._window = 1
+        #: The open sink's C{write_now} (L{IImmediateSink}), or None.
+        self._write_now: Callable[[list[bytes]], bool] | None = None
         self._pumping = False
         self._abandoned = False
         self._idle: list[Deferred[None]] = []
@@ -244,6 +246,9 @@ class SinkService(Service):
         log.info("sink {sink} open", sink=self.sink_factory.description)
         self._spool_gauges()
         self._window = max_in_flight(self.sink)
+        self._write_now = (
+            self.sink.write_now if IImmediateSink.providedBy(self.sink) else None
+        )
         self._open = True
         waiters, self._open_waiters = self._open_waiters, []
         for waiter in waiters:
@@ -260,6 +265,7 @@ class SinkService(Service):
         self._pumping = True
         try:
             window = self._window
+            write_now = self._write_now
             while self._open and len(self._flight) < window and not self._failed:
                 taken = self.queue.take(self.max_batch_bytes)
                 if not taken.lines:
@@ -268,6 +274,11 @@ class SinkService(Service):
                     )
                     self._notify_idle()
                     return
+                if write_now is not None and not self._flight:
+                    started = self.timer()
+                    if write_now(taken.lines):
+                        self._confirm(taken, started)
+                        continue
                 batch = _Batch(taken, started=self.timer())
                 self._flight.append(batch)
                 assert self.sink is not None
@@ -302,15 +313,19 @@ class SinkService(Service):
             self._ended_settled(batch)
             return
         self._flight.remove(batch)
-        self.stats.incr("lines.confirmed", len(batch.lines))
-        self.queue.confirm_batch(batch.taken)
-        if self.on_written is not None:
-            self.on_written(self.timer() - batch.started, len(batch.lines))
+        self._confirm(batch.taken, batch.started)
         if self._abandoned:
             if not self._writing:
                 self._close()
             return
         self._pump()
+
+    def _confirm(self, taken: Batch, started: float) -> None:
+        lines = len(taken.lines)
+        self.stats.incr("lines.confirmed", lines)
+        self.queue.confirm_batch(taken)
+        if self.on_written is not None:
+            self.on_written(self.timer() - started, lines)
 
     def _ended_settled(self, batch: _Batch) -> None:
         """

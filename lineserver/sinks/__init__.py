@@ -65,6 +65,25 @@ class IPipelinedSink(Interface):
     max_in_flight = Attribute("How many batches may await their Deferred (>= 1).")
 
 
+class IImmediateSink(Interface):
+    """
+    A sink that can often take a batch at once, its promise kept before
+    the call returns (the file sink's small writes with C{fsync=never}).
+    The sink service then confirms the batch without a Deferred: for a
+    fleet of slow clients, where each reactor turn hands the sink a line
+    or two, what that bookkeeping cost was a third of a line's cost.
+    """
+
+    def write_now(lines: list[bytes]) -> bool:  # noqa: N805 (zope declares no self)
+        """
+        Write C{lines} now, if that is cheap now.
+
+        @return: True once they are written as C{write} would have
+            confirmed them; False if nothing was written (C{write} will be
+            called with the same lines instead).
+        """
+
+
 class IWantsOrigin(Interface):
     """
     A sink factory whose sinks want to know where each line came from (the

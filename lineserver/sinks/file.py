@@ -61,6 +61,7 @@ from zope.interface import implementer
 
 from lineserver.interfaces import ISink, ISinkFactory
 from lineserver.sinks import (
+    IImmediateSink,
     IPipelinedSink,
     IReopenable,
     Scheme,
@@ -161,7 +162,7 @@ class _Held:
     complained: float
 
 
-@implementer(ISink, IReopenable, IPipelinedSink)
+@implementer(ISink, IReopenable, IPipelinedSink, IImmediateSink)
 class FileSink:
     """
     Appends lines to C{path}, with the durability C{fsync} asks for.
@@ -368,6 +369,21 @@ class FileSink:
         self._pending.append(pending)
         self._next()
         return pending.done
+
+    def write_now(self, lines: list[bytes]) -> bool:
+        """
+        L{write}'s inline case without a Deferred (L{IImmediateSink}): a
+        small batch with nothing before it, written on the reactor thread
+        while such writes stay fast.  A write that failed is left to
+        L{write}, which tries again and handles the failure.
+        """
+        if self._pending or self._writing or self._retry_call is not None:
+            return False
+        result = self._write_inline(b"\n".join(lines) + b"\n")
+        if result is None:
+            self._resume()
+            return True
+        return False
 
     def _next(self) -> None:
         """

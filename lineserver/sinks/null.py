@@ -8,10 +8,10 @@ from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
 from lineserver.interfaces import ISink, ISinkFactory
-from lineserver.sinks import Scheme, SinkURL
+from lineserver.sinks import IImmediateSink, Scheme, SinkURL
 
 
-@implementer(ISink)
+@implementer(ISink, IImmediateSink)
 class NullSink:
     """
     Counts what it is given, so tests can see that lines arrived.
@@ -25,9 +25,13 @@ class NullSink:
         return succeed(None)
 
     def write(self, lines: list[bytes]) -> Deferred[None]:
+        self.write_now(lines)
+        return succeed(None)
+
+    def write_now(self, lines: list[bytes]) -> bool:
         self.lines += len(lines)
         self.batches += 1
-        return succeed(None)
+        return True
 
     def close(self) -> Deferred[None]:
         return succeed(None)
