@@ -77,3 +77,26 @@ class InlineOrderTests(TestCase):
         self.assertEqual(
             Path(path).read_bytes(), b"a\nb\n" + b"x" * (INLINE_MAX + 1) + b"\nc\n"
         )
+
+    @inlineCallbacks
+    def test_write_now(self) -> Generator[Deferred[Any], Any, None]:
+        """
+        C{write_now} (the sink service's way without a Deferred) writes a
+        small batch with nothing before it and says so; with a batch still
+        being written, or one too large for the reactor thread, it writes
+        nothing and says so.
+        """
+        path = os.path.join(temp_dir(self), "lines.log")
+        sink = FileSink(path, reactor)
+        yield sink.open()
+        self.assertTrue(sink.write_now([b"a"]))
+        self.assertEqual(Path(path).read_bytes(), b"a\n")
+        self.assertFalse(sink.write_now([b"x" * (INLINE_MAX + 1)]))
+        large = sink.write([b"y" * (INLINE_MAX + 1)])
+        self.assertFalse(sink.write_now([b"b"]))
+        yield large
+        self.assertTrue(sink.write_now([b"c"]))
+        yield sink.close()
+        self.assertEqual(
+            Path(path).read_bytes(), b"a\n" + b"y" * (INLINE_MAX + 1) + b"\nc\n"
+        )
