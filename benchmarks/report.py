@@ -189,15 +189,16 @@ def plot_fleet(result: dict[str, Any], path: Path) -> None:
             color=COLOURS[server],
             label=LABELS[server],
         )
-    floors = [(row.get("floor") or {}).get("cpu_us_per_line") for row in rows]
-    if rows and all(floor is not None for floor in floors):
-        left.plot(
-            counts,
-            floors,
-            "o:",
-            color="#7f7f7f",
-            label="Twisted floor (bare Protocol, drops its reads)",
-        )
+    for ax, key in ((left, "cpu_us_per_line"), (right, "idle_kib_per_connection")):
+        floors = [(row.get("floor") or {}).get(key) for row in rows]
+        if rows and all(floor is not None for floor in floors):
+            ax.plot(
+                counts,
+                floors,
+                "o:",
+                color="#2ca02c",
+                label="Twisted floor (bare Protocol, drops its reads)",
+            )
     right.axhline(MEMORY_TARGET_KIB, color="#d62728", ls="--", lw=1, label="target")
     for ax, label in (
         (left, "server CPU µs per line"),
