@@ -173,7 +173,7 @@ def plot_fleet(result: dict[str, Any], path: Path) -> None:
 
     rows = fleet_rows(result)
     counts = [row["connections"] for row in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
     for server in (BASELINE, LINESERVER):
         left.plot(
             counts,
@@ -207,9 +207,9 @@ def plot_fleet(result: dict[str, Any], path: Path) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("connections, one 30-byte line/s each")
         ax.set_ylabel(label)
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(bottom=0, top=ax.get_ylim()[1] * 1.5)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize="small", loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
