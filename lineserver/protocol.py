@@ -159,8 +159,8 @@ class LineProtocol(LineReceiver):
         "factory",
         "gate",
         "handler",
+        "_peer",
         "number",
-        "peer",
         "session",
         "transport",
     )
@@ -179,7 +179,7 @@ class LineProtocol(LineReceiver):
         self.factory = factory
         self.transport = None
         self.connected = 0
-        self.peer = peer
+        self._peer: IAddress | None = peer
         self.number = number
         self._identity: str | None = None
         cls = type(self)
@@ -200,6 +200,24 @@ class LineProtocol(LineReceiver):
     @override
     def __repr__(self) -> str:
         return f"<LineProtocol {self.identity}>"
+
+    @property
+    def peer(self) -> IAddress:
+        """
+        The peer's address: behind a proxy the PROXY header's, once read.
+        Once connected it is the transport's (asked when needed: an address
+        object kept per connection is ~100 bytes), unless the address this
+        protocol was built for differs from it.
+        """
+        peer = self._peer
+        if peer is None:
+            return self.transport.getPeer()  # type: ignore[no-any-return]
+        return peer
+
+    @peer.setter
+    def peer(self, address: IAddress) -> None:
+        self._peer = address
+        self._identity = None  # made again, from the new address, when used
 
     @property
     def identity(self) -> str:
@@ -409,6 +427,9 @@ class LineProtocol(LineReceiver):
     def connectionMade(self) -> None:
         self._started = time.monotonic()
         transport = self.transport
+        host = _host(self.peer)
+        if self._peer == transport.getPeer():
+            self._peer = None  # the transport's, asked when needed
         # The gate itself is the transport's producer (Pause.OUTPUT): no
         # separate producer object per connection.
         transport.registerProducer(self.gate, True)
@@ -420,7 +441,7 @@ class LineProtocol(LineReceiver):
             self.session.connected(
                 tls=tls_at_accept(transport),
                 behind_proxy=behind_proxy(transport),
-                host=_host(self.peer),
+                host=host,
                 now=self._now(),
             )
         )
@@ -431,7 +452,7 @@ class LineProtocol(LineReceiver):
         """
         if self.session.phase is not Phase.PROXY:
             return  # under TLS, judged when the handshake completes
-        self.peer = self.transport.getPeer()  # the header's
+        self._peer = None  # the transport's: the header's now
         self._set_identity()
         self._run(self.session.proxy_header(_host(self.peer), self._now()))
 
@@ -440,7 +461,7 @@ class LineProtocol(LineReceiver):
         IHandshakeListener: the TLS handshake is done.
         """
         self.tls_subject = peer_subject(self.transport)
-        self.peer = self.transport.getPeer()  # behind a proxy, its header's
+        self._peer = None  # the transport's: behind a proxy, its header's
         self._set_identity()
         self._stats.incr("tls.handshakes")
         log.info("{conn} TLS handshake complete", conn=self.identity)
