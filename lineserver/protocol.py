@@ -18,7 +18,6 @@ call.
 from __future__ import annotations
 
 import itertools
-import time
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -152,14 +151,12 @@ class LineProtocol(LineReceiver):
         "_identity",
         "_idle_bucket",
         "_output_registered",
-        "_per_line",
+        "_peer",
         "_started",
-        "_stats",
         "connected",
         "factory",
         "gate",
         "handler",
-        "_peer",
         "number",
         "session",
         "transport",
@@ -170,6 +167,9 @@ class LineProtocol(LineReceiver):
     #: (line, handshake, PROXY, close), the steps of a close waiting for
     #: acknowledgements (C{--ack}) and its timer.
     tls_subject: str | None = None
+    #: Does this class take lines one at a time (a C{lineReceived} of its
+    #: own)?  Per class, set as each subclass is made.
+    _per_line = False
     _held: list[tuple[list[bytes], bytes, int]] | None = None
     _timers: dict[Deadline, IDelayedCall] | None = None
     _after_acks: list[Callable[[], None]] | None = None
@@ -188,14 +188,16 @@ class LineProtocol(LineReceiver):
             self.MAX_LENGTH = settings.max_line_length
         framer = LineFramer(self.MAX_LENGTH, self.delimiter)
         self.session = Session(settings, factory.admission, framer)
-        self._stats = factory.stats
-        self._per_line = cls.lineReceived is not LineProtocol.lineReceived
         #: The idle deadline's bucket in the factory's wheel, if armed.
         self._idle_bucket: Bucket[LineProtocol] | None = None
         self._output_registered = False
         self._started = 0.0
         self.handler: ILineHandler | None = None
         self.gate: PauseGate = _ConnectionGate(self)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._per_line = cls.lineReceived is not LineProtocol.lineReceived
 
     @override
     def __repr__(self) -> str:
@@ -238,7 +240,7 @@ class LineProtocol(LineReceiver):
         """
         Seconds since the connection was made (for C{show connections}).
         """
-        return time.monotonic() - self._started if self._started else 0.0
+        return self._now() - self._started if self._started else 0.0
 
     # -- carrying out the session's actions ---------------------------------
 
@@ -252,7 +254,7 @@ class LineProtocol(LineReceiver):
 
     def _do_deliver(self, action: Deliver) -> None:
         lines = action.lines
-        self._stats.incr("lines.received", len(lines))
+        self.factory.stats.incr("lines.received", len(lines))
         if self._per_line or self._held:
             self._deliver_each(lines, action.raw)
         else:
@@ -273,10 +275,10 @@ class LineProtocol(LineReceiver):
             why=why,
             detail=detail,
         )
-        self._stats.incr(f"errors.{code}")
+        self.factory.stats.incr(f"errors.{code}")
         counter = _REFUSAL_COUNTERS.get(code)
         if counter is not None:
-            self._stats.incr(counter)
+            self.factory.stats.incr(counter)
         self.gate.hold(Pause.CLOSING)
         line = error_line(code, action.detail)
         self._when_acknowledged(lambda: self.sendLine(line))
@@ -284,7 +286,7 @@ class LineProtocol(LineReceiver):
             self.lineLengthExceeded(b"")
 
     def _do_start_tls(self, action: StartTLS) -> None:
-        self._stats.incr("tls.starttls")
+        self.factory.stats.incr("tls.starttls")
         self.transport.startTLS(self.factory.admission.starttls_context)
 
     def _do_arm(self, action: Arm) -> None:
@@ -336,7 +338,7 @@ class LineProtocol(LineReceiver):
     def _do_ask_slot(self, action: AskSlot) -> None:
         verdict = self.factory.registry.admit(self, action.host)
         if verdict is Slot.SERVE:
-            self._run(self.session.served(self._now()))
+            self._run(self.session.served(action.now))
         elif verdict is Slot.WAIT:
             self.gate.hold(Pause.WAITING)
             self._run(self.session.queued())
@@ -414,18 +416,20 @@ class LineProtocol(LineReceiver):
                 missing="PROXY header" if kind is Deadline.PROXY else "TLS handshake",
                 t=self.factory.settings.handshake_timeout,
             )
-        self._stats.incr(_ABORT_COUNTERS[kind])
+        self.factory.stats.incr(_ABORT_COUNTERS[kind])
         self.transport.abortConnection()
 
     def _do_authenticated(self, action: Authenticated) -> None:
-        self._stats.incr("auth.accepted")
+        self.factory.stats.incr("auth.accepted")
         log.info("{conn} authenticated", conn=self.identity)
 
     # -- Twisted's protocol contract ------------------------------------
 
     @override
     def connectionMade(self) -> None:
-        self._started = time.monotonic()
+        # The reactor's time (as the deadlines'), and the same float that
+        # the idle deadline keeps: one float per idle connection, not two.
+        self._started = now = self._now()
         transport = self.transport
         host = _host(self.peer)
         if self._peer == transport.getPeer():
@@ -442,7 +446,7 @@ class LineProtocol(LineReceiver):
                 tls=tls_at_accept(transport),
                 behind_proxy=behind_proxy(transport),
                 host=host,
-                now=self._now(),
+                now=now,
             )
         )
 
@@ -463,7 +467,7 @@ class LineProtocol(LineReceiver):
         self.tls_subject = peer_subject(self.transport)
         self._peer = None  # the transport's: behind a proxy, its header's
         self._set_identity()
-        self._stats.incr("tls.handshakes")
+        self.factory.stats.incr("tls.handshakes")
         log.info("{conn} TLS handshake complete", conn=self.identity)
         self._run(self.session.handshake_done(_host(self.peer), self._now()))
 
@@ -544,7 +548,7 @@ class LineProtocol(LineReceiver):
         if handshaking:
             self._handshake_failed(reason)
         if pending:
-            self._stats.incr("lines.partial_discarded")
+            self.factory.stats.incr("lines.partial_discarded")
             log.debug(
                 "{conn} closed with {n} bytes of an unterminated line; "
                 "discarded (a line is accepted only with its terminator)",
@@ -573,7 +577,7 @@ class LineProtocol(LineReceiver):
             subject=self.tls_subject,
             lines=session.lines,
             bytes=session.bytes,
-            duration=time.monotonic() - self._started if self._started else 0.0,
+            duration=self._now() - self._started if self._started else 0.0,
             reason=reason,
         )
 
@@ -587,14 +591,14 @@ class LineProtocol(LineReceiver):
         if why is None:
             # Closed before any TLS error: a port probe or health check,
             # not a client we refused.
-            self._stats.incr("tls.abandoned")
+            self.factory.stats.incr("tls.abandoned")
             log.debug(
                 "{conn} closed before its TLS handshake ({why})",
                 conn=self.identity,
                 why=reason.getErrorMessage(),
             )
             return
-        self._stats.incr("tls.refused")
+        self.factory.stats.incr("tls.refused")
         log.info(
             "refusing {conn}: TLS handshake failed: {why}", conn=self.identity, why=why
         )
@@ -697,8 +701,8 @@ class LineProtocol(LineReceiver):
             self.rawDataReceived(data)
 
     def _handler_failed(self, reason: Failure, failed_lines: int) -> None:
-        self._stats.incr("handler.failures")
-        self._stats.incr("lines.failed", failed_lines)
+        self.factory.stats.incr("handler.failures")
+        self.factory.stats.incr("lines.failed", failed_lines)
         log.failure(
             "handler of {conn} failed; {n} line(s) counted as failed; "
             "handler recreated",

@@ -41,7 +41,7 @@ L{TRANSITIONS} lists every legal move; any other raises L{SessionError}.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from lineserver.admission import STARTTLS, Admission, AdmissionPolicy, Verdict
@@ -210,10 +210,13 @@ class Disarm:
 class AskSlot:
     """
     Ask the connection registry for a slot; answer with L{Session.served},
-    L{Session.queued} or L{Session.refused}.
+    L{Session.queued} or L{Session.refused}.  C{now} is the time of the
+    event that asks, to pass on to L{Session.served} (the same float: the
+    idle deadline keeps it, and so may the glue).
     """
 
     host: str | None
+    now: float = field(default=0.0, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -466,7 +469,7 @@ class Session:
         allow = self.policy.allow
         if allow is not None and host is not None and not allow(host):
             return self._refuse(ErrorCode.FORBIDDEN, why="address not allowed")
-        return [AskSlot(host)]
+        return [AskSlot(host, now)]
 
     def served(self, now: float) -> list[Action]:
         """
