@@ -29,7 +29,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from lineserver.errors import ErrorCode
-from lineserver.flow import Pause, PauseGate
+from lineserver.flow import BaseGate, Pause, PauseGate
 from lineserver.stats import Stats
 
 log = Logger(namespace="lineserver.connections")
@@ -46,7 +46,7 @@ class Tracked(Hashable, Protocol):
     """
 
     @property
-    def gate(self) -> PauseGate: ...
+    def gate(self) -> BaseGate: ...
 
 
 Conn = TypeVar("Conn", bound=Tracked)

@@ -40,7 +40,7 @@ from zope.interface import implementer
 from lineserver.admission import AdmissionPolicy
 from lineserver.connections import ConnectionRegistry, Refusal, Slot
 from lineserver.errors import ErrorCode, error_line
-from lineserver.flow import Pause, PauseGate
+from lineserver.flow import BaseGate, Pause
 from lineserver.framing import LF, LineFramer
 from lineserver.handlers import IAcknowledging, LineFailed
 from lineserver.interfaces import IConnection, ILineHandler, ILineHandlerFactory
@@ -193,7 +193,7 @@ class LineProtocol(LineReceiver):
         self._output_registered = False
         self._started = 0.0
         self.handler: ILineHandler | None = None
-        self.gate: PauseGate = _ConnectionGate(self)
+        self.gate: BaseGate = _ConnectionGate(self)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -732,7 +732,7 @@ class LineProtocol(LineReceiver):
 
 
 @implementer(IPushProducer)
-class _ConnectionGate(PauseGate):
+class _ConnectionGate(BaseGate):
     """
     A connection's pause gate, calling its protocol's methods without a
     pair of bound methods per connection; also the producer registered
@@ -742,7 +742,7 @@ class _ConnectionGate(PauseGate):
     __slots__ = ("_protocol",)
 
     def __init__(self, protocol: LineProtocol) -> None:
-        super().__init__(_nothing, _nothing)
+        super().__init__()
         self._protocol = protocol
 
     @override
@@ -769,10 +769,6 @@ class _ConnectionGate(PauseGate):
         if reason is Pause.OUTPUT:
             return self
         return super().producer(reason)
-
-
-def _nothing() -> None:
-    pass
 
 
 LineProtocol._actions = {
