@@ -786,6 +786,10 @@ LineProtocol._actions = {
 }
 
 
+def _idle_bucket_of(protocol: LineProtocol) -> Bucket[LineProtocol] | None:
+    return protocol._idle_bucket
+
+
 class LineFactory(ServerFactory):
     """
     Makes a L{LineProtocol} per connection; shared by every listener.
@@ -824,7 +828,10 @@ class LineFactory(ServerFactory):
         #: most a tenth of the idle timeout late, and at most a second.
         idle = self.settings.idle_timeout
         self.idle_wheel: DeadlineWheel[LineProtocol] = DeadlineWheel(
-            clock, min(1.0, idle / 10) if idle else 1.0, LineProtocol.idle_expired
+            clock,
+            min(1.0, idle / 10) if idle else 1.0,
+            LineProtocol.idle_expired,
+            _idle_bucket_of,
         )
 
     @override
