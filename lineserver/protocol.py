@@ -41,7 +41,7 @@ from lineserver.admission import AdmissionPolicy
 from lineserver.connections import ConnectionRegistry, Refusal, Slot
 from lineserver.errors import ErrorCode, error_line
 from lineserver.flow import BaseGate, Pause
-from lineserver.framing import LF, LineFramer
+from lineserver.framing import LF
 from lineserver.handlers import IAcknowledging, LineFailed
 from lineserver.interfaces import IConnection, ILineHandler, ILineHandlerFactory
 from lineserver.session import (
@@ -186,8 +186,12 @@ class LineProtocol(LineReceiver):
         settings = factory.settings
         if not _overrides(cls, "MAX_LENGTH"):
             self.MAX_LENGTH = settings.max_line_length
-        framer = LineFramer(self.MAX_LENGTH, self.delimiter)
-        self.session = Session(settings, factory.admission, framer)
+        self.session = Session(
+            settings,
+            factory.admission,
+            max_line_length=self.MAX_LENGTH,
+            delimiter=self.delimiter,
+        )
         #: The idle deadline's bucket in the factory's wheel, if armed.
         self._idle_bucket: Bucket[LineProtocol] | None = None
         self._output_registered = False

@@ -44,6 +44,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from typing_extensions import override
+
 from lineserver.admission import STARTTLS, Admission, AdmissionPolicy, Verdict
 from lineserver.errors import ErrorCode
 from lineserver.framing import LF, Frames, LineFramer
@@ -308,9 +310,12 @@ def after_lines(raw: bytes, count: int, delimiter: bytes = LF) -> bytes:
     return raw[offset:]
 
 
-class Session:
+class Session(LineFramer):
     """
     The state of one connection and its rules.
+
+    A session frames its connection's bytes itself: it is the
+    connection's L{LineFramer} (one object per connection, not two).
 
     @ivar phase: where the connection is in its life; one value, never
         inferred from which attributes happen to be set.
@@ -329,7 +334,6 @@ class Session:
     __slots__ = (
         "_admission",
         "_armed",
-        "_framer",
         "_held",
         "_idle_since",
         "_line_since",
@@ -350,10 +354,22 @@ class Session:
         settings: ProtocolSettings,
         policy: AdmissionPolicy,
         framer: LineFramer | None = None,
+        *,
+        max_line_length: int | None = None,
+        delimiter: bytes = LF,
     ) -> None:
+        """
+        Frame with C{max_line_length} and C{delimiter} (the connection's
+        C{MAX_LENGTH} and C{delimiter}), or those of C{framer}; by default
+        C{settings.max_line_length} and LF.
+        """
+        if framer is not None:
+            max_line_length, delimiter = framer.max_line_length, framer.delimiter
+        if max_line_length is None:
+            max_line_length = settings.max_line_length
+        super().__init__(max_line_length, delimiter)
         self.settings = settings
         self.policy = policy
-        self._framer = framer or LineFramer(settings.max_line_length)
         self._admission: Admission | None = (
             Admission(policy) if _has_rules(policy) else None
         )
@@ -383,7 +399,10 @@ class Session:
 
     @property
     def framer(self) -> LineFramer:
-        return self._framer
+        """
+        The connection's framer: the session itself.
+        """
+        return self
 
     @property
     def held(self) -> int:
@@ -528,15 +547,14 @@ class Session:
         if phase is Phase.CLOSING or phase is Phase.CLOSED:
             return []  # refused or closing: nothing more is read into lines
         self.bytes += len(data)
-        framer = self._framer
-        frames = framer.feed(data)
+        frames = self.feed(data)
         if self._idle_since is not None:
             self._idle_since = now
         if (
             phase is Phase.OPEN
             and frames.lines
             and frames.error is None
-            and (not framer.pending or not self.settings.line_timeout)
+            and (not self._pending or not self.settings.line_timeout)
         ):
             # The common case, kept short: an open connection's lines.  A
             # read that ends on a line boundary leaves no partial line, so
@@ -551,7 +569,7 @@ class Session:
         line_timeout = self.settings.line_timeout
         if line_timeout:
             # A read that completed lines and left a tail started a new line.
-            if not framer.pending:
+            if not self._pending:
                 self._line_since = None
             elif frames.lines or self._line_since is None:
                 self._line_since = now
@@ -564,7 +582,7 @@ class Session:
                 self.delivered += len(lines)
                 actions.append(Deliver(lines, frames.raw))
             elif phase in HOLDING or phase is Phase.PROXY:
-                self._hold(frames)
+                self._keep(frames)
                 return actions
             elif phase is Phase.SCREENING:
                 actions += self._lines(lines, frames.raw, last_read=True)
@@ -576,12 +594,12 @@ class Session:
                 )
         if frames.error is not None:
             if phase in HOLDING and not lines:
-                self._hold(frames)
+                self._keep(frames)
                 return actions
             actions += self._too_long(frames)
         return actions
 
-    def _hold(self, frames: Frames) -> None:
+    def _keep(self, frames: Frames) -> None:
         if self._held is None:
             self._held = []
         self._held.append(frames)
@@ -622,7 +640,7 @@ class Session:
         start_offset = 0
         for index, line in enumerate(lines):
             end = raw.index(LF, offset) + 1
-            last = last_read and index == count - 1 and not self._framer.pending
+            last = last_read and index == count - 1 and not self._pending
             decision = admission.on_line(line, last)
             verdict = decision.verdict
             if verdict is Verdict.DELIVER:
@@ -668,7 +686,7 @@ class Session:
         self._move(Event.STARTTLS)
         self.tls = True
         # Nothing is pending: STARTTLS had to be the last thing sent.
-        self._framer = LineFramer(self._framer.max_line_length)
+        LineFramer.__init__(self, self.max_line_length, self.delimiter)
         self._line_since = None
         return [
             Send(b"OK starttls"),
@@ -801,11 +819,12 @@ class Session:
         return self.phase is Phase.HANDSHAKE or self.phase is Phase.UPGRADING
 
     @property
+    @override
     def pending(self) -> int:
         """
         Bytes of an unterminated line (discarded if the connection ends).
         """
-        return self._framer.pending
+        return self._pending
 
 
 #: Each deadline's bit in L{Session}'s mask.
