@@ -46,6 +46,10 @@ class Pause(Enum):
     #: A listener: too few descriptors left below RLIMIT_NOFILE.
     FD_WATERMARK = "fd-watermark"
 
+    #: Hashed by identity (a C call), not Enum's hash of the name (a
+    #: Python one): every hold and release looks a reason up.
+    __hash__ = object.__hash__
+
 
 #: Each reason's bit in a L{PauseGate}'s mask.
 _PAUSE_BITS: dict[Pause, int] = {

@@ -21,6 +21,7 @@ import itertools
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+from twisted.internet import tcp
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IAddress,
@@ -170,6 +171,8 @@ class LineProtocol(LineReceiver):
     #: Does this class take lines one at a time (a C{lineReceived} of its
     #: own)?  Per class, set as each subclass is made.
     _per_line = False
+    #: Does this class set C{MAX_LENGTH} itself?  Per class, likewise.
+    _own_max_length = False
     _held: list[tuple[list[bytes], bytes, int]] | None = None
     _timers: dict[Deadline, IDelayedCall] | None = None
     _after_acks: list[Callable[[], None]] | None = None
@@ -184,7 +187,7 @@ class LineProtocol(LineReceiver):
         self._identity: str | None = None
         cls = type(self)
         settings = factory.settings
-        if not _overrides(cls, "MAX_LENGTH"):
+        if not cls._own_max_length:
             self.MAX_LENGTH = settings.max_line_length
         self.session = Session(
             settings,
@@ -202,6 +205,7 @@ class LineProtocol(LineReceiver):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls._per_line = cls.lineReceived is not LineProtocol.lineReceived
+        cls._own_max_length = _overrides(cls, "MAX_LENGTH")
 
     @override
     def __repr__(self) -> str:
@@ -436,8 +440,12 @@ class LineProtocol(LineReceiver):
         self._started = now = self._now()
         transport = self.transport
         host = _host(self.peer)
-        if self._peer == transport.getPeer():
-            self._peer = None  # the transport's, asked when needed
+        plain = type(transport) is tcp.Server and not transport.TLS
+        # The transport's address, asked when needed, unless this protocol
+        # was built for another (a test's); a TCP port builds both from
+        # the same accept() result.
+        if plain or self._peer == transport.getPeer():
+            self._peer = None
         # The gate itself is the transport's producer (Pause.OUTPUT): no
         # separate producer object per connection.
         transport.registerProducer(self.gate, True)
@@ -445,13 +453,14 @@ class LineProtocol(LineReceiver):
         keepalive = self.factory.settings.tcp_keepalive
         if keepalive:
             enable_keepalive(transport, keepalive)
+        if plain:
+            # Plain TCP, the common case, told at once: no layer under it.
+            tls = proxied = False
+        else:
+            tls = tls_at_accept(transport)
+            proxied = behind_proxy(transport)
         self._run(
-            self.session.connected(
-                tls=tls_at_accept(transport),
-                behind_proxy=behind_proxy(transport),
-                host=host,
-                now=now,
-            )
+            self.session.connected(tls=tls, behind_proxy=proxied, host=host, now=now)
         )
 
     def proxy_header_received(self) -> None:

@@ -63,6 +63,10 @@ class Phase(Enum):
     CLOSING = "closing"
     CLOSED = "closed"
 
+    #: Hashed by identity (a C call), not Enum's hash of the name (a Python
+    #: one): the state machine looks members up in dicts on every event.
+    __hash__ = object.__hash__
+
 
 class Event(Enum):
     ACCEPT = "accept"
@@ -78,6 +82,10 @@ class Event(Enum):
     SCREENED = "screened"
     CLOSE = "close"
     LOST = "lost"
+
+    #: Hashed by identity (a C call), not Enum's hash of the name (a Python
+    #: one): the state machine looks members up in dicts on every event.
+    __hash__ = object.__hash__
 
 
 #: Every legal move: (phase, event) -> next phase.  CLOSE and LOST are
@@ -121,6 +129,10 @@ class Deadline(Enum):
     IDLE = "idle"
     LINE = "line"
     CLOSE = "close"
+
+    #: Hashed by identity (a C call), not Enum's hash of the name (a Python
+    #: one): the state machine looks members up in dicts on every event.
+    __hash__ = object.__hash__
 
 
 class CloseReason(Enum):
