@@ -148,8 +148,6 @@ class LineProtocol(LineReceiver):
     # an instance still has a __dict__, left empty unless one of the rare
     # attributes below, or a subclass's own, is set).
     __slots__ = (
-        "MAX_LENGTH",
-        "_identity",
         "_idle_bucket",
         "_output_registered",
         "_peer",
@@ -184,15 +182,13 @@ class LineProtocol(LineReceiver):
         self.connected = 0
         self._peer: IAddress | None = peer
         self.number = number
-        self._identity: str | None = None
-        cls = type(self)
         settings = factory.settings
-        if not cls._own_max_length:
-            self.MAX_LENGTH = settings.max_line_length
         self.session = Session(
             settings,
             factory.admission,
-            max_line_length=self.MAX_LENGTH,
+            max_line_length=self.MAX_LENGTH
+            if self._own_max_length
+            else settings.max_line_length,
             delimiter=self.delimiter,
         )
         #: The idle deadline's bucket in the factory's wheel, if armed.
@@ -227,20 +223,30 @@ class LineProtocol(LineReceiver):
     @peer.setter
     def peer(self, address: IAddress) -> None:
         self._peer = address
-        self._identity = None  # made again, from the new address, when used
+
+    @property  # type: ignore[override]
+    def MAX_LENGTH(self) -> int:  # noqa: N802 (LineReceiver's name)
+        """
+        The longest line, in bytes: the configured limit, unless a
+        subclass sets its own (then this property is not seen).  Kept by
+        the session's framer, not per connection here as well.
+        """
+        return self.session.max_line_length
+
+    @MAX_LENGTH.setter
+    def MAX_LENGTH(self, limit: int) -> None:  # noqa: N802 (LineReceiver's name)
+        self.session.max_line_length = limit
 
     @property
     def identity(self) -> str:
         """
         C{#number address}, and the TLS subject once known: for the log,
-        so made on first use.
+        made each time it is used (most connections need it only for their
+        close line; kept, it would cost every connection its bytes).
         """
-        identity = self._identity
-        if identity is None:
-            identity = f"#{self.number} {describe_address(self.peer)}"
-            if self.tls_subject:
-                identity = f"{identity} ({self.tls_subject})"
-            self._identity = identity
+        identity = f"#{self.number} {describe_address(self.peer)}"
+        if self.tls_subject:
+            identity = f"{identity} ({self.tls_subject})"
         return identity
 
     @property
@@ -470,7 +476,6 @@ class LineProtocol(LineReceiver):
         if self.session.phase is not Phase.PROXY:
             return  # under TLS, judged when the handshake completes
         self._peer = None  # the transport's: the header's now
-        self._set_identity()
         self._run(self.session.proxy_header(_host(self.peer), self._now()))
 
     def handshakeCompleted(self) -> None:
@@ -479,13 +484,9 @@ class LineProtocol(LineReceiver):
         """
         self.tls_subject = peer_subject(self.transport)
         self._peer = None  # the transport's: behind a proxy, its header's
-        self._set_identity()
         self.factory.stats.incr("tls.handshakes")
         log.info("{conn} TLS handshake complete", conn=self.identity)
         self._run(self.session.handshake_done(_host(self.peer), self._now()))
-
-    def _set_identity(self) -> None:
-        self._identity = None  # made again, from the new address, when used
 
     @override
     def dataReceived(self, data: bytes) -> None:
