@@ -555,10 +555,15 @@ class LineProtocol(LineReceiver):
                     timer.cancel()
             self._timers.clear()
         self._cancel_idle()
-        self._after_acks = None
-        if self._ack_wait is not None and self._ack_wait.active():
-            self._ack_wait.cancel()
-        self._ack_wait = None
+        # Reset only where set: these live in the instance dict, and a key
+        # set there on every connection would grow every new connection's
+        # inline values (by 8 bytes a key).
+        if self._after_acks is not None:
+            self._after_acks = None
+        if self._ack_wait is not None:
+            if self._ack_wait.active():
+                self._ack_wait.cancel()
+            self._ack_wait = None
         if handshaking:
             self._handshake_failed(reason)
         if pending:
