@@ -336,7 +336,8 @@ class Session(LineFramer):
         refused, from the offending line on), or still held (read before
         the connection was served):
         C{lines == delivered + consumed + dropped + held}.
-    @ivar delivered: lines handed out in L{Deliver} actions.
+    @ivar delivered: lines handed out in L{Deliver} actions (counted as
+        what the others leave: a slot fewer per connection).
     @ivar bytes: bytes received.
     @ivar reason: why the connection ended (or is ending), once known.
     @ivar armed: the deadlines whose timer the glue holds.
@@ -351,14 +352,12 @@ class Session(LineFramer):
         "_line_since",
         "bytes",
         "consumed",
-        "delivered",
         "dropped",
         "lines",
         "phase",
         "policy",
         "reason",
         "settings",
-        "tls",
     )
 
     def __init__(
@@ -391,15 +390,28 @@ class Session(LineFramer):
         self._line_since: float | None = None
         self.phase = Phase.NEW
         #: The armed deadlines, one bit each (L{_BITS}): an int, not a set
-        #: (an empty set is 216 bytes, and there is one per connection).
+        #: (an empty set is 216 bytes, and there is one per connection);
+        #: and L{_TLS}.
         self._armed = 0
         self.lines = 0
-        self.delivered = 0
         self.consumed = 0
         self.dropped = 0
         self.bytes = 0
         self.reason: CloseReason | None = None
-        self.tls = False
+
+    @property
+    def delivered(self) -> int:
+        """
+        Lines handed out in L{Deliver} actions.
+        """
+        return self.lines - self.consumed - self.dropped - self.held
+
+    @property
+    def tls(self) -> bool:
+        """
+        TLS is on (or being negotiated) on this connection.
+        """
+        return bool(self._armed & _TLS)
 
     @property
     def armed(self) -> frozenset[Deadline]:
@@ -425,7 +437,6 @@ class Session(LineFramer):
         return sum(len(frames.lines) for frames in held) if held else 0
 
     def _deliver(self, lines: list[bytes], raw: bytes) -> Deliver:
-        self.delivered += len(lines)
         return Deliver(lines, raw)
 
     def _move(self, event: Event) -> None:
@@ -463,7 +474,7 @@ class Session(LineFramer):
             # The PROXY header, if any, comes before the handshake ends:
             # the handshake deadline covers both.
             self._move(Event.ACCEPT_TLS)
-            self.tls = True
+            self._armed |= _TLS
             return self._arm(Deadline.HANDSHAKE, timeout)
         if behind_proxy:
             self._move(Event.ACCEPT_PROXY)
@@ -573,9 +584,7 @@ class Session(LineFramer):
             # the line deadline has nothing to time (a deadline armed for
             # an earlier partial line finds none when it fires).
             self._line_since = None
-            count = len(frames.lines)
-            self.lines += count
-            self.delivered += count
+            self.lines += len(frames.lines)
             return [Deliver(frames.lines, frames.raw)]
         actions: list[Action] = []
         line_timeout = self.settings.line_timeout
@@ -591,7 +600,6 @@ class Session(LineFramer):
         if lines:
             self.lines += len(lines)
             if phase is Phase.OPEN:
-                self.delivered += len(lines)
                 actions.append(Deliver(lines, frames.raw))
             elif phase in HOLDING or phase is Phase.PROXY:
                 self._keep(frames)
@@ -696,7 +704,7 @@ class Session(LineFramer):
 
     def _start_tls(self) -> list[Action]:
         self._move(Event.STARTTLS)
-        self.tls = True
+        self._armed |= _TLS
         # Nothing is pending: STARTTLS had to be the last thing sent.
         LineFramer.__init__(self, self.max_line_length, self.delimiter)
         self._line_since = None
@@ -801,10 +809,10 @@ class Session(LineFramer):
         return actions
 
     def _disarm_all(self) -> list[Action]:
-        armed = self._armed
+        armed = self._armed & _DEADLINES
         if not armed:
             return []
-        self._armed = 0
+        self._armed &= ~_DEADLINES
         return [Disarm(kind) for kind in _ORDERED if armed & _BITS[kind]]
 
     def lost(self, clean: bool) -> list[Action]:
@@ -841,6 +849,11 @@ class Session(LineFramer):
 
 #: Each deadline's bit in L{Session}'s mask.
 _BITS: dict[Deadline, int] = {kind: 1 << index for index, kind in enumerate(Deadline)}
+#: Every deadline's bit.
+_DEADLINES = sum(_BITS.values())
+#: The mask's one other bit: TLS is on (a flag of its own would be one
+#: more slot per connection).
+_TLS = 1 << len(_BITS)
 #: The order in which deadlines are disarmed together (by name, as ever).
 _ORDERED: tuple[Deadline, ...] = tuple(sorted(Deadline, key=lambda kind: kind.value))
 
