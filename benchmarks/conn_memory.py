@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from benchmarks.fleet import GUARDS, open_fleet, server_rss_kib
+from benchmarks.fleet import BACKLOG, GUARDS, open_fleet, server_rss_kib
 from benchmarks.procs import (
     BASELINE,
     HOST,
@@ -204,6 +204,8 @@ def run_fleet(
             directory / "lines.log",
             options_for_lineserver=() if kind == BASELINE else (*GUARDS, *args.extra),
         )
+        # The fleet's backlog for both servers, as in benchmarks.fleet.
+        command[command.index("--port") + 1] += f":backlog={BACKLOG}"
         child = [
             sys.executable,
             "-m",
