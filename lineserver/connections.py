@@ -29,7 +29,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from lineserver.errors import ErrorCode
-from lineserver.flow import Pause, PauseGate
+from lineserver.flow import BaseGate, Pause, PauseGate
 from lineserver.stats import Stats
 
 log = Logger(namespace="lineserver.connections")
@@ -46,7 +46,7 @@ class Tracked(Hashable, Protocol):
     """
 
     @property
-    def gate(self) -> PauseGate: ...
+    def gate(self) -> BaseGate: ...
 
 
 Conn = TypeVar("Conn", bound=Tracked)
@@ -76,11 +76,27 @@ class Refusal:
     why: str
 
 
+#: The peer keys of recent hosts, so that a fleet from few addresses is
+#: not parsed once per connection (C{ipaddress} was a fifth of accepting);
+#: emptied when it reaches L{_PEER_KEYS_MAX} entries.
+_peer_keys: dict[str, str] = {}
+_PEER_KEYS_MAX = 4096
+
+
 def peer_key(host: str) -> str:
     """
     @return: the address that counts as one peer: C{::ffff:1.2.3.4} (an
         IPv4 client on a dual-stack socket) is C{1.2.3.4}.
     """
+    key = _peer_keys.get(host)
+    if key is None:
+        if len(_peer_keys) >= _PEER_KEYS_MAX:
+            _peer_keys.clear()
+        key = _peer_keys[host] = _parse_peer_key(host)
+    return key
+
+
+def _parse_peer_key(host: str) -> str:
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
@@ -96,7 +112,6 @@ class ConnectionRegistry(Generic[Conn]):
     """
     Tracks every live connection and admits it, queues it, or refuses it.
 
-    @ivar active: connections being served.
     @ivar waiting: connections accepted past the limit, paused, first in
         first out.
     """
@@ -112,7 +127,6 @@ class ConnectionRegistry(Generic[Conn]):
         self.max_per_peer = max_per_peer
         self.overflow = overflow
         self.stats = stats if stats is not None else Stats()
-        self.active: set[Conn] = set()
         self.waiting: deque[Conn] = deque()
         self.accepting = True
         #: An operator stopped accepting (C{disable listener}): the
@@ -122,12 +136,18 @@ class ConnectionRegistry(Generic[Conn]):
         #: against --max-connections-per-peer (one dict, not a set and a
         #: dict: an entry per connection fewer).
         self._all: dict[Conn, str | None] = {}
+        #: The tracked connections that are not active (waiting, or
+        #: refused and closing): few, so that the many active ones cost
+        #: no entry of their own (a set of them did, ~50-65 B each).
+        self._inactive: dict[Conn, None] = {}
+        #: How many connections are active (being served).
+        self._active = 0
         self._per_peer: Counter[str] = Counter()
         self._gates: list[PauseGate] = []
         self._empty: list[Deferred[None]] = []
         #: Called after every admission and removal (the fd watermark).
         self.watchers: list[Callable[[], object]] = []
-        self.stats.add_gauge("connections.active", lambda: len(self.active))
+        self.stats.add_gauge("connections.active", lambda: self._active)
         self.stats.add_gauge("connections.waiting", lambda: len(self.waiting))
         self.stats.add_gauge(
             "connections.paused",
@@ -144,9 +164,25 @@ class ConnectionRegistry(Generic[Conn]):
         return iter(list(self._all))
 
     @property
+    def active(self) -> frozenset[Conn]:
+        """
+        The connections being served (made on each call: for tests and
+        reports, not a hot path).
+        """
+        inactive = self._inactive
+        return frozenset(conn for conn in self._all if conn not in inactive)
+
+    @property
+    def active_count(self) -> int:
+        """
+        How many connections are being served.
+        """
+        return self._active
+
+    @property
     def full(self) -> bool:
         limit = self.max_connections
-        return limit is not None and len(self.active) >= limit
+        return limit is not None and self._active >= limit
 
     @property
     def _holds_listeners(self) -> bool:
@@ -174,6 +210,7 @@ class ConnectionRegistry(Generic[Conn]):
         queue it, or refuse it.  It is tracked until L{remove} either way.
         """
         self._all[conn] = None
+        self._inactive[conn] = None  # until activated below
         self.stats.incr("connections.opened")
         self._notify()
         if not self.accepting:
@@ -199,7 +236,8 @@ class ConnectionRegistry(Generic[Conn]):
         return Slot.SERVE
 
     def _activate(self, conn: Conn) -> None:
-        self.active.add(conn)
+        self._inactive.pop(conn, None)
+        self._active += 1
         if self._holds_listeners:
             for gate in self._gates:
                 gate.hold(LIMIT_REASON)
@@ -220,8 +258,13 @@ class ConnectionRegistry(Generic[Conn]):
                 del self._per_peer[peer]
         self.stats.incr("connections.closed")
         promoted: list[Conn] = []
-        if conn in self.active:
-            self.active.discard(conn)
+        inactive = self._inactive
+        if conn in inactive:
+            del inactive[conn]
+            if conn in self.waiting:
+                self.waiting.remove(conn)
+        else:
+            self._active -= 1
             while self.waiting and not self.full and self.accepting:
                 waiter = self.waiting.popleft()
                 self._activate(waiter)
@@ -229,8 +272,6 @@ class ConnectionRegistry(Generic[Conn]):
             if not self._holds_listeners:
                 for gate in self._gates:
                     gate.release(LIMIT_REASON)
-        elif conn in self.waiting:
-            self.waiting.remove(conn)
         self._notify()
         if not self._all:
             empty_waiters, self._empty = self._empty, []
@@ -271,7 +312,9 @@ class ConnectionRegistry(Generic[Conn]):
         self.accepting = False
         promoted = list(self.waiting)
         self.waiting.clear()
-        self.active.update(promoted)
+        for conn in promoted:
+            self._inactive.pop(conn, None)
+            self._active += 1
         return promoted
 
     def hold_listeners(self, held: bool) -> None:
@@ -295,7 +338,8 @@ class ConnectionRegistry(Generic[Conn]):
         promoted: list[Conn] = []
         while self.waiting and not self.full and self.accepting:
             waiter = self.waiting.popleft()
-            self.active.add(waiter)
+            self._inactive.pop(waiter, None)
+            self._active += 1
             promoted.append(waiter)
         self._update_gates()
         return promoted

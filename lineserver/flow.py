@@ -46,6 +46,10 @@ class Pause(Enum):
     #: A listener: too few descriptors left below RLIMIT_NOFILE.
     FD_WATERMARK = "fd-watermark"
 
+    #: Hashed by identity (a C call), not Enum's hash of the name (a
+    #: Python one): every hold and release looks a reason up.
+    __hash__ = object.__hash__
+
 
 #: Each reason's bit in a L{PauseGate}'s mask.
 _PAUSE_BITS: dict[Pause, int] = {
@@ -53,7 +57,7 @@ _PAUSE_BITS: dict[Pause, int] = {
 }
 
 
-class PauseGate:
+class BaseGate:
     """
     Reading from one source is paused while any reason holds.
 
@@ -61,13 +65,14 @@ class PauseGate:
     full, the client does not read its echoes, the server is draining);
     each releases only its own reason, and reading resumes when none is
     left.  Without this, one party's resume would undo another's pause.
+
+    Subclasses say what pausing and resuming do (L{_paused},
+    L{_resumed}); L{PauseGate} calls two functions.
     """
 
-    __slots__ = ("_pause", "_reasons", "_resume")
+    __slots__ = ("_reasons",)
 
-    def __init__(self, pause: Callable[[], None], resume: Callable[[], None]) -> None:
-        self._pause = pause
-        self._resume = resume
+    def __init__(self) -> None:
         #: The reasons held, one bit each (L{_PAUSE_BITS}): an int, not a
         #: set (an empty set is 216 bytes, and there is a gate per
         #: connection).
@@ -104,13 +109,13 @@ class PauseGate:
         """
         The first reason is held: pause the source.
         """
-        self._pause()
+        raise NotImplementedError
 
     def _resumed(self) -> None:
         """
         The last reason is released: resume the source.
         """
-        self._resume()
+        raise NotImplementedError
 
     def producer(self, reason: Pause) -> IPushProducer:
         """
@@ -120,11 +125,33 @@ class PauseGate:
         return _GateProducer(self, reason)
 
 
+class PauseGate(BaseGate):
+    """
+    A L{BaseGate} that calls C{pause} when the first reason is held and
+    C{resume} when the last is released.
+    """
+
+    __slots__ = ("_pause", "_resume")
+
+    def __init__(self, pause: Callable[[], None], resume: Callable[[], None]) -> None:
+        super().__init__()
+        self._pause = pause
+        self._resume = resume
+
+    @override
+    def _paused(self) -> None:
+        self._pause()
+
+    @override
+    def _resumed(self) -> None:
+        self._resume()
+
+
 @implementer(IPushProducer)
 class _GateProducer:
     __slots__ = ("_gate", "_reason")
 
-    def __init__(self, gate: PauseGate, reason: Pause) -> None:
+    def __init__(self, gate: BaseGate, reason: Pause) -> None:
         self._gate = gate
         self._reason = reason
 
@@ -237,7 +264,10 @@ class SinkQueue:
         self._batches: deque[tuple[list[bytes], int, Owners]] = deque()
         # Taken batches not yet confirmed, oldest first.
         self._in_flight: deque[Batch] = deque()
-        self._producers: set[IPushProducer] = set()
+        #: Registered producers, a dict used as an ordered set: a set's
+        #: table is about twice a dict's per entry, and there is an entry
+        #: per connection.
+        self._producers: dict[IPushProducer, None] = {}
         self._on_ready: Callable[[], None] | None = None
 
     def __len__(self) -> int:
@@ -251,12 +281,12 @@ class SinkQueue:
         return len(self._producers)
 
     def register(self, producer: IPushProducer) -> None:
-        self._producers.add(producer)
+        self._producers[producer] = None
         if self.paused:
             producer.pauseProducing()
 
     def unregister(self, producer: IPushProducer) -> None:
-        self._producers.discard(producer)
+        self._producers.pop(producer, None)
 
     def put(
         self,

@@ -34,6 +34,9 @@ _NOTHING: list[bytes] = []
 #: The tail of a framer with none, shared (an empty list per connection,
 #: and per read, otherwise); never appended to: a tail starts a new list.
 _NO_CHUNKS: list[bytes] = []
+#: The tail of a spent framer (it broke the limit): empty and shared like
+#: L{_NO_CHUNKS}, and it marks the framer spent (no flag slot of its own).
+_FAILED: list[bytes] = []
 
 
 class LineTooLong(Exception):
@@ -77,7 +80,6 @@ class LineFramer:
 
     __slots__ = (
         "_chunks",
-        "_failed",
         "_pending",
         "_suffix",
         "delimiter",
@@ -93,7 +95,6 @@ class LineFramer:
         self.delimiter = delimiter
         self._chunks: list[bytes] = _NO_CHUNKS
         self._pending = 0
-        self._failed = False
         #: The tail's last len(delimiter) - 1 bytes: where a delimiter split
         #: across reads begins (other delimiters than LF only).
         self._suffix = b""
@@ -126,7 +127,8 @@ class LineFramer:
         to raw mode takes what followed its last line).
         """
         tail = b"".join(self._chunks)
-        self._chunks = _NO_CHUNKS
+        if self._chunks is not _FAILED:
+            self._chunks = _NO_CHUNKS
         self._pending = 0
         self._suffix = b""
         return tail
@@ -138,7 +140,7 @@ class LineFramer:
         @return: the lines that this read completed and, if a line broke the
             limit, the error; lines before the offending one are returned too.
         """
-        if self._failed:
+        if self._chunks is _FAILED:
             return EMPTY
         if self.delimiter != LF:
             return self._feed_other(data)
@@ -223,7 +225,6 @@ class LineFramer:
         return Frames(lines[:bad], head[:offset], LineTooLong(len(lines[bad]), limit))
 
     def _fail(self) -> None:
-        self._failed = True
-        self._chunks = _NO_CHUNKS
+        self._chunks = _FAILED
         self._pending = 0
         self._suffix = b""

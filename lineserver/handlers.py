@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from typing_extensions import override
 from zope.interface import Interface, implementer
 
@@ -89,33 +89,72 @@ def tag_origin(connection: IConnection, lines: list[bytes]) -> list[bytes]:
     return tagged
 
 
+@implementer(IPushProducer)
+class _SinkProducer:
+    """
+    A handler that feeds the sink queue is itself the producer it
+    registers there: a full queue pauses its connection for
+    C{Pause.SINK}.  (The connection's producer for that reason is made
+    only when the queue pauses, which is rare, not kept per connection.)
+    """
+
+    __slots__ = ()
+    _connection: IConnection
+
+    def pauseProducing(self) -> None:
+        self._connection.producer(Pause.SINK).pauseProducing()  # type: ignore[attr-defined]
+
+    def resumeProducing(self) -> None:
+        self._connection.producer(Pause.SINK).resumeProducing()  # type: ignore[attr-defined]
+
+    def stopProducing(self) -> None:
+        """
+        The queue is gone; the connection closes on its own path.
+        """
+
+
 @implementer(ILineHandler)
-class SinkHandler:
+class SinkHandler(_SinkProducer):
     """
     Hand every batch of lines to the sink queue, unchanged.
 
-    The connection registers with the queue as a producer, so a full queue
-    pauses it.  With C{origin}, each line is an L{OriginLine}.
+    The handler registers with the queue as its connection's producer, so
+    a full queue pauses it.  With C{origin}, each line is an L{OriginLine}.
     """
 
-    __slots__ = ("_connection", "_origin", "_producer", "_queue")
+    __slots__ = ("_connection", "_queue")
+
+    def __new__(
+        cls, connection: IConnection, queue: SinkQueue, origin: bool = False
+    ) -> SinkHandler:
+        # The origin-tagging kind is a subclass: a flag per connection
+        # would be one more slot on every handler.
+        return object.__new__(_OriginSinkHandler if origin else cls)
 
     def __init__(
         self, connection: IConnection, queue: SinkQueue, origin: bool = False
     ) -> None:
         self._queue = queue
         self._connection = connection
-        self._origin = origin
-        self._producer = connection.producer(Pause.SINK)
-        queue.register(self._producer)  # type: ignore[arg-type]
+        queue.register(self)
 
     def lines_received(self, lines: list[bytes], raw: bytes) -> None:
-        if self._origin:
-            lines = tag_origin(self._connection, lines)
         self._queue.put(lines, len(raw))
 
     def connection_lost(self) -> None:
-        self._queue.unregister(self._producer)  # type: ignore[arg-type]
+        self._queue.unregister(self)
+
+
+class _OriginSinkHandler(SinkHandler):
+    """
+    L{SinkHandler} for a sink that wants L{OriginLine}s.
+    """
+
+    __slots__ = ()
+
+    @override
+    def lines_received(self, lines: list[bytes], raw: bytes) -> None:
+        self._queue.put(tag_origin(self._connection, lines), len(raw))
 
 
 class IAcknowledging(Interface):
@@ -134,7 +173,7 @@ class IAcknowledging(Interface):
 
 
 @implementer(ILineHandler, IAckOwner, IAcknowledging)
-class AckSinkHandler:
+class AckSinkHandler(_SinkProducer):
     """
     L{SinkHandler} with acknowledgements: each batch is put with this
     handler as its owner; when the sink confirms a batch, the connection
@@ -150,7 +189,6 @@ class AckSinkHandler:
         "_connection",
         "_interval",
         "_origin",
-        "_producer",
         "_queue",
         "_repeat",
         "_waiters",
@@ -170,12 +208,11 @@ class AckSinkHandler:
         self._queue = queue
         self._clock = clock
         self._interval = interval
-        self._producer = connection.producer(Pause.SINK)
         self._repeat: IDelayedCall | None = None
         self._closed = False
         self._waiters: list[Deferred[None]] = []
         self.counter = AckCounter()
-        queue.register(self._producer)  # type: ignore[arg-type]
+        queue.register(self)
 
     def lines_received(self, lines: list[bytes], raw: bytes) -> None:
         if self._origin:
@@ -221,7 +258,7 @@ class AckSinkHandler:
 
     def connection_lost(self) -> None:
         self._closed = True
-        self._queue.unregister(self._producer)  # type: ignore[arg-type]
+        self._queue.unregister(self)
         repeat, self._repeat = self._repeat, None
         if repeat is not None and repeat.active():
             repeat.cancel()

@@ -18,10 +18,10 @@ call.
 from __future__ import annotations
 
 import itertools
-import time
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+from twisted.internet import tcp
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IAddress,
@@ -41,8 +41,8 @@ from zope.interface import implementer
 from lineserver.admission import AdmissionPolicy
 from lineserver.connections import ConnectionRegistry, Refusal, Slot
 from lineserver.errors import ErrorCode, error_line
-from lineserver.flow import Pause, PauseGate
-from lineserver.framing import LF, LineFramer
+from lineserver.flow import BaseGate, Pause
+from lineserver.framing import LF
 from lineserver.handlers import IAcknowledging, LineFailed
 from lineserver.interfaces import IConnection, ILineHandler, ILineHandlerFactory
 from lineserver.session import (
@@ -148,19 +148,15 @@ class LineProtocol(LineReceiver):
     # an instance still has a __dict__, left empty unless one of the rare
     # attributes below, or a subclass's own, is set).
     __slots__ = (
-        "MAX_LENGTH",
-        "_identity",
         "_idle_bucket",
         "_output_registered",
-        "_per_line",
+        "_peer",
         "_started",
-        "_stats",
         "connected",
         "factory",
         "gate",
         "handler",
         "number",
-        "peer",
         "session",
         "transport",
     )
@@ -170,6 +166,11 @@ class LineProtocol(LineReceiver):
     #: (line, handshake, PROXY, close), the steps of a close waiting for
     #: acknowledgements (C{--ack}) and its timer.
     tls_subject: str | None = None
+    #: Does this class take lines one at a time (a C{lineReceived} of its
+    #: own)?  Per class, set as each subclass is made.
+    _per_line = False
+    #: Does this class set C{MAX_LENGTH} itself?  Per class, likewise.
+    _own_max_length = False
     _held: list[tuple[list[bytes], bytes, int]] | None = None
     _timers: dict[Deadline, IDelayedCall] | None = None
     _after_acks: list[Callable[[], None]] | None = None
@@ -179,40 +180,73 @@ class LineProtocol(LineReceiver):
         self.factory = factory
         self.transport = None
         self.connected = 0
-        self.peer = peer
+        self._peer: IAddress | None = peer
         self.number = number
-        self._identity: str | None = None
-        cls = type(self)
         settings = factory.settings
-        if not _overrides(cls, "MAX_LENGTH"):
-            self.MAX_LENGTH = settings.max_line_length
-        framer = LineFramer(self.MAX_LENGTH, self.delimiter)
-        self.session = Session(settings, factory.admission, framer)
-        self._stats = factory.stats
-        self._per_line = cls.lineReceived is not LineProtocol.lineReceived
+        self.session = Session(
+            settings,
+            factory.admission,
+            max_line_length=self.MAX_LENGTH
+            if self._own_max_length
+            else settings.max_line_length,
+            delimiter=self.delimiter,
+        )
         #: The idle deadline's bucket in the factory's wheel, if armed.
         self._idle_bucket: Bucket[LineProtocol] | None = None
         self._output_registered = False
         self._started = 0.0
         self.handler: ILineHandler | None = None
-        self.gate: PauseGate = _ConnectionGate(self)
+        self.gate: BaseGate = _ConnectionGate(self)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._per_line = cls.lineReceived is not LineProtocol.lineReceived
+        cls._own_max_length = _overrides(cls, "MAX_LENGTH")
 
     @override
     def __repr__(self) -> str:
         return f"<LineProtocol {self.identity}>"
 
     @property
+    def peer(self) -> IAddress:
+        """
+        The peer's address: behind a proxy the PROXY header's, once read.
+        Once connected it is the transport's (asked when needed: an address
+        object kept per connection is ~100 bytes), unless the address this
+        protocol was built for differs from it.
+        """
+        peer = self._peer
+        if peer is None:
+            return self.transport.getPeer()  # type: ignore[no-any-return]
+        return peer
+
+    @peer.setter
+    def peer(self, address: IAddress) -> None:
+        self._peer = address
+
+    @property  # type: ignore[override]
+    def MAX_LENGTH(self) -> int:  # noqa: N802 (LineReceiver's name)
+        """
+        The longest line, in bytes: the configured limit, unless a
+        subclass sets its own (then this property is not seen).  Kept by
+        the session's framer, not per connection here as well.
+        """
+        return self.session.max_line_length
+
+    @MAX_LENGTH.setter
+    def MAX_LENGTH(self, limit: int) -> None:  # noqa: N802 (LineReceiver's name)
+        self.session.max_line_length = limit
+
+    @property
     def identity(self) -> str:
         """
         C{#number address}, and the TLS subject once known: for the log,
-        so made on first use.
+        made each time it is used (most connections need it only for their
+        close line; kept, it would cost every connection its bytes).
         """
-        identity = self._identity
-        if identity is None:
-            identity = f"#{self.number} {describe_address(self.peer)}"
-            if self.tls_subject:
-                identity = f"{identity} ({self.tls_subject})"
-            self._identity = identity
+        identity = f"#{self.number} {describe_address(self.peer)}"
+        if self.tls_subject:
+            identity = f"{identity} ({self.tls_subject})"
         return identity
 
     @property
@@ -220,7 +254,7 @@ class LineProtocol(LineReceiver):
         """
         Seconds since the connection was made (for C{show connections}).
         """
-        return time.monotonic() - self._started if self._started else 0.0
+        return self._now() - self._started if self._started else 0.0
 
     # -- carrying out the session's actions ---------------------------------
 
@@ -234,7 +268,7 @@ class LineProtocol(LineReceiver):
 
     def _do_deliver(self, action: Deliver) -> None:
         lines = action.lines
-        self._stats.incr("lines.received", len(lines))
+        self.factory.stats.incr("lines.received", len(lines))
         if self._per_line or self._held:
             self._deliver_each(lines, action.raw)
         else:
@@ -255,10 +289,10 @@ class LineProtocol(LineReceiver):
             why=why,
             detail=detail,
         )
-        self._stats.incr(f"errors.{code}")
+        self.factory.stats.incr(f"errors.{code}")
         counter = _REFUSAL_COUNTERS.get(code)
         if counter is not None:
-            self._stats.incr(counter)
+            self.factory.stats.incr(counter)
         self.gate.hold(Pause.CLOSING)
         line = error_line(code, action.detail)
         self._when_acknowledged(lambda: self.sendLine(line))
@@ -266,7 +300,7 @@ class LineProtocol(LineReceiver):
             self.lineLengthExceeded(b"")
 
     def _do_start_tls(self, action: StartTLS) -> None:
-        self._stats.incr("tls.starttls")
+        self.factory.stats.incr("tls.starttls")
         self.transport.startTLS(self.factory.admission.starttls_context)
 
     def _do_arm(self, action: Arm) -> None:
@@ -318,7 +352,7 @@ class LineProtocol(LineReceiver):
     def _do_ask_slot(self, action: AskSlot) -> None:
         verdict = self.factory.registry.admit(self, action.host)
         if verdict is Slot.SERVE:
-            self._run(self.session.served(self._now()))
+            self._run(self.session.served(action.now))
         elif verdict is Slot.WAIT:
             self.gate.hold(Pause.WAITING)
             self._run(self.session.queued())
@@ -396,19 +430,28 @@ class LineProtocol(LineReceiver):
                 missing="PROXY header" if kind is Deadline.PROXY else "TLS handshake",
                 t=self.factory.settings.handshake_timeout,
             )
-        self._stats.incr(_ABORT_COUNTERS[kind])
+        self.factory.stats.incr(_ABORT_COUNTERS[kind])
         self.transport.abortConnection()
 
     def _do_authenticated(self, action: Authenticated) -> None:
-        self._stats.incr("auth.accepted")
+        self.factory.stats.incr("auth.accepted")
         log.info("{conn} authenticated", conn=self.identity)
 
     # -- Twisted's protocol contract ------------------------------------
 
     @override
     def connectionMade(self) -> None:
-        self._started = time.monotonic()
+        # The reactor's time (as the deadlines'), and the same float that
+        # the idle deadline keeps: one float per idle connection, not two.
+        self._started = now = self._now()
         transport = self.transport
+        host = _host(self.peer)
+        plain = type(transport) is tcp.Server and not transport.TLS
+        # The transport's address, asked when needed, unless this protocol
+        # was built for another (a test's); a TCP port builds both from
+        # the same accept() result.
+        if plain or self._peer == transport.getPeer():
+            self._peer = None
         # The gate itself is the transport's producer (Pause.OUTPUT): no
         # separate producer object per connection.
         transport.registerProducer(self.gate, True)
@@ -416,13 +459,14 @@ class LineProtocol(LineReceiver):
         keepalive = self.factory.settings.tcp_keepalive
         if keepalive:
             enable_keepalive(transport, keepalive)
+        if plain:
+            # Plain TCP, the common case, told at once: no layer under it.
+            tls = proxied = False
+        else:
+            tls = tls_at_accept(transport)
+            proxied = behind_proxy(transport)
         self._run(
-            self.session.connected(
-                tls=tls_at_accept(transport),
-                behind_proxy=behind_proxy(transport),
-                host=_host(self.peer),
-                now=self._now(),
-            )
+            self.session.connected(tls=tls, behind_proxy=proxied, host=host, now=now)
         )
 
     def proxy_header_received(self) -> None:
@@ -431,8 +475,7 @@ class LineProtocol(LineReceiver):
         """
         if self.session.phase is not Phase.PROXY:
             return  # under TLS, judged when the handshake completes
-        self.peer = self.transport.getPeer()  # the header's
-        self._set_identity()
+        self._peer = None  # the transport's: the header's now
         self._run(self.session.proxy_header(_host(self.peer), self._now()))
 
     def handshakeCompleted(self) -> None:
@@ -440,14 +483,10 @@ class LineProtocol(LineReceiver):
         IHandshakeListener: the TLS handshake is done.
         """
         self.tls_subject = peer_subject(self.transport)
-        self.peer = self.transport.getPeer()  # behind a proxy, its header's
-        self._set_identity()
-        self._stats.incr("tls.handshakes")
+        self._peer = None  # the transport's: behind a proxy, its header's
+        self.factory.stats.incr("tls.handshakes")
         log.info("{conn} TLS handshake complete", conn=self.identity)
         self._run(self.session.handshake_done(_host(self.peer), self._now()))
-
-    def _set_identity(self) -> None:
-        self._identity = None  # made again, from the new address, when used
 
     @override
     def dataReceived(self, data: bytes) -> None:
@@ -516,14 +555,19 @@ class LineProtocol(LineReceiver):
                     timer.cancel()
             self._timers.clear()
         self._cancel_idle()
-        self._after_acks = None
-        if self._ack_wait is not None and self._ack_wait.active():
-            self._ack_wait.cancel()
-        self._ack_wait = None
+        # Reset only where set: these live in the instance dict, and a key
+        # set there on every connection would grow every new connection's
+        # inline values (by 8 bytes a key).
+        if self._after_acks is not None:
+            self._after_acks = None
+        if self._ack_wait is not None:
+            if self._ack_wait.active():
+                self._ack_wait.cancel()
+            self._ack_wait = None
         if handshaking:
             self._handshake_failed(reason)
         if pending:
-            self._stats.incr("lines.partial_discarded")
+            self.factory.stats.incr("lines.partial_discarded")
             log.debug(
                 "{conn} closed with {n} bytes of an unterminated line; "
                 "discarded (a line is accepted only with its terminator)",
@@ -552,7 +596,7 @@ class LineProtocol(LineReceiver):
             subject=self.tls_subject,
             lines=session.lines,
             bytes=session.bytes,
-            duration=time.monotonic() - self._started if self._started else 0.0,
+            duration=self._now() - self._started if self._started else 0.0,
             reason=reason,
         )
 
@@ -566,14 +610,14 @@ class LineProtocol(LineReceiver):
         if why is None:
             # Closed before any TLS error: a port probe or health check,
             # not a client we refused.
-            self._stats.incr("tls.abandoned")
+            self.factory.stats.incr("tls.abandoned")
             log.debug(
                 "{conn} closed before its TLS handshake ({why})",
                 conn=self.identity,
                 why=reason.getErrorMessage(),
             )
             return
-        self._stats.incr("tls.refused")
+        self.factory.stats.incr("tls.refused")
         log.info(
             "refusing {conn}: TLS handshake failed: {why}", conn=self.identity, why=why
         )
@@ -676,8 +720,8 @@ class LineProtocol(LineReceiver):
             self.rawDataReceived(data)
 
     def _handler_failed(self, reason: Failure, failed_lines: int) -> None:
-        self._stats.incr("handler.failures")
-        self._stats.incr("lines.failed", failed_lines)
+        self.factory.stats.incr("handler.failures")
+        self.factory.stats.incr("lines.failed", failed_lines)
         log.failure(
             "handler of {conn} failed; {n} line(s) counted as failed; "
             "handler recreated",
@@ -707,7 +751,7 @@ class LineProtocol(LineReceiver):
 
 
 @implementer(IPushProducer)
-class _ConnectionGate(PauseGate):
+class _ConnectionGate(BaseGate):
     """
     A connection's pause gate, calling its protocol's methods without a
     pair of bound methods per connection; also the producer registered
@@ -717,7 +761,7 @@ class _ConnectionGate(PauseGate):
     __slots__ = ("_protocol",)
 
     def __init__(self, protocol: LineProtocol) -> None:
-        super().__init__(_nothing, _nothing)
+        super().__init__()
         self._protocol = protocol
 
     @override
@@ -746,10 +790,6 @@ class _ConnectionGate(PauseGate):
         return super().producer(reason)
 
 
-def _nothing() -> None:
-    pass
-
-
 LineProtocol._actions = {
     Deliver: LineProtocol._do_deliver,
     Send: LineProtocol._do_send,
@@ -763,6 +803,10 @@ LineProtocol._actions = {
     Abort: LineProtocol._do_abort,
     Authenticated: LineProtocol._do_authenticated,
 }
+
+
+def _idle_bucket_of(protocol: LineProtocol) -> Bucket[LineProtocol] | None:
+    return protocol._idle_bucket
 
 
 class LineFactory(ServerFactory):
@@ -803,7 +847,10 @@ class LineFactory(ServerFactory):
         #: most a tenth of the idle timeout late, and at most a second.
         idle = self.settings.idle_timeout
         self.idle_wheel: DeadlineWheel[LineProtocol] = DeadlineWheel(
-            clock, min(1.0, idle / 10) if idle else 1.0, LineProtocol.idle_expired
+            clock,
+            min(1.0, idle / 10) if idle else 1.0,
+            LineProtocol.idle_expired,
+            _idle_bucket_of,
         )
 
     @override

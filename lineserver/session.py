@@ -41,8 +41,10 @@ L{TRANSITIONS} lists every legal move; any other raises L{SessionError}.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
+
+from typing_extensions import override
 
 from lineserver.admission import STARTTLS, Admission, AdmissionPolicy, Verdict
 from lineserver.errors import ErrorCode
@@ -61,6 +63,10 @@ class Phase(Enum):
     CLOSING = "closing"
     CLOSED = "closed"
 
+    #: Hashed by identity (a C call), not Enum's hash of the name (a Python
+    #: one): the state machine looks members up in dicts on every event.
+    __hash__ = object.__hash__
+
 
 class Event(Enum):
     ACCEPT = "accept"
@@ -76,6 +82,10 @@ class Event(Enum):
     SCREENED = "screened"
     CLOSE = "close"
     LOST = "lost"
+
+    #: Hashed by identity (a C call), not Enum's hash of the name (a Python
+    #: one): the state machine looks members up in dicts on every event.
+    __hash__ = object.__hash__
 
 
 #: Every legal move: (phase, event) -> next phase.  CLOSE and LOST are
@@ -119,6 +129,10 @@ class Deadline(Enum):
     IDLE = "idle"
     LINE = "line"
     CLOSE = "close"
+
+    #: Hashed by identity (a C call), not Enum's hash of the name (a Python
+    #: one): the state machine looks members up in dicts on every event.
+    __hash__ = object.__hash__
 
 
 class CloseReason(Enum):
@@ -210,10 +224,13 @@ class Disarm:
 class AskSlot:
     """
     Ask the connection registry for a slot; answer with L{Session.served},
-    L{Session.queued} or L{Session.refused}.
+    L{Session.queued} or L{Session.refused}.  C{now} is the time of the
+    event that asks, to pass on to L{Session.served} (the same float: the
+    idle deadline keeps it, and so may the glue).
     """
 
     host: str | None
+    now: float = field(default=0.0, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,9 +322,12 @@ def after_lines(raw: bytes, count: int, delimiter: bytes = LF) -> bytes:
     return raw[offset:]
 
 
-class Session:
+class Session(LineFramer):
     """
     The state of one connection and its rules.
+
+    A session frames its connection's bytes itself: it is the
+    connection's L{LineFramer} (one object per connection, not two).
 
     @ivar phase: where the connection is in its life; one value, never
         inferred from which attributes happen to be set.
@@ -316,7 +336,8 @@ class Session:
         refused, from the offending line on), or still held (read before
         the connection was served):
         C{lines == delivered + consumed + dropped + held}.
-    @ivar delivered: lines handed out in L{Deliver} actions.
+    @ivar delivered: lines handed out in L{Deliver} actions (counted as
+        what the others leave: a slot fewer per connection).
     @ivar bytes: bytes received.
     @ivar reason: why the connection ended (or is ending), once known.
     @ivar armed: the deadlines whose timer the glue holds.
@@ -326,20 +347,17 @@ class Session:
     __slots__ = (
         "_admission",
         "_armed",
-        "_framer",
         "_held",
         "_idle_since",
         "_line_since",
         "bytes",
         "consumed",
-        "delivered",
         "dropped",
         "lines",
         "phase",
         "policy",
         "reason",
         "settings",
-        "tls",
     )
 
     def __init__(
@@ -347,10 +365,22 @@ class Session:
         settings: ProtocolSettings,
         policy: AdmissionPolicy,
         framer: LineFramer | None = None,
+        *,
+        max_line_length: int | None = None,
+        delimiter: bytes = LF,
     ) -> None:
+        """
+        Frame with C{max_line_length} and C{delimiter} (the connection's
+        C{MAX_LENGTH} and C{delimiter}), or those of C{framer}; by default
+        C{settings.max_line_length} and LF.
+        """
+        if framer is not None:
+            max_line_length, delimiter = framer.max_line_length, framer.delimiter
+        if max_line_length is None:
+            max_line_length = settings.max_line_length
+        super().__init__(max_line_length, delimiter)
         self.settings = settings
         self.policy = policy
-        self._framer = framer or LineFramer(settings.max_line_length)
         self._admission: Admission | None = (
             Admission(policy) if _has_rules(policy) else None
         )
@@ -360,15 +390,28 @@ class Session:
         self._line_since: float | None = None
         self.phase = Phase.NEW
         #: The armed deadlines, one bit each (L{_BITS}): an int, not a set
-        #: (an empty set is 216 bytes, and there is one per connection).
+        #: (an empty set is 216 bytes, and there is one per connection);
+        #: and L{_TLS}.
         self._armed = 0
         self.lines = 0
-        self.delivered = 0
         self.consumed = 0
         self.dropped = 0
         self.bytes = 0
         self.reason: CloseReason | None = None
-        self.tls = False
+
+    @property
+    def delivered(self) -> int:
+        """
+        Lines handed out in L{Deliver} actions.
+        """
+        return self.lines - self.consumed - self.dropped - self.held
+
+    @property
+    def tls(self) -> bool:
+        """
+        TLS is on (or being negotiated) on this connection.
+        """
+        return bool(self._armed & _TLS)
 
     @property
     def armed(self) -> frozenset[Deadline]:
@@ -380,7 +423,10 @@ class Session:
 
     @property
     def framer(self) -> LineFramer:
-        return self._framer
+        """
+        The connection's framer: the session itself.
+        """
+        return self
 
     @property
     def held(self) -> int:
@@ -391,7 +437,6 @@ class Session:
         return sum(len(frames.lines) for frames in held) if held else 0
 
     def _deliver(self, lines: list[bytes], raw: bytes) -> Deliver:
-        self.delivered += len(lines)
         return Deliver(lines, raw)
 
     def _move(self, event: Event) -> None:
@@ -429,7 +474,7 @@ class Session:
             # The PROXY header, if any, comes before the handshake ends:
             # the handshake deadline covers both.
             self._move(Event.ACCEPT_TLS)
-            self.tls = True
+            self._armed |= _TLS
             return self._arm(Deadline.HANDSHAKE, timeout)
         if behind_proxy:
             self._move(Event.ACCEPT_PROXY)
@@ -466,7 +511,7 @@ class Session:
         allow = self.policy.allow
         if allow is not None and host is not None and not allow(host):
             return self._refuse(ErrorCode.FORBIDDEN, why="address not allowed")
-        return [AskSlot(host)]
+        return [AskSlot(host, now)]
 
     def served(self, now: float) -> list[Action]:
         """
@@ -525,30 +570,27 @@ class Session:
         if phase is Phase.CLOSING or phase is Phase.CLOSED:
             return []  # refused or closing: nothing more is read into lines
         self.bytes += len(data)
-        framer = self._framer
-        frames = framer.feed(data)
+        frames = self.feed(data)
         if self._idle_since is not None:
             self._idle_since = now
         if (
             phase is Phase.OPEN
             and frames.lines
             and frames.error is None
-            and (not framer.pending or not self.settings.line_timeout)
+            and (not self._pending or not self.settings.line_timeout)
         ):
             # The common case, kept short: an open connection's lines.  A
             # read that ends on a line boundary leaves no partial line, so
             # the line deadline has nothing to time (a deadline armed for
             # an earlier partial line finds none when it fires).
             self._line_since = None
-            count = len(frames.lines)
-            self.lines += count
-            self.delivered += count
+            self.lines += len(frames.lines)
             return [Deliver(frames.lines, frames.raw)]
         actions: list[Action] = []
         line_timeout = self.settings.line_timeout
         if line_timeout:
             # A read that completed lines and left a tail started a new line.
-            if not framer.pending:
+            if not self._pending:
                 self._line_since = None
             elif frames.lines or self._line_since is None:
                 self._line_since = now
@@ -558,10 +600,9 @@ class Session:
         if lines:
             self.lines += len(lines)
             if phase is Phase.OPEN:
-                self.delivered += len(lines)
                 actions.append(Deliver(lines, frames.raw))
             elif phase in HOLDING or phase is Phase.PROXY:
-                self._hold(frames)
+                self._keep(frames)
                 return actions
             elif phase is Phase.SCREENING:
                 actions += self._lines(lines, frames.raw, last_read=True)
@@ -573,12 +614,12 @@ class Session:
                 )
         if frames.error is not None:
             if phase in HOLDING and not lines:
-                self._hold(frames)
+                self._keep(frames)
                 return actions
             actions += self._too_long(frames)
         return actions
 
-    def _hold(self, frames: Frames) -> None:
+    def _keep(self, frames: Frames) -> None:
         if self._held is None:
             self._held = []
         self._held.append(frames)
@@ -619,7 +660,7 @@ class Session:
         start_offset = 0
         for index, line in enumerate(lines):
             end = raw.index(LF, offset) + 1
-            last = last_read and index == count - 1 and not self._framer.pending
+            last = last_read and index == count - 1 and not self._pending
             decision = admission.on_line(line, last)
             verdict = decision.verdict
             if verdict is Verdict.DELIVER:
@@ -663,9 +704,9 @@ class Session:
 
     def _start_tls(self) -> list[Action]:
         self._move(Event.STARTTLS)
-        self.tls = True
+        self._armed |= _TLS
         # Nothing is pending: STARTTLS had to be the last thing sent.
-        self._framer = LineFramer(self._framer.max_line_length)
+        LineFramer.__init__(self, self.max_line_length, self.delimiter)
         self._line_since = None
         return [
             Send(b"OK starttls"),
@@ -768,10 +809,10 @@ class Session:
         return actions
 
     def _disarm_all(self) -> list[Action]:
-        armed = self._armed
+        armed = self._armed & _DEADLINES
         if not armed:
             return []
-        self._armed = 0
+        self._armed &= ~_DEADLINES
         return [Disarm(kind) for kind in _ORDERED if armed & _BITS[kind]]
 
     def lost(self, clean: bool) -> list[Action]:
@@ -798,15 +839,21 @@ class Session:
         return self.phase is Phase.HANDSHAKE or self.phase is Phase.UPGRADING
 
     @property
+    @override
     def pending(self) -> int:
         """
         Bytes of an unterminated line (discarded if the connection ends).
         """
-        return self._framer.pending
+        return self._pending
 
 
 #: Each deadline's bit in L{Session}'s mask.
 _BITS: dict[Deadline, int] = {kind: 1 << index for index, kind in enumerate(Deadline)}
+#: Every deadline's bit.
+_DEADLINES = sum(_BITS.values())
+#: The mask's one other bit: TLS is on (a flag of its own would be one
+#: more slot per connection).
+_TLS = 1 << len(_BITS)
 #: The order in which deadlines are disarmed together (by name, as ever).
 _ORDERED: tuple[Deadline, ...] = tuple(sorted(Deadline, key=lambda kind: kind.value))
 

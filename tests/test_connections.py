@@ -227,6 +227,45 @@ class RegistryTests(SynchronousTestCase):
         self.assertEqual(snapshot["connections.paused"], 1)
         self.assertEqual(snapshot["connections.opened"], 2)
 
+    @given(
+        st.lists(
+            st.tuples(st.booleans(), st.integers(min_value=0, max_value=40)),
+            max_size=60,
+        ),
+        st.integers(min_value=1, max_value=4),
+        st.sampled_from(["wait", "reject"]),
+    )
+    def test_active_count_property(
+        self, steps: list[tuple[bool, int]], limit: int, overflow: Overflow
+    ) -> None:
+        """
+        Property: over any opening and closing, the active gauge is the
+        number of connections served (neither waiting nor refused), never
+        above the limit, and a waiting connection is served as soon as a
+        slot frees.
+        """
+        self.stats = Stats()
+        registry = self.make(max_connections=limit, overflow=overflow)
+        live: list[LineProtocol] = []
+        for opening, pick in steps:
+            if opening or not live:
+                proto, _ = self.open(f"10.0.0.{pick % 3}")
+                live.append(proto)
+            else:
+                self.close(live.pop(pick % len(live)))
+            active = registry.active
+            waiting = set(registry.waiting)
+            self.assertEqual(self.stats.snapshot()["connections.active"], len(active))
+            self.assertLessEqual(len(active), limit)
+            self.assertFalse(active & waiting)
+            self.assertEqual(len(registry), len(live))
+            if waiting:
+                self.assertEqual(len(active), limit)
+            for proto in active:
+                self.assertIsNotNone(proto.handler)
+            for proto in waiting:
+                self.assertIsNone(proto.handler)
+
 
 class PeerKeyTests(SynchronousTestCase):
     @given(st.ip_addresses(v=4))
@@ -245,6 +284,20 @@ class PeerKeyTests(SynchronousTestCase):
         """
         if getattr(address, "ipv4_mapped", None) is None:
             self.assertEqual(peer_key(str(address).upper()), str(address))
+
+    def test_many_hosts_keys_stay_exact(self) -> None:
+        """
+        Keys are remembered for speed (a fleet from few addresses is not
+        parsed per connection), but more distinct hosts than are
+        remembered still each get their exact key, first time and again.
+        """
+        hosts = [f"::ffff:10.{n >> 8 & 255}.{n & 255}.1" for n in range(6000)]
+        first = [peer_key(host) for host in hosts]
+        again = [peer_key(host) for host in hosts]
+        self.assertEqual(first, [host.removeprefix("::ffff:") for host in hosts])
+        self.assertEqual(again, first)
+        self.assertEqual(peer_key("::FFFF:1.2.3.4"), "1.2.3.4")
+        self.assertEqual(peer_key("2001:DB8::1"), "2001:db8::1")
 
     def test_not_an_address(self) -> None:
         """

@@ -19,6 +19,7 @@ from lineserver.flow import Pause, SinkQueue
 from lineserver.handlers import (
     EchoHandlerFactory,
     LineFailed,
+    OriginLine,
     PerLineHandler,
     SinkHandlerFactory,
 )
@@ -146,6 +147,38 @@ class BatchTests(SynchronousTestCase):
         self.assertEqual(transport.producerState, "producing")
         proto.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(queue.producers, 0)
+
+    def test_sink_handler_tags_origin(self) -> None:
+        """
+        For a sink that wants origins, each line put is an L{OriginLine}
+        naming its connection and peer; the bytes are unchanged, and a full
+        queue pauses that connection too.
+        """
+        queue = SinkQueue(high_watermark=7, low_watermark=2)
+        proto, transport, *_ = connect(SinkHandlerFactory(queue, origin=True))
+        proto.dataReceived(b"abc\nde\n")
+        lines, cost = queue.take(100)
+        self.assertEqual((lines, cost), ([b"abc", b"de"], 7))
+        for line in lines:
+            assert isinstance(line, OriginLine)
+            self.assertEqual(line.connection, proto.identity)
+            self.assertEqual(line.peer, "127.0.0.1:5555")
+        self.assertEqual(transport.producerState, "paused")
+        self.assertEqual(proto.gate.reasons, {Pause.SINK})
+        queue.confirm(7)
+        self.assertEqual(transport.producerState, "producing")
+        proto.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(queue.producers, 0)
+
+    def test_sink_handler_lines_plain(self) -> None:
+        """
+        Without origins the queue gets the framer's own lines, plain bytes.
+        """
+        queue = SinkQueue(high_watermark=100, low_watermark=2)
+        proto, *_ = connect(SinkHandlerFactory(queue))
+        proto.dataReceived(b"abc\n")
+        (line,), _ = queue.take(100)
+        self.assertIs(type(line), bytes)
 
 
 class ErrorTests(SynchronousTestCase):
