@@ -53,6 +53,7 @@ from lineserver.protocol import LineFactory
 from lineserver.proxy import is_proxy_description, proxy_endpoint
 from lineserver.stats import Stats
 from lineserver.transports import keepalive_on_listener
+from lineserver.twisted_internals import use_lean_transport
 
 log = Logger(namespace="lineserver.listener")
 
@@ -505,6 +506,7 @@ class ListenerService(SupervisedPort):
         keepalive = self.factory.settings.tcp_keepalive
         if keepalive:
             keepalive_on_listener(port, keepalive)
+        use_lean_transport(port)
         self.gate = PauseGate(
             getattr(port, "stopReading", _nothing),
             getattr(port, "startReading", _nothing),

@@ -446,7 +446,7 @@ class LineProtocol(LineReceiver):
         self._started = now = self._now()
         transport = self.transport
         host = _host(self.peer)
-        plain = type(transport) is tcp.Server and not transport.TLS
+        plain = isinstance(transport, tcp.Server) and not transport.TLS
         # The transport's address, asked when needed, unless this protocol
         # was built for another (a test's); a TCP port builds both from
         # the same accept() result.

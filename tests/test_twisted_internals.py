@@ -408,3 +408,89 @@ def _send_line(port: int, context: ssl.SSLContext) -> bytes:
                 break
             received += chunk
         return received
+
+
+class LeanServerTests(TestCase):
+    def listen(self) -> Deferred[tuple[IListeningPort, RecorderFactory]]:
+        factory = RecorderFactory()
+        d = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+
+        def listening(port: IListeningPort) -> tuple[IListeningPort, RecorderFactory]:
+            self.addCleanup(port.stopListening)
+            return port, factory
+
+        listened: Deferred[tuple[IListeningPort, RecorderFactory]] = d.addCallback(
+            listening
+        )
+        return listened
+
+    @inlineCallbacks
+    def test_twisted_server(self) -> Generator[Deferred[Any], Any, None]:
+        """
+        A listening C{tcp.Port} builds its transports from its class
+        attribute C{transport}, C{tcp.Server}, whose C{__init__} keeps a
+        log prefix and a repr per connection, made with the private
+        C{_getLogPrefix} and the port's C{_realPortNumber}: what
+        L{lineserver.twisted_internals.LeanServer} replaces.
+        """
+        from twisted.internet import tcp
+
+        self.assertIs(
+            tcp.Port.transport,
+            tcp.Server,
+            "tcp.Port no longer builds its connections from a 'transport' class "
+            "attribute set to tcp.Server; lineserver sets it to LeanServer: adapt "
+            "lineserver/twisted_internals.py",
+        )
+        self.assertTrue(callable(getattr(tcp.Server, "_getLogPrefix", None)))
+        port, factory = yield self.listen()
+        self.assertIsInstance(getattr(port, "_realPortNumber", None), int)
+        client = yield connect(port.getHost().port)  # type: ignore[attr-defined]
+        self.addCleanup(client.transport.loseConnection)
+        yield poll(lambda: bool(factory.connections), "the server side")
+        server = yield factory.connections[0]
+        self.assertIn("logstr", vars(server.transport))
+        self.assertIn("repstr", vars(server.transport))
+
+    @inlineCallbacks
+    def test_lean_server(self) -> Generator[Deferred[Any], Any, None]:
+        """
+        Through real sockets, a port given L{use_lean_transport} builds
+        L{LeanServer}s: nothing kept per connection for the log prefix and
+        the repr, which read as Twisted's would.
+        """
+        from lineserver.twisted_internals import LeanServer, use_lean_transport
+
+        port, factory = yield self.listen()
+        self.assertTrue(use_lean_transport(port))
+        client = yield connect(port.getHost().port)  # type: ignore[attr-defined]
+        self.addCleanup(client.transport.loseConnection)
+        yield poll(lambda: bool(factory.connections), "the server side")
+        server = yield factory.connections[0]
+        transport = server.transport
+        self.assertIsInstance(transport, LeanServer)
+        self.assertNotIn("logstr", vars(transport))
+        self.assertNotIn("repstr", vars(transport))
+        self.assertEqual(transport.logPrefix(), f"{type(server).__name__},0,127.0.0.1")
+        self.assertEqual(
+            repr(transport),
+            f"<{type(server).__name__} #0 on {port.getHost().port}>",  # type: ignore[attr-defined]
+        )
+
+    def test_other_ports_left_alone(self) -> None:
+        """
+        A port that is not a TCP port, or whose transport class someone
+        else chose, keeps it.
+        """
+        from twisted.internet import tcp
+
+        from lineserver.twisted_internals import use_lean_transport
+
+        class Custom(tcp.Server):
+            pass
+
+        port = tcp.Port(0, Factory(), interface="127.0.0.1")
+        port.transport = Custom
+        self.assertFalse(use_lean_transport(port))
+        self.assertIs(port.transport, Custom)
+        self.assertFalse(use_lean_transport(object()))
