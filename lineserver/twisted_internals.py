@@ -13,7 +13,7 @@ suite on its oldest and newest ends (C{make test}).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 # Twisted parses endpoint descriptions (C{tcp:4040:interface=\:\:1}, with
 # its own quoting) only inside serverFromString; no public function returns
@@ -95,11 +95,25 @@ class LeanServer(tcp.Server):
     """
     Twisted's TCP server transport, its log prefix and repr formatted when
     used rather than kept per connection.
+
+    The log prefix is asked for at every read (Twisted runs each event in
+    a log context named by it), so its first part, the protocol's
+    C{logPrefix()}, is taken once per kind of protocol (its class and the
+    classes it wraps: TLS, PROXY): on lineserver's ports it is the
+    protocol's class name, with " (TLS)" under TLS, the same for every
+    connection of a kind.
     """
+
+    _prefixes: ClassVar[dict[tuple[type, ...], str]] = {}
 
     @property  # type: ignore[override]
     def logstr(self) -> str:
-        return f"{self._getLogPrefix(self.protocol)},{self.sessionno},{self.hostname}"
+        protocol = self.protocol
+        kind = _protocol_kind(protocol)
+        prefix = self._prefixes.get(kind)
+        if prefix is None:
+            prefix = self._prefixes[kind] = self._getLogPrefix(protocol)
+        return f"{prefix},{self.sessionno},{self.hostname}"
 
     @logstr.setter
     def logstr(self, value: str) -> None:
@@ -117,6 +131,18 @@ class LeanServer(tcp.Server):
         """
         Likewise.
         """
+
+
+def _protocol_kind(protocol: object) -> tuple[type, ...]:
+    """
+    A protocol's class, and the classes of the protocols it wraps.
+    """
+    kind = [type(protocol)]
+    wrapped = getattr(protocol, "wrappedProtocol", None)
+    while wrapped is not None and len(kind) < 4:
+        kind.append(type(wrapped))
+        wrapped = getattr(wrapped, "wrappedProtocol", None)
+    return tuple(kind)
 
 
 def use_lean_transport(port: object) -> bool:

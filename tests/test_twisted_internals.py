@@ -19,6 +19,7 @@ import os
 import socket
 import ssl
 from collections.abc import Generator
+from functools import partial
 from typing import Any, cast
 
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -475,6 +476,47 @@ class LeanServerTests(TestCase):
         self.assertEqual(
             repr(transport),
             f"<{type(server).__name__} #0 on {port.getHost().port}>",  # type: ignore[attr-defined]
+        )
+
+    @inlineCallbacks
+    def test_prefix_per_kind_of_protocol(
+        self,
+    ) -> Generator[Deferred[Any], Any, None]:
+        """
+        The log prefix's protocol part is kept per kind of protocol, the
+        wrapper's class and the wrapped one's: two ports whose wrappers
+        wrap different protocols each log their own, as Twisted would.
+        """
+        from lineserver.twisted_internals import use_lean_transport
+
+        class Other(Recorder):
+            pass
+
+        class OtherFactory(RecorderFactory):
+            @override
+            def buildProtocol(self, addr: Any) -> Recorder:
+                ready: Deferred[Recorder] = Deferred()
+                self.connections.append(ready)
+                return Other(ready, self.paused)
+
+        prefixes = []
+        for inner in (RecorderFactory(), OtherFactory()):
+            endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+            port = yield endpoint.listen(WrappingFactory(inner))
+            self.addCleanup(port.stopListening)
+            self.assertTrue(use_lean_transport(port))
+            client = yield connect(port.getHost().port)
+            self.addCleanup(client.transport.loseConnection)
+            yield poll(partial(bool, inner.connections), "the server side")
+            server = yield inner.connections[0]
+            # Under the wrapper (server.transport), the TCP transport.
+            prefixes.append(server.transport.transport.logPrefix())
+        self.assertEqual(
+            prefixes,
+            [
+                "Recorder (ProtocolWrapper),0,127.0.0.1",
+                "Other (ProtocolWrapper),0,127.0.0.1",
+            ],
         )
 
     def test_other_ports_left_alone(self) -> None:
