@@ -491,9 +491,9 @@ def build_fleet_rows(
     rows = []
     for scenario in scenarios:
         mine = [m for m in measurements if m.scenario == scenario.name]
-        paired = paired_ratios(
-            (m.round, m.server, m.result["cpu_us_per_line"]) for m in mine
-        )
+        cpu = [(m.round, m.server, m.result["cpu_us_per_line"]) for m in mine]
+        paired = paired_ratios(cpu)
+        floor_paired = paired_ratios(cpu, server=FLOOR)
         figures = {
             server: {
                 key: _median(mine, scenario.name, server, key)
@@ -506,10 +506,6 @@ def build_fleet_rows(
             }
             for server in (BASELINE, LINESERVER, FLOOR)
         }
-        floor_paired = paired_ratios(
-            ((m.round, m.server, m.result["cpu_us_per_line"]) for m in mine),
-            server=FLOOR,
-        )
         rows.append(
             {
                 "scenario": scenario.name,

@@ -235,9 +235,12 @@ class ConnectionRegistry(Generic[Conn]):
         self._activate(conn)
         return Slot.SERVE
 
-    def _activate(self, conn: Conn) -> None:
+    def _count_active(self, conn: Conn) -> None:
         self._inactive.pop(conn, None)
         self._active += 1
+
+    def _activate(self, conn: Conn) -> None:
+        self._count_active(conn)
         if self._holds_listeners:
             for gate in self._gates:
                 gate.hold(LIMIT_REASON)
@@ -313,8 +316,7 @@ class ConnectionRegistry(Generic[Conn]):
         promoted = list(self.waiting)
         self.waiting.clear()
         for conn in promoted:
-            self._inactive.pop(conn, None)
-            self._active += 1
+            self._count_active(conn)
         return promoted
 
     def hold_listeners(self, held: bool) -> None:
@@ -338,8 +340,7 @@ class ConnectionRegistry(Generic[Conn]):
         promoted: list[Conn] = []
         while self.waiting and not self.full and self.accepting:
             waiter = self.waiting.popleft()
-            self._inactive.pop(waiter, None)
-            self._active += 1
+            self._count_active(waiter)
             promoted.append(waiter)
         self._update_gates()
         return promoted
